@@ -1,0 +1,186 @@
+"""``kakeya bench``: ratio from real bytes, error and speed of codecs on synthetic or captured KV.
+
+Speed is reported as MB/s of bf16-equivalent input (``n·D·2`` bytes per stream), median of
+a few timed repeats after a warm-up. This is a benchmark, not a test: it writes JSON and a
+Markdown table and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from kakeyaturbo import codecs
+from kakeyaturbo.errors import ConfigError
+
+# the usual settings of every codec (issue: "every codec at its usual settings")
+USUAL: dict[str, list[dict[str, Any]]] = {
+    "identity": [{}],
+    "fp8": [{}],
+    "rotated-int": [{"bits": b} for b in (2, 3, 4, 8)],
+    "kivi": [{"bits": b, "axis": "channel"} for b in (2, 4)] + [{"bits": b, "axis": "token"} for b in (2, 4)],
+    "turboquant": [{"bits": b} for b in (2, 3, 4)],
+    "turboquant-prod": [{"bits": b} for b in (3, 4)],
+    "besicovitch": [{"direction_bits": 3, "magnitude_bits": 4}, {"direction_bits": 5, "magnitude_bits": 4}],
+    "kakeya": [{"bits": b} for b in (2, 3, 4)],
+}
+
+
+def kakeya_grid(d: int) -> list[dict[str, Any]]:
+    """The KakeyaTurbo grid: bits {2,3,4} x pca {exact, randomized (rank D/2)} x block {512, 1024}."""
+    out = []
+    for bits in (2, 3, 4):
+        for pca in ("exact", "randomized"):
+            for block in (512, 1024):
+                cfg: dict[str, Any] = {"bits": bits, "pca": pca, "block_size": block}
+                if pca == "randomized":
+                    cfg.update(rank=d // 2, variance_ratio=1.0)
+                out.append(cfg)
+    return out
+
+
+def synthetic_kv(streams: int, n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """KV-like test data ``[streams, n, d]`` float32: a per-stream mean, a decaying spectrum
+    (component std ``exp(-i/6)``), a few heavy outlier channels and small isotropic noise."""
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(streams, 1, d, generator=g)
+    basis, _ = torch.linalg.qr(torch.randn(streams, d, d, generator=g))
+    spectrum = torch.exp(-torch.arange(d, dtype=torch.float32) / 6.0) * 4.0
+    coeff = torch.randn(streams, n, d, generator=g) * spectrum
+    x = mean + coeff @ basis.transpose(-1, -2) + 0.02 * torch.randn(streams, n, d, generator=g)
+    x[..., :2] *= 3.0  # outlier channels, as real keys have
+    return x
+
+
+def _median_time(fn: Any, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(codec: codecs.Codec, x: torch.Tensor, repeats: int = 3, seed: int = 1) -> dict[str, Any]:
+    """Ratio, relative MSE, inner-product error and speed of one codec on ``x [S, n, D]``."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    enc = codec.encode(x)
+    x_hat = codec.decode(enc).float()
+    err = x_hat - x.float()
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(x.shape[0], 64, x.shape[-1], generator=g).to(x.device)
+    ip = (q @ err.transpose(-1, -2)).abs() / (q.norm(dim=-1, keepdim=True) * x.float().norm(dim=-1).unsqueeze(-2))
+    bf16_bytes = x.numel() * 2
+
+    def run_encode() -> None:
+        codec.encode(x)
+        sync()
+
+    def run_decode() -> None:
+        codec.decode(enc)
+        sync()
+
+    t_enc = _median_time(run_encode, repeats)
+    t_dec = _median_time(run_decode, repeats)
+    return {
+        "codec": codec.name,
+        "config": codec.config.to_dict(),
+        "device": str(x.device) if not x.is_cuda else torch.cuda.get_device_name(x.device),
+        "shape": list(x.shape),
+        "nbytes": enc.nbytes,
+        "ratio": bf16_bytes / enc.nbytes,
+        "bits_per_element": 8 * enc.nbytes / x.numel(),
+        "rel_mse": float((err**2).sum() / (x.float() ** 2).sum()),
+        "ip_err": float(ip.mean()),
+        "encode_mb_s": bf16_bytes / t_enc / 1e6,
+        "decode_mb_s": bf16_bytes / t_dec / 1e6,
+    }
+
+
+def cells(names: list[str], d: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(codec, config) pairs to run for the chosen codec names at head dim ``d``."""
+    for name in names:
+        if name == "kakeya" and names == ["kakeya"]:
+            grid = kakeya_grid(d)
+        else:
+            grid = USUAL.get(name, [{}])
+        for cfg in grid:
+            yield name, cfg
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One row per measurement: codec, config, D, ratio, bits/elem, errors, speeds."""
+    head = "| codec | config | D | ratio | bits/elem | rel. MSE | IP err | enc MB/s | dec MB/s | device |\n"
+    head += "|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
+    lines = []
+    for r in rows:
+        cfg = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
+        lines.append(
+            f"| {r['codec']} | {cfg} | {r['shape'][-1]} | {r['ratio']:.3f}x | {r['bits_per_element']:.3f} | "
+            f"{r['rel_mse']:.3e} | {r['ip_err']:.3e} | {r['encode_mb_s']:.1f} | {r['decode_mb_s']:.1f} | "
+            f"{r['device']} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``kakeya bench``."""
+    p.add_argument("--codec", action="append", metavar="NAME",
+                   help="codec to run (repeatable); 'all' runs every registered codec at its usual "
+                   "settings; 'kakeya' alone runs the full KakeyaTurbo grid (default: kakeya)")
+    p.add_argument("--data", choices=["synthetic", "captured"], default="synthetic",
+                   help="synthetic KV-like data, or K/V captured from the default model (needs the model extra)")
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="head dims to test (synthetic data)")
+    p.add_argument("--streams", type=int, default=8, help="independent streams (layers x heads) per tensor")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per stream")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", type=Path, metavar="P", help="write the results as a JSON list here")
+    p.add_argument("--markdown", type=Path, metavar="P", help="write a Markdown table here")
+
+
+def _inputs(args: argparse.Namespace) -> list[torch.Tensor]:
+    if args.data == "captured":
+        from kakeyaturbo.models.capture import captured_kv_for_bench
+
+        return captured_kv_for_bench(tokens=args.tokens)
+    return [synthetic_kv(args.streams, args.tokens, d) for d in args.dims]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print/write the table."""
+    names = args.codec or ["kakeya"]
+    if "all" in names:
+        names = codecs.names()
+    for name in names:
+        codecs.codec_class(name)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but no CUDA device is available")
+    rows: list[dict[str, Any]] = []
+    inputs = _inputs(args)
+    jobs = [(x, name, cfg) for x in inputs for name, cfg in cells(names, x.shape[-1])]
+    for x, name, cfg in tqdm(jobs, desc="bench", unit="cell"):
+        codec = codecs.get(name, **cfg)
+        row = measure(codec, x.to(device), repeats=args.repeats)
+        row["settings"] = cfg
+        rows.append(row)
+    table = markdown_table(rows)
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    return 0 if all(math.isfinite(r["rel_mse"]) for r in rows) else 1

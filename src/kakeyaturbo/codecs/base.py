@@ -1,0 +1,223 @@
+"""The codec interface: a frozen, validated config dataclass and a small codec class.
+
+A codec sees plain tensors ``x`` of shape ``[..., n, D]``: the leading dims are independent
+streams (e.g. layers x KV heads), ``n`` is the token axis and ``D`` the head dim. The base
+class does the plumbing (input checks, flattening to ``[S, n, D]`` float32, the
+:class:`~kakeyaturbo.container.Encoded` envelope, output dtype); a codec implements only
+``_encode`` and ``_decode``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from kakeyaturbo.container import Encoded, dtype_from_name, dtype_name
+from kakeyaturbo.errors import ConfigError, CorruptDataError, NonFiniteInputError, ShapeError
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecConfig:
+    """Base of every codec config: frozen, validated in ``__post_init__``, JSON round-trippable.
+
+    Subclasses add fields and override :meth:`validate`, raising :class:`ConfigError` through
+    the ``check_*`` helpers so that messages name the field and the allowed range.
+    """
+
+    version: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise :class:`ConfigError` on the first bad one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict of every field (tuples become lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CodecConfig:
+        """Build from :meth:`to_dict` output; unknown keys raise :class:`ConfigError`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an int in ``[lo, hi]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{name} must be an integer in {rng}, got {value!r}")
+
+
+def check_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a real number in ``[lo, hi]`` (or ``(lo, hi]``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = (v > lo if lo_open else v >= lo) and v <= hi
+    if not ok:
+        left = "(" if lo_open else "["
+        raise ConfigError(f"{name} must be a number in {left}{lo}, {hi}], got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_codebook(name: str, table: Any, bits: int) -> None:
+    """A scalar codebook must hold exactly ``2**bits`` finite, strictly increasing floats."""
+    if table is None:
+        return
+    vals = list(table)
+    if len(vals) != 2**bits:
+        raise ConfigError(f"{name} must have 2**bits = {2**bits} entries for bits={bits}, got {len(vals)}")
+    t = torch.tensor(vals, dtype=torch.float64)
+    if not torch.isfinite(t).all() or not bool((t[1:] > t[:-1]).all()):
+        raise ConfigError(f"{name} must be finite and strictly increasing, got {vals}")
+
+
+def check_input(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """Validate a codec input and flatten it.
+
+    Args:
+        x: float tensor ``[..., n, D]``.
+
+    Returns:
+        ``(x32, S, n, D)`` with ``x32`` a float32 tensor ``[S, n, D]`` on the input's device.
+
+    Raises:
+        ShapeError: not a tensor, not a float dtype, fewer than 2 dims, or an empty axis.
+        NonFiniteInputError: NaN or Inf anywhere (the message gives the first position).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ShapeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ShapeError(f"expected a float tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if x.dim() < 2:
+        raise ShapeError(f"expected shape [..., n, D] with at least 2 dims, got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ShapeError(f"cannot encode an empty tensor of shape {tuple(x.shape)}")
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        raise NonFiniteInputError(f"input holds NaN/Inf (first at index {pos}, value {float(x[pos])})")
+    n, d = x.shape[-2], x.shape[-1]
+    x32 = x.reshape(-1, n, d).to(torch.float32)
+    return x32, x32.shape[0], n, d
+
+
+def side_fingerprint(side: Mapping[str, torch.Tensor]) -> str:
+    """Short SHA-256 of calibration tensors a codec needs besides its config (stored in the config)."""
+    h = hashlib.sha256()
+    for k in sorted(side):
+        t = side[k].detach().contiguous().cpu()
+        h.update(json.dumps([k, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Codec(ABC):
+    """A lossy map ``x [..., n, D] -> Encoded -> x_hat [..., n, D]``.
+
+    Subclasses set :attr:`name` and :attr:`config_class` and implement :meth:`_encode` and
+    :meth:`_decode` on float32 ``[S, n, D]`` tensors. Codecs with a bit-width knob call it
+    ``bits``.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[CodecConfig]]
+
+    def __init__(self, config: CodecConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = self.config_class(**overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    @property
+    def side_nbytes(self) -> int:
+        """Bytes of per-model calibration data this codec needs (0 for self-contained codecs)."""
+        return 0
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        """Encode ``x [..., n, D]`` (any float dtype, any device) into packed bytes."""
+        x32, s, n, d = check_input(x)
+        fields = self._encode(x32)
+        return Encoded(self.name, self.config.to_dict(), tuple(x.shape), dtype_name(x.dtype), fields)
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        """Decode to a tensor of the encoded shape and dtype on the payload's device."""
+        if enc.codec != self.name:
+            raise CorruptDataError(f"this is a {enc.codec!r} payload; the {self.name!r} codec cannot decode it")
+        if enc.config != self.config.to_dict():
+            raise CorruptDataError(
+                f"payload was encoded with config {enc.config}, this codec has {self.config.to_dict()}; "
+                "use kakeyaturbo.codecs.decode(enc) to decode with the payload's own config"
+            )
+        if len(enc.shape) < 2 or any(s <= 0 for s in enc.shape):
+            raise CorruptDataError(f"invalid encoded shape {enc.shape}")
+        n, d = enc.shape[-2], enc.shape[-1]
+        s = 1
+        for v in enc.shape[:-2]:
+            s *= v
+        try:
+            out = self._decode(enc.fields, s, n, d)
+        except (RuntimeError, IndexError, ValueError) as exc:
+            if isinstance(exc, CorruptDataError):
+                raise
+            raise CorruptDataError(f"{self.name}: payload inconsistent with its header: {exc}") from None
+        return out.reshape(enc.shape).to(dtype_from_name(enc.dtype))
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(x))``."""
+        return self.decode(self.encode(x))
+
+    @abstractmethod
+    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Encode float32 ``x [S, n, D]`` into named payload tensors (packed, narrow dtypes)."""
+
+    @abstractmethod
+    def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
+        """Decode payload tensors back to float32 ``[S, n, D]``.
+
+        Implementations check that every field has the size the config and shape imply and
+        raise :class:`CorruptDataError` otherwise (use :func:`expect_field`).
+        """
+
+
+def expect_field(
+    fields: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Return ``fields[name]`` after checking its dtype and shape; raise :class:`CorruptDataError` otherwise."""
+    if name not in fields:
+        raise CorruptDataError(f"payload lacks field {name!r}")
+    t = fields[name]
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        raise CorruptDataError(
+            f"field {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}"
+        )
+    return t

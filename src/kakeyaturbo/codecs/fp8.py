@@ -1,0 +1,40 @@
+"""`fp8`: float8 e4m3 with one f16 scale per vector (8 + 16/D bits per element).
+
+Each row is scaled so that its largest magnitude maps to 448 (the e4m3 maximum), cast to
+e4m3, and the scale ``max|x| / 448`` is stored as float16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kakeyaturbo.codecs.base import Codec, CodecConfig, expect_field
+from kakeyaturbo.packing import narrow
+
+E4M3_MAX = 448.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Config(CodecConfig):
+    """No options: e4m3 with a per-vector float16 scale."""
+
+
+class Fp8Codec(Codec):
+    """Per-vector-scaled float8 e4m3."""
+
+    name = "fp8"
+    config_class = Fp8Config
+
+    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        amax = x.abs().amax(-1, keepdim=True)  # [S, n, 1]
+        scale = narrow(amax / E4M3_MAX, torch.float16, "fp8 scale")
+        safe = torch.where(scale > 0, scale.float(), torch.ones_like(amax))
+        q = (x / safe).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        return {"values": q, "scale": scale.squeeze(-1)}
+
+    def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
+        q = expect_field(fields, "values", torch.float8_e4m3fn, (s, n, d))
+        scale = expect_field(fields, "scale", torch.float16, (s, n))
+        return q.float() * scale.float().unsqueeze(-1)

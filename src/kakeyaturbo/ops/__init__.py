@@ -1,0 +1,1 @@
+"""Batched, device-agnostic math building blocks shared by the codecs."""
