@@ -110,10 +110,7 @@ def measure(codec: codecs.Codec, x: torch.Tensor, repeats: int = 3, seed: int = 
 def cells(names: list[str], d: int) -> Iterator[tuple[str, dict[str, Any]]]:
     """(codec, config) pairs to run for the chosen codec names at head dim ``d``."""
     for name in names:
-        if name == "kakeya" and names == ["kakeya"]:
-            grid = kakeya_grid(d)
-        else:
-            grid = USUAL.get(name, [{}])
+        grid = kakeya_grid(d) if name == "kakeya" and names == ["kakeya"] else USUAL.get(name, [{}])
         for cfg in grid:
             yield name, cfg
 

@@ -9,7 +9,7 @@ iteration on samples, for calibrated tables.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -34,7 +34,7 @@ def _cells(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([-inf, mid]), torch.cat([mid, inf])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gaussian_table64(bits: int) -> torch.Tensor:
     levels = 2**bits
     # start from the quantile midpoints, then iterate centroid conditions on the exact density
@@ -62,7 +62,7 @@ def gaussian_table(bits: int) -> torch.Tensor:
     return _gaussian_table64(bits).to(torch.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def gaussian_mse(bits: int) -> float:
     """Expected squared error per coordinate of :func:`gaussian_table` on N(0,1) (1.0 at 0 bits)."""
     if bits == 0:
