@@ -99,7 +99,8 @@ def test_properties_against_torch_reference(t, v, seed):
     assert (m.kl >= 0).all()
     ce = torch.nn.functional.cross_entropy(alt, labels, reduction="none")
     assert torch.allclose(m.nll_alt, ce, atol=1e-5)
-    kl = torch.nn.functional.kl_div(alt.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
+    kl = torch.nn.functional.kl_div(alt.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="none")
     assert torch.allclose(m.kl, kl.sum(-1).clamp_min(0), atol=1e-5)
 
 
@@ -107,8 +108,9 @@ def test_properties_against_torch_reference(t, v, seed):
     ("d", "top1", "expected"),
     [
         (1.0, 95.0, "ACCEPT"), (-1.0, 100.0, "ACCEPT"), (0.0, 95.0, "ACCEPT"),
-        (1.0001, 99.0, "MARGINAL"), (0.5, 94.99, "MARGINAL"), (-3.0, 85.0, "MARGINAL"), (3.0, 85.0, "MARGINAL"),
-        (3.0001, 99.0, "REJECT"), (0.0, 84.99, "REJECT"), (math.inf, 100.0, "REJECT"), (-50.0, 100.0, "REJECT"),
+        (1.0001, 99.0, "MARGINAL"), (0.5, 94.99, "MARGINAL"), (-3.0, 85.0, "MARGINAL"),
+        (3.0, 85.0, "MARGINAL"), (3.0001, 99.0, "REJECT"), (0.0, 84.99, "REJECT"),
+        (math.inf, 100.0, "REJECT"), (-50.0, 100.0, "REJECT"),
     ],
 )
 def test_verdict_boundaries(d, top1, expected):
