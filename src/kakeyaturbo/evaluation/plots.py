@@ -59,9 +59,10 @@ def pareto_plot(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Write a two-panel PNG: ratio (x, log) vs KL (y, log) and vs |Δppl| % (y, log).
 
     Baselines are drawn as circles, KakeyaTurbo recipes as stars; the Pareto front (maximise
-    ratio, minimise error) is a dashed staircase (the least error reachable at each ratio); every point carries its recipe name; the Δppl
-    panel shows the ACCEPT and MARGINAL thresholds as horizontal lines. Values of exactly 0 are
-    drawn at a floor below the smallest positive value (noted on the axis).
+    ratio, minimise error) is a dashed staircase (the least error reachable at each ratio);
+    every point carries its recipe name; the Δppl panel shows the ACCEPT and MARGINAL
+    thresholds as horizontal lines. Values of exactly 0 are drawn at a floor below the
+    smallest positive value (noted on the axis).
 
     Raises:
         ConfigError: no records, or a record lacking a contract field.
