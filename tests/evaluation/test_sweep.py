@@ -188,6 +188,10 @@ def test_evaluate_contract_is_checked(tmp_path):
         run_sweep(
             grid, tmp_path / "o2", lambda cells: [{"recipe": c["recipe"]} for c in cells], progress=False
         )
+    with pytest.raises(KakeyaError, match="must follow the cells' order"):
+        run_sweep(
+            grid, tmp_path / "o4", lambda cells: [fake_record(c) for c in reversed(cells)], progress=False
+        )
     one = _write(tmp_path, {"cells": [{"recipe": "a"}]}, "one.json")
     assert (
         run_sweep(one, tmp_path / "o3", lambda cells: fake_record(cells[0]), progress=False)[0]["recipe"]

@@ -24,7 +24,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from kakeyaturbo.errors import ConfigError, CorruptDataError, KakeyaError
+from kakeyaturbo.evaluation.plots import pareto_plot
 from kakeyaturbo.evaluation.report import MODES, check_record, markdown_table
 
 try:
@@ -186,11 +189,17 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _as_list(result: Any, n: int) -> list[dict[str, Any]]:
+def _checked(result: Any, group: list[Cell]) -> list[dict[str, Any]]:
+    """``evaluate``'s output as one contract-complete record per cell, in the group's order."""
     records = [result] if isinstance(result, dict) else result
-    if not isinstance(records, list) or len(records) != n:
+    if not isinstance(records, list) or len(records) != len(group):
         got = len(records) if isinstance(records, list) else type(records).__name__
-        raise KakeyaError(f"evaluate must return one record per cell of its group ({n}), got {got}")
+        raise KakeyaError(f"evaluate must return one record per cell of its group ({len(group)}), got {got}")
+    for cell, rec in zip(group, records):
+        check_record(rec, f"record of cell {cell_key(cell)} ({cell['recipe']})")
+        if rec["recipe"] != cell["recipe"]:
+            raise KakeyaError(f"evaluate returned a record for recipe {rec['recipe']!r} where the cell "
+                              f"asks for {cell['recipe']!r} (records must follow the cells' order)")
     return records
 
 
@@ -208,16 +217,13 @@ def run_sweep(
         out_dir: output folder; gets ``results.jsonl``, ``table.md`` and ``pareto.png``.
         evaluate: called with the pending cells of one group (a list of full cell dicts sharing
             model, text, ctx, n_eval, windows, mode, ...) and returning one ``kakeya eval`` record
-            per cell, in the same order (a bare dict is accepted for a one-cell group).
+            per cell, in the same order, each echoing its cell's ``recipe`` (a bare dict is
+            accepted for a one-cell group).
         progress: show a tqdm bar over cells.
 
     Returns:
         The records of this grid's cells, in grid order, each with ``cell_key`` and ``cell`` added.
     """
-    from tqdm import tqdm
-
-    from kakeyaturbo.evaluation.plots import pareto_plot
-
     cells = load_grid(grid_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,14 +233,13 @@ def run_sweep(
     with tqdm(total=len(cells), initial=len(cells) - len(pending), desc="sweep", unit="cell",
               disable=not progress) as bar:
         for group in group_cells(pending):
-            for cell, rec in zip(group, _as_list(evaluate([dict(c) for c in group]), len(group))):
+            for cell, rec in zip(group, _checked(evaluate([dict(c) for c in group]), group)):
                 key = cell_key(cell)
-                check_record(rec, f"record of cell {key} ({cell['recipe']})")
                 rec = {**rec, "cell_key": key, "cell": cell}
                 append_record(results, rec)
                 done[key] = rec
                 bar.update(1)
     records = [done[cell_key(c)] for c in cells]
     _write_atomic(out / "table.md", markdown_table(records))
-    pareto_plot(records, out / "pareto.png")
+    os.replace(pareto_plot(records, out / "pareto.tmp.png"), out / "pareto.png")
     return records
