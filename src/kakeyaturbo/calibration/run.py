@@ -1,0 +1,237 @@
+"""``calibrate``: run the model on the calibration split and measure everything a recipe may use.
+
+Only ``corpus.calibration`` is read here; evaluation windows come from ``corpus.evaluation``, a
+disjoint text (for Austen: *Pride and Prejudice* vs the other five novels).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from kakeyaturbo import __version__, codecs
+from kakeyaturbo.calibration.bundle import Calibration, config_hash
+from kakeyaturbo.calibration.metric import (
+    cholesky_pair,
+    gram,
+    lag_metric,
+    lag_weights,
+    regularise,
+    rope_matrices,
+    whitening_hazard,
+)
+from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.models.arch import facts
+from kakeyaturbo.models.capture import capture
+from kakeyaturbo.models.text import Corpus, token_windows
+from kakeyaturbo.ops import lloyd_max
+from kakeyaturbo.transforms.rope import Rope
+
+TABLE_CODEC = {"pca": "randomized", "variance_ratio": 1.0, "block_size": 512}
+"""Settings of the ``kakeya`` codec whose residuals the calibrated tables are fitted on (those of
+the seed's recipes that use calibrated tables: randomized PCA, rank D/2, variance ratio 1.0)."""
+
+V2_BITS = (2.0, 2.25, 2.5, 3.0, 3.5, 4.0)
+"""Bit budgets for which ``kakeya-v2`` transforms are fitted (per layer and stream)."""
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How much calibration text to use and how to regularise.
+
+    Attributes:
+        windows, tokens: calibration windows of ``tokens`` tokens from the calibration split.
+        ridge: Σ_q ridge as a fraction of mean(diag Σ_q).
+        cond_cap: optional cap on cond(L) by Tikhonov regularisation.
+        cond_limit: layers whose cond(L) exceeds this are left unwhitened.
+        n_lags: lag bins of the lag-averaged metric.
+        table_bits: bit widths of the calibrated Lloyd–Max tables.
+        sensitivity_ctx, sensitivity_eval: window split for the boundary-layer sensitivity.
+        probe_bits: bit width of the sensitivity probe (``kakeya`` codec on one layer at a time).
+        v2_bits: bit budgets of the ``kakeya-v2`` transforms.
+    """
+
+    windows: int = 4
+    tokens: int = 1024
+    ridge: float = 1e-3
+    cond_cap: float | None = None
+    cond_limit: float = 1e4
+    n_lags: int = 24
+    table_bits: tuple[int, ...] = (2, 3, 4)
+    sensitivity_ctx: int = 448
+    sensitivity_eval: int = 64
+    probe_bits: int = 2
+    v2_bits: tuple[float, ...] = V2_BITS
+
+    def __post_init__(self) -> None:
+        if self.windows < 1 or self.tokens < 16:
+            raise ConfigError(f"need windows >= 1 and tokens >= 16, got {self.windows} and {self.tokens}")
+        if not 0 <= self.ridge < 1:
+            raise ConfigError(f"ridge must be in [0, 1), got {self.ridge}")
+        if self.cond_cap is not None and self.cond_cap <= 1:
+            raise ConfigError(f"cond_cap must be > 1, got {self.cond_cap}")
+        if self.sensitivity_ctx + self.sensitivity_eval > self.tokens:
+            raise ConfigError("sensitivity_ctx + sensitivity_eval must fit in one calibration window")
+
+
+@dataclass
+class _Pooled:
+    """Per-layer statistics accumulated over calibration windows (CPU, float32/64)."""
+
+    gram: torch.Tensor  # [n_kv, D, D] float64, sum over windows of per-window Grams
+    lag_mass: torch.Tensor  # [n_kv, L] float64
+    k_pre: list[torch.Tensor]  # each [n_kv, T, D]
+    v: list[torch.Tensor]
+
+
+def _pool(model: Any, ids: torch.Tensor, settings: CalibrationSettings) -> tuple[list[_Pooled], torch.Tensor]:
+    f = facts(model)
+    pooled: list[_Pooled] = []
+    lags = torch.zeros(0, dtype=torch.long)
+    positions = torch.arange(ids.shape[1])
+    for w in tqdm(range(ids.shape[0]), desc="calibrate: capture", unit="window"):
+        caps = capture(model, ids[w : w + 1])
+        for layer, c in enumerate(caps):
+            q_post = Rope.from_model(model, layer).apply(c.q_pre, positions)
+            scaling = getattr(decoder_attn(model, layer), "scaling", f.head_dim**-0.5)
+            lags, mass = lag_weights(q_post, c.k_post, settings.n_lags, float(scaling))
+            g = gram(c.q_pre)
+            if w == 0:
+                pooled.append(_Pooled(g, mass, [c.k_pre], [c.v]))
+            else:
+                p = pooled[layer]
+                p.gram += g
+                p.lag_mass += mass
+                p.k_pre.append(c.k_pre)
+                p.v.append(c.v)
+    return pooled, lags
+
+
+def decoder_attn(model: Any, layer: int) -> Any:
+    """The attention module of decoder layer ``layer``."""
+    from kakeyaturbo.models.arch import decoder_layers
+
+    return decoder_layers(model)[layer].self_attn
+
+
+def _whitening(model: Any, pooled: list[_Pooled], lags: torch.Tensor, settings: CalibrationSettings,
+               cal: Calibration) -> None:
+    f = facts(model)
+    skipped: dict[str, str] = {}
+    for layer, p in enumerate(pooled):
+        if f.layer_types[layer] != "full_attention":
+            skipped[str(layer)] = f"{f.layer_types[layer]} layer (kept exact)"
+            continue
+        sigma = regularise(p.gram / settings.windows, settings.ridge, settings.cond_cap)
+        rot = rope_matrices(Rope.from_model(model, layer), lags, f.head_dim)
+        weights = p.lag_mass / p.lag_mass.sum(-1, keepdim=True)
+        lag = regularise(lag_metric(sigma, rot, weights), settings.ridge, settings.cond_cap)
+        k_all = torch.cat(p.k_pre, dim=1)
+        reasons = []
+        for mode, mat in (("sigma_q", sigma), ("lag", lag)):
+            chol, inv = cholesky_pair(mat)
+            cal.tensors[f"sigma.{mode}.{layer}"] = mat.float()
+            cal.tensors[f"chol.{mode}.{layer}"] = chol
+            cal.tensors[f"inv_chol.{mode}.{layer}"] = inv
+            hazard = whitening_hazard(k_all, chol, settings.cond_limit)
+            if hazard:
+                reasons.append(f"{mode}: {hazard}")
+        if reasons:
+            skipped[str(layer)] = "; ".join(reasons)
+    cal.manifest["skipped_whitening"] = skipped
+
+
+def _keys_for_fitting(cal: Calibration, layer: int, k_pre: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE keys ``[n_kv, T, D]``, Σ_q-whitened where the layer is whitened."""
+    w = cal.whitening(layer, "sigma_q")
+    return k_pre if w is None else k_pre @ w[0]
+
+
+def _tables(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, full: list[int]) -> None:
+    """Lloyd–Max tables fitted on the scaled residuals the runtime ``kakeya`` codec produces."""
+    for bits in tqdm(settings.table_bits, desc="calibrate: tables", unit="width"):
+        codec = codecs.get("kakeya", bits=bits, **TABLE_CODEC)
+        for stream in ("k", "v"):
+            samples = []
+            for layer in full:
+                p = pooled[layer]
+                x = torch.cat(p.k_pre if stream == "k" else p.v, dim=1)
+                if stream == "k":
+                    x = _keys_for_fitting(cal, layer, x)
+                samples.append(codec.scaled_residuals(x))
+            z = torch.cat(samples)
+            if z.numel() > 5_000_000:
+                z = z[torch.randperm(z.numel(), generator=torch.Generator().manual_seed(0))[:5_000_000]]
+            cal.tensors[f"table.{stream}.{bits}"] = lloyd_max.fit(z, bits)
+
+
+def _v2(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, full: list[int]) -> None:
+    """``kakeya-v2`` static transforms per (budget, layer, stream)."""
+    from kakeyaturbo.codecs.kakeya_v2 import fit_transforms
+
+    jobs = [(b, layer) for b in settings.v2_bits for layer in full]
+    for bits, layer in tqdm(jobs, desc="calibrate: kakeya-v2", unit="fit"):
+        p = pooled[layer]
+        for stream in ("k", "v"):
+            # position 0 of every window (BOS, the attention sink) is kept exact by the v2 recipes
+            x = torch.cat([t[:, 1:] for t in (p.k_pre if stream == "k" else p.v)], dim=1)
+            if stream == "k":
+                x = _keys_for_fitting(cal, layer, x)
+            t = fit_transforms(x, bits=bits, stream=stream, fitted_tables=True, seed=layer)
+            for name, tensor in t.to_tensors().items():
+                cal.tensors[f"v2.{bits:g}.{layer}.{stream}.{name}"] = tensor
+
+
+@torch.no_grad()
+def _sensitivity(model: Any, ids: torch.Tensor, settings: CalibrationSettings, full: list[int]) -> dict[int, float]:
+    """KL(exact ‖ compressed) of the next-token distribution when only one layer is compressed."""
+    from kakeyaturbo.cache import KakeyaCache
+    from kakeyaturbo.recipes import Recipe, StreamRecipe
+
+    ctx, n = settings.sensitivity_ctx, settings.sensitivity_eval
+    prefix, cont = ids[:1, :ctx], ids[:1, ctx : ctx + n]
+    reference = DynamicCache()
+    model(input_ids=prefix, past_key_values=reference, use_cache=True)
+    ref = model(input_ids=cont, past_key_values=copy.deepcopy(reference)).logits[0].float().log_softmax(-1)
+    probe = StreamRecipe(codec="kakeya", config={"bits": settings.probe_bits, "block_size": 64})
+    out = {}
+    for layer in tqdm(full, desc="calibrate: layer sensitivity", unit="layer"):
+        recipe = Recipe(name=f"probe-{layer}", k=StreamRecipe(), v=StreamRecipe(), chunk_tokens=64,
+                        layer_overrides={layer: {"k": probe, "v": probe}})
+        cache = KakeyaCache(model.config, recipe, rope=lambda i: Rope.from_model(model, i))
+        for i, lyr in enumerate(reference.layers):
+            cache.update(lyr.keys, lyr.values, i)
+        plain = DynamicCache()
+        for i, lyr in enumerate(cache.layers):
+            plain.update(*lyr.full(), i)
+        alt = model(input_ids=cont, past_key_values=plain).logits[0].float().log_softmax(-1)
+        out[layer] = float((ref.exp() * (ref - alt)).sum(-1).mean())
+    return out
+
+
+def calibrate(model: Any, tokenizer: Any, corpus: Corpus, settings: CalibrationSettings | None = None, *,
+              model_name: str, text: str) -> Calibration:
+    """Measure a calibration bundle for ``model`` on ``corpus.calibration`` (never its evaluation split)."""
+    settings = settings or CalibrationSettings()
+    f = facts(model)
+    ids = token_windows(tokenizer, corpus.calibration, settings.windows, settings.tokens).to(model.device)
+    cal = Calibration(manifest={
+        "model": model_name, "config_hash": config_hash(model.config), "architecture": f.architecture,
+        "n_layers": f.n_layers, "n_kv_heads": f.n_kv_heads, "head_dim": f.head_dim,
+        "text": text, "split": corpus.split_note, "settings": asdict(settings), "package_version": __version__,
+        "table_codec": TABLE_CODEC,
+    })
+    full = [i for i, t in enumerate(f.layer_types) if t == "full_attention"]
+    pooled, lags = _pool(model, ids, settings)
+    _whitening(model, pooled, lags, settings, cal)
+    _tables(pooled, settings, cal, full)
+    _v2(pooled, settings, cal, full)
+    sens = _sensitivity(model, ids, settings, full)
+    cal.manifest["sensitivity_kl"] = {str(k): v for k, v in sens.items()}
+    cal.manifest["boundary_ranking"] = sorted(sens, key=lambda k: -sens[k])
+    return cal

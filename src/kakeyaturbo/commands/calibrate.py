@@ -1,0 +1,45 @@
+"""``kakeya calibrate``: measure Σ_q, Lloyd–Max tables, boundary sensitivity and v2 transforms on
+the calibration split of the text, and write a bundle directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kakeyaturbo.commands.common import add_model_args
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``kakeya calibrate``."""
+    add_model_args(p)
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="bundle directory to write (default: the model's bundle in the cache directory, which "
+                   "`kakeya eval` and `kakeya generate` pick up automatically)")
+    p.add_argument("--windows", type=int, default=4, help="calibration windows (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens per calibration window (default: %(default)s)")
+    p.add_argument("--ridge", type=float, default=1e-3, help="Σ_q ridge, times mean(diag) (default: %(default)s)")
+    p.add_argument("--cond-cap", type=float, default=None,
+                   help="cap on cond(chol Σ_q) by Tikhonov regularisation (default: none)")
+    p.add_argument("--force", action="store_true", help="recalibrate even if the bundle exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Calibrate and save the bundle."""
+    from kakeyaturbo.calibration import CalibrationSettings, calibrate, default_bundle_dir
+    from kakeyaturbo.evaluation.harness import DTYPES
+    from kakeyaturbo.models.loading import load_model
+    from kakeyaturbo.models.text import load_corpus
+
+    out = args.out or default_bundle_dir(args.model)
+    if (out / "manifest.json").is_file() and not args.force:
+        print(f"calibration bundle already at {out} (use --force to redo)")
+        return 0
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    settings = CalibrationSettings(windows=args.windows, tokens=args.tokens, ridge=args.ridge, cond_cap=args.cond_cap)
+    bundle = calibrate(model, tokenizer, load_corpus(args.text), settings, model_name=args.model, text=args.text)
+    bundle.save(out)
+    skipped = bundle.skipped_whitening
+    print(f"wrote {out} ({bundle.nbytes / 1e6:.2f} MB of tensors); whitening skipped on "
+          f"{len(skipped)} layer(s){': ' + ', '.join(f'{k} ({v})' for k, v in skipped.items()) if skipped else ''}")
+    print(f"boundary ranking (most sensitive first): {bundle.boundary_ranking[:10]}")
+    return 0

@@ -1,0 +1,54 @@
+"""Arguments and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from kakeyaturbo.errors import ConfigError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--text``, ``--dtype``, ``--device``."""
+    p.add_argument("--model", default="smollm2-135m",
+                   help="'smollm2-135m' (packaged SmolLM2-135M-Instruct, offline), a local Hugging Face model "
+                   "folder, or a hub id already in the local cache (default: %(default)s)")
+    p.add_argument("--text", default="austen",
+                   help="'austen' (Jane Austen's novels: Pride and Prejudice for calibration, the other five for "
+                   "evaluation) or the path of a UTF-8 text file (first 20%% calibration, rest evaluation)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="model and reference-cache dtype (default: %(default)s; ratios are always against bf16)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+
+
+def add_calibration_arg(p: argparse.ArgumentParser) -> None:
+    """``--calibration DIR``."""
+    p.add_argument("--calibration", type=Path, metavar="DIR",
+                   help="calibration bundle from `kakeya calibrate` (needed by recipes that whiten keys, use "
+                   "calibrated tables, boundary_top or kakeya-v2); default: the bundle `kakeya calibrate` "
+                   "wrote for this model in the cache directory, if any")
+
+
+def load_calibration(path: Path | None, model_name: str, model_config: Any, required: bool) -> Any:
+    """The bundle at ``path`` (or the default one for ``model_name``), checked against the model."""
+    from kakeyaturbo.calibration import Calibration, config_hash, default_bundle_dir
+
+    where = path or default_bundle_dir(model_name)
+    if not (where / "manifest.json").is_file():
+        if path is not None or required:
+            raise ConfigError(f"no calibration bundle at {where}; run `kakeya calibrate --model {model_name}"
+                              f"{'' if path is None else f' --out {path}'}` first")
+        return None
+    cal = Calibration.load(where)
+    cal.check_model(model_name, config_hash(model_config))
+    return cal
+
+
+def write_json(path: Path | None, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` (parents created); no-op without a path."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str))

@@ -1,0 +1,58 @@
+"""``kakeya generate``: generate text with a compressed cache and report the bytes it holds."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kakeyaturbo.commands.common import add_calibration_arg, add_model_args, load_calibration, write_json
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``kakeya generate``."""
+    p.add_argument("--recipe", required=True, metavar="NAME|FILE", help="recipe for the KV cache")
+    p.add_argument("--prompt", required=True, help="prompt text (chat template applied when the tokenizer has one)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    add_model_args(p)
+    add_calibration_arg(p)
+    p.add_argument("--json", type=Path, metavar="P", help="write text, new_tokens and the memory report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate and print the continuation and the memory report."""
+    import torch
+
+    from kakeyaturbo import recipes
+    from kakeyaturbo.cache import KakeyaCache
+    from kakeyaturbo.evaluation.harness import DTYPES
+    from kakeyaturbo.models.loading import load_model
+
+    recipe = recipes.load(args.recipe)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    calibration = load_calibration(args.calibration, args.model, model.config, required=recipe.needs_calibration)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = args.prompt
+    inputs = tokenizer(text, return_tensors="pt").to(args.device)
+    cache = KakeyaCache.from_model(model, recipe, calibration)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens,
+                             do_sample=args.sample, temperature=0.7 if args.sample else None, top_p=None, top_k=None)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    completion = tokenizer.decode(new, skip_special_tokens=True)
+    report = cache.memory_report()
+    print(completion)
+    print(f"\n[{recipe.name}] {report['tokens']} tokens held in {report['total']:,} B "
+          f"(bf16: {report['bf16_equivalent']:,} B, ratio {report['ratio']:.2f}x; "
+          f"packed {report['packed']:,} B, hot window {report['hot_window']:,} B, "
+          f"exact layers {report['exact_layers']:,} B)")
+    write_json(args.json, {"text": completion, "new_tokens": int(new.numel()),
+                           "memory": {"bytes_held": report["total"], "bytes_bf16": report["bf16_equivalent"],
+                                      "ratio": report["ratio"], "detail": {k: v for k, v in report.items()
+                                                                           if k != "layers"}}})
+    return 0

@@ -1,0 +1,60 @@
+"""``kakeya sweep``: run a grid of recipes x settings, resumably; write results.jsonl, table.md, pareto.png."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``kakeya sweep``."""
+    p.add_argument("--grid", type=Path, required=True, metavar="FILE",
+                   help="JSON or TOML grid: {'defaults': {...}, 'cells': [{...}], 'grid': {'recipe': [...], "
+                   "'mode': [...]}}; keys: model, text, recipe, mode, ctx, n_eval, windows, calibration, device")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output folder; finished cells in DIR/results.jsonl are skipped on a re-run")
+
+
+def _evaluator() -> Any:
+    from kakeyaturbo import recipes
+    from kakeyaturbo.commands.common import load_calibration
+    from kakeyaturbo.evaluation.harness import EvalSettings, Session, evaluate
+
+    sessions: dict[tuple[str, str, int, int, int, str], Session] = {}
+
+    def run_group(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        c = cells[0]
+        settings = EvalSettings(model=c["model"], text=c["text"], ctx=c["ctx"], n_eval=c["n_eval"],
+                                windows=c["windows"], mode=c["mode"], device=c.get("device", "cpu"))
+        key = (settings.model, settings.text, settings.ctx, settings.n_eval, settings.windows, settings.device)
+        if key not in sessions:
+            sessions.clear()
+            sessions[key] = Session(settings)
+        session = sessions[key]
+        out = []
+        by_cal: dict[Any, list[int]] = {}
+        for i, cell in enumerate(cells):
+            by_cal.setdefault(cell.get("calibration"), []).append(i)
+        results: dict[int, dict[str, Any]] = {}
+        for cal_path, idx in by_cal.items():
+            chosen = [recipes.load(cells[i]["recipe"]) for i in idx]
+            cal = load_calibration(Path(cal_path) if cal_path else None, settings.model, session.model.config,
+                                   required=any(r.needs_calibration for r in chosen))
+            for i, rec in zip(idx, evaluate(settings, chosen, cal, session=session)):
+                rec["recipe"] = cells[i]["recipe"]
+                results[i] = rec
+        out = [results[i] for i in range(len(cells))]
+        return out
+
+    return run_group
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sweep."""
+    from kakeyaturbo.evaluation.sweep import run_sweep
+
+    records = run_sweep(args.grid, args.out, _evaluator())
+    print(f"{len(records)} cells; results in {args.out / 'results.jsonl'}, table in {args.out / 'table.md'}, "
+          f"plot in {args.out / 'pareto.png'}")
+    return 0

@@ -1,0 +1,196 @@
+"""The model-running harness behind ``kakeya eval``: an exact reference and every candidate recipe
+on the same windows, in one process.
+
+Per window of ``ctx + n_eval`` evaluation tokens:
+
+1. prefill ``ctx`` tokens once with an exact ``DynamicCache`` (the reference state);
+2. teacher-force the ``n_eval`` continuation on a copy of it: the reference logits;
+3. for each recipe, load the prefill K/V into a :class:`~kakeyaturbo.cache.KakeyaCache` (exactly
+   what attention hands the cache during a real prefill), then
+
+   * ``snapshot``: decode it once into a plain cache and teacher-force the continuation (new
+     tokens stay exact), the seed's method;
+   * ``streaming``: teacher-force the continuation through the ``KakeyaCache`` itself, in groups
+     that end on chunk boundaries. The cache returns each forward's own tokens exact and encodes
+     a chunk once it is full, so this is token-for-token what ``generate()`` would see.
+
+Scored: the predictions of continuation tokens 1..n_eval-1 (``n_eval - 1`` per window). Bytes:
+everything the compressed cache holds after the prefill (snapshot) or at the end (streaming),
+against the bf16 size of the same tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from kakeyaturbo.cache import KakeyaCache
+from kakeyaturbo.engine import CalibrationLike
+from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.evaluation.metrics import TokenMetrics, summarize, token_metrics
+from kakeyaturbo.evaluation.report import MODES, result_record
+from kakeyaturbo.models.loading import load_model
+from kakeyaturbo.models.text import load_corpus, token_windows
+from kakeyaturbo.recipes import Recipe
+from kakeyaturbo.transforms.rope import Rope
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What is evaluated, shared by every recipe of one run.
+
+    ``dtype`` is the model's dtype and hence the reference cache's: bfloat16 by default, so the
+    exact reference holds exactly the bf16 bytes every ratio is measured against.
+    """
+
+    model: str = "smollm2-135m"
+    text: str = "austen"
+    ctx: int = 1024
+    n_eval: int = 128
+    windows: int = 8
+    mode: str = "snapshot"
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name, lo in (("ctx", 1), ("n_eval", 2), ("windows", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+
+
+class Session:
+    """A loaded model with its evaluation windows; reused across recipes (and modes)."""
+
+    def __init__(self, settings: EvalSettings) -> None:
+        self.settings = settings
+        self.model, self.tokenizer = load_model(settings.model, dtype=DTYPES[settings.dtype], device=settings.device)
+        self.corpus = load_corpus(settings.text)
+        self.ids = token_windows(self.tokenizer, self.corpus.evaluation, settings.windows,
+                                 settings.ctx + settings.n_eval).to(settings.device)
+        self._ropes: dict[int, Rope] = {}
+
+    def rope(self, layer: int) -> Rope:
+        """The RoPE of decoder layer ``layer`` (built once)."""
+        if layer not in self._ropes:
+            self._ropes[layer] = Rope.from_model(self.model, layer)
+        return self._ropes[layer]
+
+    def new_cache(self, recipe: Recipe, calibration: CalibrationLike | None) -> KakeyaCache:
+        """An empty :class:`KakeyaCache` for this model."""
+        return KakeyaCache(self.model.config, recipe, calibration, rope=self.rope)
+
+
+def _groups(start: int, total: int, chunk: int, sink: int) -> list[tuple[int, int]]:
+    """Split continuation offsets ``[0, total)`` into groups ending on chunk boundaries, given
+    ``start`` tokens already held (``sink`` of them outside the chunk grid)."""
+    out, a = [], 0
+    held = start - min(sink, start)
+    while a < total:
+        room = chunk - (held + a) % chunk
+        b = min(total, a + room)
+        out.append((a, b))
+        a = b
+    return out
+
+
+@torch.no_grad()
+def _forward(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0].float()
+
+
+@torch.no_grad()
+def _ingest(cache: KakeyaCache, reference: DynamicCache) -> None:
+    """Hand the prefill K/V to ``cache`` exactly as attention does during a prefill."""
+    for idx, layer in enumerate(reference.layers):
+        cache.update(layer.keys, layer.values, idx)
+
+
+@torch.no_grad()
+def _snapshot(cache: KakeyaCache) -> DynamicCache:
+    """A plain cache holding the decoded content of ``cache`` (RoPE re-applied)."""
+    out = DynamicCache()
+    for idx, layer in enumerate(cache.layers):
+        k, v = layer.full()
+        out.update(k, v, idx)
+    return out
+
+
+def evaluate(
+    settings: EvalSettings,
+    recipes: list[Recipe],
+    calibration: CalibrationLike | None = None,
+    *,
+    session: Session | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate ``recipes`` against one exact reference pass.
+
+    Returns:
+        One ``kakeya eval`` record per recipe (see :func:`~kakeyaturbo.evaluation.report.result_record`).
+    """
+    if not recipes:
+        raise ConfigError("no recipe to evaluate")
+    session = session or Session(settings)
+    if session.settings.model != settings.model or session.settings.text != settings.text:
+        raise ConfigError("the session was loaded for another model or text")
+    model, s = session.model, settings
+    for r in recipes:  # fail before the long run on a recipe the model or calibration cannot serve
+        session.new_cache(r, calibration)
+    per: dict[str, list[TokenMetrics]] = {r.name: [] for r in recipes}
+    held = {r.name: [0, 0, 0] for r in recipes}  # bytes held, bf16 equivalent, per-model bytes
+    secs = {r.name: {"prefill": 0.0, "encode": 0.0, "decode": 0.0} for r in recipes}
+    bar = tqdm(total=s.windows * len(recipes), desc=f"eval {s.mode} ctx={s.ctx}", unit="run", disable=not progress)
+    for w in range(s.windows):
+        prefix, cont = session.ids[w : w + 1, : s.ctx], session.ids[w : w + 1, s.ctx :]
+        t0 = time.perf_counter()
+        reference = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=prefix, past_key_values=reference, use_cache=True)
+        prefill = time.perf_counter() - t0
+        ref_logits = _forward(model, cont, copy.deepcopy(reference))
+        for r in recipes:
+            cache = session.new_cache(r, calibration)
+            t1 = time.perf_counter()
+            _ingest(cache, reference)
+            t2 = time.perf_counter()
+            if s.mode == "snapshot":
+                report = cache.memory_report()
+                plain = _snapshot(cache)
+                t3 = time.perf_counter()
+                logits = _forward(model, cont, plain)
+            else:
+                t3 = t2
+                groups = _groups(s.ctx, s.n_eval, r.chunk_tokens, r.sink_tokens)
+                logits = torch.cat([_forward(model, cont[:, a:b], cache) for a, b in groups])
+                report = cache.memory_report()
+            per[r.name].append(token_metrics(ref_logits[:-1], logits[:-1], cont[0, 1:]))
+            held[r.name][0] += report["total"]
+            held[r.name][1] += report["bf16_equivalent"]
+            held[r.name][2] = report["model_side"]
+            secs[r.name]["prefill"] += prefill
+            secs[r.name]["encode"] += t2 - t1
+            secs[r.name]["decode"] += t3 - t2
+            bar.update()
+    bar.close()
+    records = []
+    for r in recipes:
+        records.append(result_record(
+            model=s.model, text=s.text, recipe=r.name, mode=s.mode, ctx=s.ctx, n_eval=s.n_eval,
+            summary=summarize(per[r.name]), bytes_compressed=held[r.name][0], bytes_bf16=held[r.name][1],
+            bytes_model=held[r.name][2], seconds=secs[r.name],
+            extra={"settings": asdict(s), "split": session.corpus.split_note},
+        ))
+    return records
