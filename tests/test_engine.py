@@ -112,7 +112,7 @@ def test_layouts_as_the_codec_sees_them():
                                   layout=layout), 1, N_KV, D)[0]
         enc = plan.encode(k, v).k
         assert enc.shape == shape
-    rows = enc.fields["values"].float()  # [B, chunk, t * n_kv + h, D]
+    rows = enc.fields["values"].float().reshape(shape)  # [B, chunk, t * n_kv + h, D]
     assert torch.allclose(rows[1, 1, 3 * N_KV + 1], k[1, 1, 8 + 3].bfloat16().float())
 
 
