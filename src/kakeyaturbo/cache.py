@@ -3,9 +3,8 @@
 Each decoder layer is a :class:`KakeyaLayer` holding, in token order:
 
 1. **sink**: the first ``recipe.sink_tokens`` tokens, exact (model dtype);
-2. **chunks**: :class:`~kakeyaturbo.engine.StoredChunk` objects, each encoded once by the layer's
-   :class:`~kakeyaturbo.engine.LayerPlan` and never re-encoded (one ``update`` that completes several
-   chunks encodes them in one codec call, each chunk its own codec stream);
+2. **chunks**: one :class:`~kakeyaturbo.engine.StoredChunk` per ``chunk_tokens`` tokens, each
+   encoded once by the layer's :class:`~kakeyaturbo.engine.LayerPlan` and never re-encoded;
 3. **hot window**: fewer than ``chunk_tokens`` most recent tokens, exact, waiting to fill a chunk.
 
 Attention calls ``update`` with post-RoPE keys ``[B, n_kv, T, D]``. With ``recipe.pre_rope_keys``
@@ -21,9 +20,10 @@ and exact parts, cast to the model's dtype. Those decoded tensors are transient;
 holds between steps is only what :meth:`KakeyaCache.memory_report` counts.
 
 Supported: batch size >= 1, greedy/sampled ``generate``, ``crop`` (negative counts), ``reset``.
-A crop that lands inside a stored chunk decodes that chunk (the group encoded together) into the
-hot window: the surviving tokens of that group become exact-stored decoded values and, where they
-fill whole chunks again, are encoded a second time on the next ``update``. Beam search and batch
+A crop that lands inside a stored chunk decodes that one chunk into the hot window: its surviving
+tokens are then held exactly as decoded (fewer than ``chunk_tokens`` of them) and are encoded a
+second time only when the hot window fills that chunk again. Every ``update`` decodes all chunks
+(cost linear in the context, like transformers' ``QuantizedCache``). Beam search and batch
 re-indexing (``reorder_cache``, ``batch_repeat_interleave``, ``batch_select_indices``) work while
 nothing is encoded and raise :class:`~kakeyaturbo.errors.ConfigError` afterwards. Offloading is
 not supported.
@@ -128,14 +128,18 @@ class KakeyaLayer(CacheLayerMixin):
         return self._full()
 
     def _flush(self) -> None:
-        """Encode every whole chunk of the hot window (one codec call for all of them)."""
-        n = self.hot_k.shape[-2] // self.plan.chunk_tokens * self.plan.chunk_tokens
+        """Encode every whole chunk of the hot window, one :class:`StoredChunk` per chunk."""
+        c = self.plan.chunk_tokens
+        n = self.hot_k.shape[-2] // c * c
         if self.plan.exact or n == 0:
             return
         k = self.hot_k[..., :n, :].float()
         if self.rope is not None:
             k = self.rope.invert(k, _positions(self.sink_k.shape[-2] + self.stored_tokens, n))
-        self.chunks.append(self.plan.encode(k, self.hot_v[..., :n, :]))
+        # one Encoded per chunk (a loop over the chunks completed by this update), so that a crop
+        # touches one chunk only and no chunk is ever encoded twice
+        self.chunks.extend(self.plan.encode(k[..., i : i + c, :], self.hot_v[..., i : i + c, :])
+                           for i in range(0, n, c))
         self.hot_k = self.hot_k[..., n:, :].clone()
         self.hot_v = self.hot_v[..., n:, :].clone()
 
