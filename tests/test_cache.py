@@ -171,3 +171,17 @@ def test_constructor_errors_and_from_model():
     a = generate(model, prompt(), KakeyaCache(model.config, FP8_16), do_sample=False)
     assert torch.equal(generate(model, prompt(), KakeyaCache.from_model(model, FP8_16), do_sample=False), a)
     assert isinstance(kt.KakeyaCache(model.config, "fp8"), KakeyaCache)
+
+
+def test_whitened_keys_with_a_calibration():
+    from tests.test_engine import FakeCalibration
+
+    model = tiny("llama")
+    recipe = Recipe("w", StreamRecipe("identity", whiten="sigma_q"), StreamRecipe("identity"),
+                    chunk_tokens=16)
+    cache = KakeyaCache(model.config, recipe, calibration=FakeCalibration(skip={0: "sink layer"}))
+    assert cache.plans[0].whitening is None and cache.plans[1].whitening is not None
+    ref = generate(model, prompt(), DynamicCache(config=model.config), do_sample=False)
+    assert torch.equal(generate(model, prompt(), cache, do_sample=False), ref)  # bf16 storage: tokens hold
+    report = cache.memory_report()
+    assert report["model_side"] == cache.plans[1].whitening.nbytes and report["packed"] > 0
