@@ -1,0 +1,329 @@
+"""`KakeyaCache`: a transformers ``Cache`` whose layers hold K/V compressed by a recipe.
+
+Each decoder layer is a :class:`KakeyaLayer` holding, in token order:
+
+1. **sink**: the first ``recipe.sink_tokens`` tokens, exact (model dtype);
+2. **chunks**: one :class:`~kakeyaturbo.engine.StoredChunk` per ``chunk_tokens`` tokens, each
+   encoded once by the layer's :class:`~kakeyaturbo.engine.LayerPlan` and never re-encoded;
+3. **hot window**: fewer than ``chunk_tokens`` most recent tokens, exact, waiting to fill a chunk.
+
+Attention calls ``update`` with post-RoPE keys ``[B, n_kv, T, D]``. With ``recipe.pre_rope_keys``
+a layer inverts RoPE at the tokens' positions before encoding and re-applies it after decoding;
+positions are the layer's own token count, ``0..T-1``. Inversion and re-application use the same
+positions, so they cancel exactly: a left-padded batch (whose rows the model rotates by shifted
+positions) is still served correctly, its stored keys merely carry a constant per-row rotation.
+Exact layers (both streams ``identity`` without whitening, e.g. boundary layers) keep everything as
+received, like ``DynamicLayer``.
+
+Every ``update`` returns the full K/V for attention: decoded chunks (in float32, RoPE re-applied)
+and exact parts, cast to the model's dtype. Those decoded tensors are transient; what the cache
+holds between steps is only what :meth:`KakeyaCache.memory_report` counts.
+
+Supported: batch size >= 1, greedy/sampled ``generate``, ``crop`` (negative counts), ``reset``.
+A crop that lands inside a stored chunk decodes that one chunk into the hot window: its surviving
+tokens are then held exactly as decoded (fewer than ``chunk_tokens`` of them) and are encoded a
+second time only when the hot window fills that chunk again. Every ``update`` decodes all chunks
+(cost linear in the context, like transformers' ``QuantizedCache``). Beam search and batch
+re-indexing (``reorder_cache``, ``batch_repeat_interleave``, ``batch_select_indices``) work while
+nothing is encoded and raise :class:`~kakeyaturbo.errors.ConfigError` afterwards. Offloading is
+not supported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kakeyaturbo import recipes
+from kakeyaturbo.engine import CalibrationLike, LayerPlan, StoredChunk, build_plans
+from kakeyaturbo.errors import ConfigError, ShapeError
+from kakeyaturbo.transforms.rope import Rope
+
+RopeFactory = Callable[[int], Rope]
+_SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _positions(start: int, count: int) -> torch.Tensor:
+    return torch.arange(start, start + count)
+
+
+class KakeyaLayer(CacheLayerMixin):
+    """One decoder layer's compressed K/V store (see the module docstring).
+
+    Args:
+        plan: the layer's :class:`LayerPlan`.
+        sink_tokens: leading tokens kept exact.
+        rope: the layer's RoPE when keys are stored pre-RoPE, else None.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, plan: LayerPlan, sink_tokens: int = 0, rope: Rope | None = None) -> None:
+        super().__init__()
+        self.plan = plan
+        self.sink_tokens = sink_tokens
+        self.rope = rope
+        self._clear()
+
+    def _clear(self) -> None:
+        self.length = 0
+        self.chunks: list[StoredChunk] = []
+        self.sink_k = self.sink_v = self.hot_k = self.hot_v = None
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Record device/dtype and create empty sink and hot window ``[B, n_kv, 0, D]``."""
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.sink_k, self.hot_k = key_states[..., :0, :].clone(), key_states[..., :0, :].clone()
+        self.sink_v, self.hot_v = value_states[..., :0, :].clone(), value_states[..., :0, :].clone()
+        self.is_initialized = True
+
+    @property
+    def stored_tokens(self) -> int:
+        """Tokens held in encoded chunks."""
+        return sum(c.tokens for c in self.chunks)
+
+    def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        p = self.plan
+        for name, x in (("key_states", key_states), ("value_states", value_states)):
+            if x.dim() != 4 or x.shape[1] != p.n_kv_heads or x.shape[3] != p.head_dim:
+                raise ShapeError(f"layer {p.layer}: {name} must be [B, n_kv={p.n_kv_heads}, T, "
+                                 f"D={p.head_dim}], got {tuple(x.shape)}")
+            if x.shape[0] != self.sink_k.shape[0]:
+                raise ShapeError(f"layer {p.layer}: batch size changed from {self.sink_k.shape[0]} "
+                                 f"to {x.shape[0]}")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``T`` new tokens (post-RoPE keys ``[B, n_kv, T, D]``) and return the full K/V.
+
+        Returns:
+            ``(keys, values)`` each ``[B, n_kv, length, D]`` in the model's dtype.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check(key_states, value_states)
+        room = self.sink_tokens - self.sink_k.shape[-2]
+        if room > 0:
+            self.sink_k = torch.cat([self.sink_k, key_states[..., :room, :]], dim=-2)
+            self.sink_v = torch.cat([self.sink_v, value_states[..., :room, :]], dim=-2)
+        skip = max(room, 0)
+        self.hot_k = torch.cat([self.hot_k, key_states[..., skip:, :]], dim=-2)
+        self.hot_v = torch.cat([self.hot_v, value_states[..., skip:, :]], dim=-2)
+        self.length += key_states.shape[-2]
+        self._flush()
+        return self._full()
+
+    def _flush(self) -> None:
+        """Encode every whole chunk of the hot window, one :class:`StoredChunk` per chunk."""
+        c = self.plan.chunk_tokens
+        n = self.hot_k.shape[-2] // c * c
+        if self.plan.exact or n == 0:
+            return
+        k = self.hot_k[..., :n, :].float()
+        if self.rope is not None:
+            k = self.rope.invert(k, _positions(self.sink_k.shape[-2] + self.stored_tokens, n))
+        # one Encoded per chunk (a loop over the chunks completed by this update), so that a crop
+        # touches one chunk only and no chunk is ever encoded twice
+        self.chunks.extend(self.plan.encode(k[..., i : i + c, :], self.hot_v[..., i : i + c, :])
+                           for i in range(0, n, c))
+        self.hot_k = self.hot_k[..., n:, :].clone()
+        self.hot_v = self.hot_v[..., n:, :].clone()
+
+    def _decode(self, chunk: StoredChunk, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode one stored chunk whose first token is at ``start``: post-RoPE K and V, model dtype."""
+        k, v = self.plan.decode(chunk)
+        if self.rope is not None:
+            k = self.rope.apply(k, _positions(start, chunk.tokens))
+        return k.to(self.dtype), v.to(self.dtype)
+
+    def _full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = [self.sink_k], [self.sink_v]
+        if self.chunks:
+            decoded = [self.plan.decode(c) for c in self.chunks]
+            k = torch.cat([d[0] for d in decoded], dim=-2)
+            if self.rope is not None:
+                k = self.rope.apply(k, _positions(self.sink_k.shape[-2], k.shape[-2]))
+            keys.append(k.to(self.dtype))
+            values.append(torch.cat([d[1] for d in decoded], dim=-2).to(self.dtype))
+        keys.append(self.hot_k)
+        values.append(self.hot_v)
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    def get_seq_length(self) -> int:
+        """Tokens held (sink + chunks + hot window)."""
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for the mask of a query of ``query_length`` new tokens."""
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        """No maximum: ``-1``."""
+        return -1
+
+    def reset(self) -> None:
+        """Drop everything held."""
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (a negative count, as ``DynamicLayer``).
+
+        A crop inside a stored chunk decodes that chunk into the hot window (module docstring).
+        """
+        if tokens_to_remove > 0:
+            raise ConfigError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        new_len = max(0, self.length + tokens_to_remove)
+        sink = self.sink_k.shape[-2]
+        if new_len <= sink:
+            self.sink_k, self.sink_v = self.sink_k[..., :new_len, :], self.sink_v[..., :new_len, :]
+            self.chunks = []
+            self.hot_k, self.hot_v = self.hot_k[..., :0, :], self.hot_v[..., :0, :]
+        else:
+            start = sink
+            for i, chunk in enumerate(self.chunks):
+                if start + chunk.tokens > new_len:
+                    self.hot_k, self.hot_v = self._decode(chunk, start)
+                    self.chunks = self.chunks[:i]
+                    break
+                start += chunk.tokens
+            keep = new_len - start
+            self.hot_k, self.hot_v = self.hot_k[..., :keep, :].clone(), self.hot_v[..., :keep, :].clone()
+        self.length = new_len
+
+    def _reindex(self, what: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.chunks:
+            raise ConfigError(f"{what} is not supported once KakeyaCache has encoded chunks (they would "
+                              "have to be re-encoded); use greedy or sampled decoding")
+        if self.is_initialized:
+            self.sink_k, self.sink_v = fn(self.sink_k), fn(self.sink_v)
+            self.hot_k, self.hot_v = fn(self.hot_k), fn(self.hot_v)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam reordering (only while nothing is encoded)."""
+        self._reindex("beam search (reorder_cache)", lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each batch row ``repeats`` times (only while nothing is encoded)."""
+        self._reindex("batch_repeat_interleave", lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep batch rows ``indices`` (only while nothing is encoded)."""
+        self._reindex("batch_select_indices", lambda t: t[indices, ...])
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held now: packed, hot_window, sink, exact_layers, total, bf16_equivalent (and counts)."""
+        exact_parts = _nbytes(self.sink_k) + _nbytes(self.sink_v) + _nbytes(self.hot_k) + _nbytes(self.hot_v)
+        packed = sum(c.nbytes for c in self.chunks)
+        batch = self.sink_k.shape[0] if self.is_initialized else 0
+        out = {
+            "layer": self.plan.layer,
+            "exact": self.plan.exact,
+            "tokens": self.length,
+            "chunks": len(self.chunks),
+            "packed": packed,
+            "hot_window": 0 if self.plan.exact else _nbytes(self.hot_k) + _nbytes(self.hot_v),
+            "sink": 0 if self.plan.exact else _nbytes(self.sink_k) + _nbytes(self.sink_v),
+            "exact_layers": exact_parts if self.plan.exact else 0,
+            "total": packed + exact_parts,
+            "bf16_equivalent": 2 * 2 * batch * self.plan.n_kv_heads * self.length * self.plan.head_dim,
+        }
+        return out
+
+
+def _text_config(model_config: Any) -> Any:
+    return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+
+
+def _default_rope(config: Any) -> RopeFactory:
+    """RoPE built from the model's own rotary class, found by ``config.model_type``."""
+    model_type = getattr(config, "model_type", None)
+    hint = "pass rope=lambda layer: Rope.from_model(model, layer) (or use KakeyaCache.from_model)"
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        raise ConfigError(f"cannot find the rotary embedding of model type {model_type!r}; {hint}") from None
+    found = [obj for name, obj in vars(module).items() if name.endswith("RotaryEmbedding")
+             and isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__]
+    if len(found) != 1:
+        raise ConfigError(f"model type {model_type!r} has {len(found)} rotary embedding classes; {hint}")
+    rotary = found[0](config=config)
+    layer_types = getattr(config, "layer_types", None)
+    return lambda layer: Rope(rotary, "half", layer_types[layer] if layer_types else None)
+
+
+class KakeyaCache(Cache):
+    """A ``transformers.Cache`` storing K/V as a recipe says.
+
+    Args:
+        model_config: the model's config (``model.config``).
+        recipe: a :class:`~kakeyaturbo.recipes.Recipe`, a built-in name or a recipe JSON path.
+        calibration: the calibration bundle, for recipes that need one.
+        rope: ``layer -> Rope``; by default built from the model's own rotary class (only needed
+            when the recipe stores pre-RoPE keys).
+
+    Example::
+
+        cache = KakeyaCache(model.config, "fp8")
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        cache.memory_report()["ratio"]
+    """
+
+    def __init__(self, model_config: Any, recipe: recipes.Recipe | str | Path,
+                 calibration: CalibrationLike | None = None, rope: RopeFactory | None = None) -> None:
+        config = _text_config(model_config)
+        self.recipe = recipe if isinstance(recipe, recipes.Recipe) else recipes.load(recipe)
+        layer_types = getattr(config, "layer_types", None) or []
+        unsupported = sorted(set(layer_types) - set(_SUPPORTED_LAYER_TYPES))
+        if unsupported:
+            raise ConfigError(f"KakeyaCache supports attention layers {list(_SUPPORTED_LAYER_TYPES)}, "
+                              f"this model also has {unsupported}")
+        n_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        self.plans = build_plans(self.recipe, config.num_hidden_layers, n_kv, head_dim, calibration)
+        needs_rope = self.recipe.pre_rope_keys and not all(p.exact for p in self.plans)
+        rope_for = (rope or _default_rope(config)) if needs_rope else None
+        super().__init__(layers=[
+            KakeyaLayer(p, self.recipe.sink_tokens, rope_for(p.layer) if rope_for and not p.exact else None)
+            for p in self.plans
+        ])
+
+    @classmethod
+    def from_model(cls, model: nn.Module, recipe: recipes.Recipe | str | Path,
+                   calibration: CalibrationLike | None = None) -> KakeyaCache:
+        """A cache for ``model``, with RoPE taken from the model's own rotary module."""
+        return cls(model.config, recipe, calibration, rope=lambda layer: Rope.from_model(model, layer))
+
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes held now.
+
+        Returns:
+            ``packed`` (sum of ``Encoded.nbytes``), ``hot_window``, ``sink``, ``exact_layers``,
+            ``total`` (their sum), ``bf16_equivalent`` (K and V of every held token in bf16),
+            ``ratio`` (bf16_equivalent / total; None while empty), ``model_side`` (per-model bytes
+            such as whitening matrices, not in ``ratio``), ``tokens`` and ``layers`` (per-layer dicts).
+        """
+        layers = [layer.memory() for layer in self.layers]
+        keys = ("packed", "hot_window", "sink", "exact_layers", "total", "bf16_equivalent")
+        report: dict[str, Any] = {k: sum(entry[k] for entry in layers) for k in keys}
+        report["ratio"] = report["bf16_equivalent"] / report["total"] if report["total"] else None
+        report["model_side"] = sum(p.side_nbytes for p in self.plans)
+        report["tokens"] = self.get_seq_length()
+        report["layers"] = layers
+        return report

@@ -1,0 +1,257 @@
+"""The compression engine: (recipe, calibration, model facts) -> one :class:`LayerPlan` per layer.
+
+Both the snapshot evaluation and :class:`~kakeyaturbo.cache.KakeyaCache` go through here, so a
+recipe means the same thing everywhere. A plan encodes a span of tokens of one layer into a
+:class:`StoredChunk` (nothing but :class:`~kakeyaturbo.container.Encoded` objects) and decodes it.
+
+Token spans are cut into chunks of ``chunk_tokens``; one codec call encodes all chunks of a span,
+with the chunk as an extra leading (stream) axis, so a chunk never shares codec state (blocks,
+bases, group scales) with its neighbours and a span encoded in one call equals its chunks encoded
+one by one. Layouts of a chunk ``[B, n_kv, C, D]`` as the codec sees it:
+
+* ``"head"``: one stream per (sequence, KV head, chunk): ``[B, n_kv, n_chunks, C, D]``.
+* ``"token_major"``: one stream per (sequence, chunk), rows token-major with the KV heads
+  interleaved (row ``t * n_kv + h``), as the seed's PPL harness: ``[B, n_chunks, C * n_kv, D]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Protocol
+
+import torch
+
+from kakeyaturbo import codecs
+from kakeyaturbo.codecs.base import Codec
+from kakeyaturbo.container import Encoded
+from kakeyaturbo.errors import ConfigError, ShapeError
+from kakeyaturbo.recipes.recipe import Recipe, StreamRecipe
+from kakeyaturbo.transforms.whitening import Whitening
+
+CALIBRATE_HINT = "run `kakeya calibrate --out DIR` and pass calibration=kt.Calibration.load(DIR)"
+
+
+class CalibrationLike(Protocol):
+    """What the engine needs from a calibration bundle (``kakeyaturbo.Calibration`` provides it).
+
+    Attributes:
+        boundary_ranking: layer indices, most sensitive first.
+        skipped_whitening: layers whose whitening the calibration skipped, with the reason.
+    """
+
+    boundary_ranking: list[int]
+    skipped_whitening: dict[int, str]
+
+    def whitening(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(L, L_inv)`` each ``[n_kv, D, D]`` for ``layer``, or None when whitening is skipped there."""
+
+    def table(self, stream: str, bits: int) -> tuple[float, ...] | None:
+        """The calibrated Lloyd–Max table (``2**bits`` increasing floats) of stream ``"k"``/``"v"``."""
+
+
+@dataclasses.dataclass
+class StoredChunk:
+    """Encoded K and V of ``tokens`` consecutive tokens of one layer.
+
+    Attributes:
+        k, v: the codec outputs (K after pre-transforms: inverse RoPE, whitening).
+        tokens: number of tokens covered.
+        dtype: dtype :meth:`LayerPlan.decode` returns (the dtype the tokens arrived in).
+    """
+
+    k: Encoded
+    v: Encoded
+    tokens: int
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held: ``k.nbytes + v.nbytes`` (serialized size, headers included)."""
+        return self.k.nbytes + self.v.nbytes
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    """How one decoder layer's K and V are stored.
+
+    Attributes:
+        layer: layer index.
+        k_codec, v_codec: the codecs (calibrated tables already substituted).
+        whitening: the K whitening (None: not whitened).
+        exact: the layer stores K and V exactly (the cache keeps them in the model's dtype).
+        layout: ``"head"`` or ``"token_major"`` (module docstring).
+        n_kv_heads, head_dim: the model's KV geometry.
+        chunk_tokens: tokens per chunk.
+        whitening_skipped: why the calibration skipped this layer's whitening, if it did.
+    """
+
+    layer: int
+    k_codec: Codec
+    v_codec: Codec
+    whitening: Whitening | None
+    exact: bool
+    layout: str
+    n_kv_heads: int
+    head_dim: int
+    chunk_tokens: int
+    whitening_skipped: str | None = None
+
+    @property
+    def side_nbytes(self) -> int:
+        """Per-model bytes this layer needs besides its chunks (whitening, codec side data)."""
+        w = self.whitening.nbytes if self.whitening is not None else 0
+        return w + self.k_codec.side_nbytes + self.v_codec.side_nbytes
+
+    def _check(self, name: str, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.n_kv_heads or x.shape[3] != self.head_dim:
+            raise ShapeError(
+                f"layer {self.layer}: {name} must be [B, n_kv={self.n_kv_heads}, T, D={self.head_dim}], "
+                f"got {tuple(x.shape)}"
+            )
+        if x.shape[2] == 0 or x.shape[2] % self.chunk_tokens:
+            raise ShapeError(
+                f"layer {self.layer}: {name} has {x.shape[2]} tokens, not a positive multiple of "
+                f"chunk_tokens={self.chunk_tokens}"
+            )
+
+    def _to_rows(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, t, d = x.shape
+        c = self.chunk_tokens
+        if self.layout == "head":
+            return x.reshape(b, h, t // c, c, d)
+        return x.reshape(b, h, t // c, c, d).permute(0, 2, 3, 1, 4).reshape(b, t // c, c * h, d)
+
+    def _from_rows(self, y: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
+        h, d, c = self.n_kv_heads, self.head_dim, self.chunk_tokens
+        if self.layout == "head":
+            return y.reshape(batch, h, tokens, d)
+        return y.reshape(batch, tokens // c, c, h, d).permute(0, 3, 1, 2, 4).reshape(batch, h, tokens, d)
+
+    def encode(self, k_pre: torch.Tensor, v: torch.Tensor) -> StoredChunk:
+        """Encode a span of tokens.
+
+        Args:
+            k_pre: keys ``[B, n_kv, T, D]`` (pre-RoPE when the recipe says so), float dtype.
+            v: values ``[B, n_kv, T, D]``; ``T`` a positive multiple of ``chunk_tokens``.
+
+        Returns:
+            A :class:`StoredChunk` decoding to the input dtype.
+        """
+        self._check("k_pre", k_pre)
+        self._check("v", v)
+        if k_pre.shape != v.shape:
+            raise ShapeError(f"layer {self.layer}: K {tuple(k_pre.shape)} and V {tuple(v.shape)} differ")
+        k_in = self.whitening.forward(k_pre) if self.whitening is not None else k_pre
+        return StoredChunk(self.k_codec.encode(self._to_rows(k_in)), self.v_codec.encode(self._to_rows(v)),
+                           k_pre.shape[2], k_pre.dtype)
+
+    def decode(self, chunk: StoredChunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode to ``(k_pre_hat, v_hat)``, each ``[B, n_kv, T, D]`` in the chunk's dtype."""
+        batch = chunk.k.shape[0]
+        k = self._from_rows(self.k_codec.decode(chunk.k), batch, chunk.tokens)
+        if self.whitening is not None:
+            k = self.whitening.inverse(k)
+        v = self._from_rows(self.v_codec.decode(chunk.v), batch, chunk.tokens)
+        return k.to(chunk.dtype), v.to(chunk.dtype)
+
+
+def _resolve_layer(name: str, layer: int, n_layers: int) -> int:
+    idx = layer + n_layers if layer < 0 else layer
+    if not 0 <= idx < n_layers:
+        raise ConfigError(f"{name}: layer {layer} is out of range for a model with {n_layers} layers")
+    return idx
+
+
+def _boundary(recipe: Recipe, n_layers: int, calibration: CalibrationLike | None) -> set[int]:
+    layers = {_resolve_layer("boundary_layers", i, n_layers) for i in recipe.boundary_layers}
+    if recipe.boundary_top:
+        if calibration is None:
+            raise ConfigError(f"recipe {recipe.name!r}: boundary_top needs a calibration; {CALIBRATE_HINT}")
+        ranking = list(calibration.boundary_ranking)
+        if recipe.boundary_top > len(ranking):
+            raise ConfigError(f"boundary_top={recipe.boundary_top} but the calibration ranks only "
+                              f"{len(ranking)} layers")
+        layers |= {_resolve_layer("boundary_ranking", i, n_layers) for i in ranking[: recipe.boundary_top]}
+    return layers
+
+
+class _CodecFactory:
+    """Builds (and shares) codec instances for stream recipes, substituting calibrated tables."""
+
+    def __init__(self, recipe: Recipe, calibration: CalibrationLike | None) -> None:
+        self.recipe = recipe
+        self.calibration = calibration
+        self._built: dict[str, Codec] = {}
+
+    def get(self, sr: StreamRecipe, stream: str) -> Codec:
+        key = json.dumps([stream, sr.codec, sr.config, sr.calibrated_table], sort_keys=True, default=str)
+        if key not in self._built:
+            self._built[key] = self._build(sr, stream)
+        return self._built[key]
+
+    def _build(self, sr: StreamRecipe, stream: str) -> Codec:
+        cls = codecs.codec_class(sr.codec)
+        try:
+            codec = cls(cls.config_class.from_dict(sr.config))
+        except ConfigError as exc:
+            raise ConfigError(f"{stream.upper()} stream, codec {sr.codec!r}: {exc}") from None
+        if not sr.calibrated_table:
+            return codec
+        if self.calibration is None:
+            raise ConfigError(f"recipe {self.recipe.name!r} uses a calibrated {stream.upper()} table; "
+                              f"{CALIBRATE_HINT}")
+        fields = codec.config.to_dict()
+        if "codebook" not in fields or not isinstance(fields.get("bits"), int):
+            raise ConfigError(f"calibrated_table: codec {sr.codec!r} has no bits/codebook fields to "
+                              "calibrate")
+        table = self.calibration.table(stream, fields["bits"])
+        if table is None:
+            raise ConfigError(f"the calibration has no {stream.upper()} table for {fields['bits']} bits; "
+                              f"rerun `kakeya calibrate`")
+        return type(codec)(codec.config, codebook=tuple(float(t) for t in table))
+
+
+def _whitening(layer: int, n_kv: int, d: int, calibration: CalibrationLike | None,
+               recipe: Recipe) -> tuple[Whitening | None, str | None]:
+    if calibration is None:
+        raise ConfigError(f"recipe {recipe.name!r} whitens K; {CALIBRATE_HINT}")
+    mats = calibration.whitening(layer)
+    if mats is None:
+        return None, calibration.skipped_whitening.get(layer, "skipped by the calibration")
+    w = Whitening(*mats)
+    if w.n_kv != n_kv or w.head_dim != d:
+        raise ConfigError(f"calibration whitening of layer {layer} is for n_kv={w.n_kv}, D={w.head_dim}; "
+                          f"the model has n_kv={n_kv}, D={d} (calibrated on another model?)")
+    return w, None
+
+
+def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
+                calibration: CalibrationLike | None = None) -> list[LayerPlan]:
+    """One :class:`LayerPlan` per decoder layer.
+
+    Boundary layers (``boundary_layers`` plus the calibration's top ``boundary_top``) use
+    ``boundary_k``/``boundary_v``; ``layer_overrides`` then replace streams per layer. A layer
+    is exact when both of its streams are ``identity`` without whitening.
+
+    Raises:
+        ConfigError: bad sizes, out-of-range layers, a codec config its codec rejects, or a recipe
+            that needs calibration (whitening, calibrated tables, ``boundary_top``) without one.
+    """
+    for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    boundary = _boundary(recipe, n_layers, calibration)
+    overrides = {_resolve_layer("layer_overrides", i, n_layers): s for i, s in recipe.layer_overrides.items()}
+    factory = _CodecFactory(recipe, calibration)
+    plans = []
+    for layer in range(n_layers):
+        k_sr, v_sr = (recipe.boundary_k, recipe.boundary_v) if layer in boundary else (recipe.k, recipe.v)
+        k_sr = overrides.get(layer, {}).get("k", k_sr)
+        v_sr = overrides.get(layer, {}).get("v", v_sr)
+        whitening, skipped = (None, None) if k_sr.whiten == "none" else _whitening(
+            layer, n_kv_heads, head_dim, calibration, recipe)
+        plans.append(LayerPlan(layer, factory.get(k_sr, "k"), factory.get(v_sr, "v"), whitening,
+                               k_sr.is_exact and v_sr.is_exact, recipe.layout, n_kv_heads, head_dim,
+                               recipe.chunk_tokens, skipped))
+    return plans

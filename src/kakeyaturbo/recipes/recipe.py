@@ -1,0 +1,236 @@
+"""Recipes: which codec (and which pre-transforms) every (layer, stream) of a model gets.
+
+A :class:`Recipe` is a frozen, validated dataclass with a JSON round trip. It names codecs by
+their registry name and holds their config as a plain dict; the codecs themselves are built
+(and their configs validated) by :func:`kakeyaturbo.engine.build_plans`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from kakeyaturbo.codecs import names as codec_names
+from kakeyaturbo.errors import ConfigError
+
+Whiten = Literal["none", "sigma_q", "lag"]
+Layout = Literal["head", "token_major"]
+WHITEN_CHOICES: tuple[str, ...] = ("none", "sigma_q", "lag")
+LAYOUT_CHOICES: tuple[str, ...] = ("head", "token_major")
+
+
+def _known_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamRecipe:
+    """How one stream (K or V) of a layer is stored.
+
+    Attributes:
+        codec: registered codec name; ``"identity"`` is exact bf16 storage.
+        config: codec config fields (validated when the codec is built).
+        whiten: K pre-transform: ``"none"``, ``"sigma_q"`` (Cholesky of the query covariance) or
+            ``"lag"`` (the calibration's lag-aware variant); must be ``"none"`` for V.
+        calibrated_table: use the calibration's Lloyd–Max table as the codec's ``codebook``.
+    """
+
+    codec: str = "identity"
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    whiten: Whiten = "none"
+    calibrated_table: bool = False
+
+    def __post_init__(self) -> None:
+        if self.codec not in codec_names():
+            raise ConfigError(f"codec must be one of {codec_names()}, got {self.codec!r}")
+        if not isinstance(self.config, Mapping) or not all(isinstance(k, str) for k in self.config):
+            raise ConfigError(f"config must be a dict with string keys, got {self.config!r}")
+        if "codebook" in self.config and self.calibrated_table:
+            raise ConfigError("config.codebook and calibrated_table=True are exclusive: pick one table")
+        if self.whiten not in WHITEN_CHOICES:
+            raise ConfigError(f"whiten must be one of {list(WHITEN_CHOICES)}, got {self.whiten!r}")
+        if not isinstance(self.calibrated_table, bool):
+            raise ConfigError(f"calibrated_table must be a bool, got {self.calibrated_table!r}")
+        object.__setattr__(self, "config", dict(self.config))
+
+    @property
+    def is_exact(self) -> bool:
+        """True when the stream is stored exactly (identity codec, no whitening)."""
+        return self.codec == "identity" and self.whiten == "none"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when building this stream needs a calibration bundle."""
+        return self.whiten != "none" or self.calibrated_table
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict."""
+        return {"codec": self.codec, "config": dict(self.config), "whiten": self.whiten,
+                "calibrated_table": self.calibrated_table}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "stream") -> StreamRecipe:
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError` naming ``where``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where} must be an object, got {data!r}")
+        _known_keys(cls, data, where)
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+EXACT = StreamRecipe()
+
+
+def _check_layer_list(name: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ConfigError(f"{name} must be a list of layer indices, got {value!r}")
+    out = tuple(value)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in out):
+        raise ConfigError(f"{name} must hold integers (negative counts from the last layer), got {list(out)}")
+    return out
+
+
+def _check_nonneg(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A full compression recipe.
+
+    Attributes:
+        name: the name users type.
+        k, v: the default stream recipes.
+        pre_rope_keys: store keys before RoPE (the cache inverts RoPE, the codec sees pre-RoPE K).
+        boundary_layers: layers that use ``boundary_k``/``boundary_v`` (negative counts from the end).
+        boundary_top: also protect the top-n layers of the calibration's sensitivity ranking.
+        boundary_k, boundary_v: what boundary layers use (exact bf16 by default).
+        sink_tokens: the first tokens of every sequence kept exact.
+        chunk_tokens: the cache encodes tokens in chunks of this many (block codecs: their block_size).
+        layout: ``"head"`` (one stream per KV head over tokens) or ``"token_major"`` (one stream per
+            sequence, rows token-major with heads interleaved, as the seed's PPL harness).
+        layer_overrides: ``{layer: {"k": {...}, "v": {...}}}`` stream recipes replacing the defaults.
+        description: free text.
+    """
+
+    name: str
+    k: StreamRecipe = EXACT
+    v: StreamRecipe = EXACT
+    pre_rope_keys: bool = True
+    boundary_layers: tuple[int, ...] = ()
+    boundary_top: int = 0
+    boundary_k: StreamRecipe = EXACT
+    boundary_v: StreamRecipe = EXACT
+    sink_tokens: int = 0
+    chunk_tokens: int = 64
+    layout: Layout = "head"
+    layer_overrides: Mapping[int, Mapping[str, StreamRecipe]] = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
+        for field in ("k", "v", "boundary_k", "boundary_v"):
+            if not isinstance(getattr(self, field), StreamRecipe):
+                raise ConfigError(f"{field} must be a StreamRecipe, got {getattr(self, field)!r}")
+        for field in ("v", "boundary_v"):
+            if getattr(self, field).whiten != "none":
+                raise ConfigError(f"{field}.whiten must be 'none': whitening applies to keys only")
+        if not isinstance(self.pre_rope_keys, bool):
+            raise ConfigError(f"pre_rope_keys must be a bool, got {self.pre_rope_keys!r}")
+        layers = _check_layer_list("boundary_layers", self.boundary_layers)
+        object.__setattr__(self, "boundary_layers", layers)
+        _check_nonneg("boundary_top", self.boundary_top)
+        _check_nonneg("sink_tokens", self.sink_tokens)
+        _check_nonneg("chunk_tokens", self.chunk_tokens)
+        if self.chunk_tokens == 0:
+            raise ConfigError("chunk_tokens must be an integer >= 1, got 0")
+        if self.layout not in LAYOUT_CHOICES:
+            raise ConfigError(f"layout must be one of {list(LAYOUT_CHOICES)}, got {self.layout!r}")
+        if not isinstance(self.description, str):
+            raise ConfigError(f"description must be a string, got {self.description!r}")
+        object.__setattr__(self, "layer_overrides", self._normalise_overrides(self.layer_overrides))
+
+    @staticmethod
+    def _normalise_overrides(raw: Any) -> dict[int, dict[str, StreamRecipe]]:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"layer_overrides must map layer -> {{'k': ..., 'v': ...}}, got {raw!r}")
+        out: dict[int, dict[str, StreamRecipe]] = {}
+        for key, streams in raw.items():
+            try:
+                layer = int(key)
+            except (TypeError, ValueError):
+                raise ConfigError(f"layer_overrides key {key!r} is not a layer index") from None
+            if not isinstance(streams, Mapping) or not streams or set(streams) - {"k", "v"}:
+                raise ConfigError(f"layer_overrides[{layer}] must map 'k' and/or 'v' to stream recipes")
+            parsed: dict[str, StreamRecipe] = {}
+            for stream, sr in streams.items():
+                where = f"layer_overrides[{layer}].{stream}"
+                parsed[stream] = sr if isinstance(sr, StreamRecipe) else StreamRecipe.from_dict(sr, where)
+                if stream == "v" and parsed[stream].whiten != "none":
+                    raise ConfigError(f"{where}.whiten must be 'none': whitening applies to keys only")
+            out[layer] = parsed
+        return out
+
+    @property
+    def streams(self) -> list[StreamRecipe]:
+        """Every stream recipe this recipe can use."""
+        extra = [sr for streams in self.layer_overrides.values() for sr in streams.values()]
+        return [self.k, self.v, self.boundary_k, self.boundary_v, *extra]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict (layer override keys become strings in JSON)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "k": self.k.to_dict(),
+            "v": self.v.to_dict(),
+            "pre_rope_keys": self.pre_rope_keys,
+            "boundary_layers": list(self.boundary_layers),
+            "boundary_top": self.boundary_top,
+            "boundary_k": self.boundary_k.to_dict(),
+            "boundary_v": self.boundary_v.to_dict(),
+            "sink_tokens": self.sink_tokens,
+            "chunk_tokens": self.chunk_tokens,
+            "layout": self.layout,
+            "layer_overrides": {str(layer): {s: sr.to_dict() for s, sr in streams.items()}
+                                for layer, streams in sorted(self.layer_overrides.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        """Inverse of :meth:`to_dict`; omitted fields take their defaults, unknown ones raise."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a recipe must be a JSON object, got {type(data).__name__}")
+        _known_keys(cls, data, "recipe")
+        kwargs = dict(data)
+        for field in ("k", "v", "boundary_k", "boundary_v"):
+            if field in kwargs:
+                kwargs[field] = StreamRecipe.from_dict(kwargs[field], field)
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        """Pretty JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        """Write the recipe as JSON to ``path``."""
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "recipe") -> Recipe:
+        """Parse JSON text; malformed JSON raises :class:`ConfigError` naming ``source``."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source}: not valid JSON ({exc})") from None
+        return cls.from_dict(data)

@@ -1,0 +1,187 @@
+"""KakeyaCache inside real (tiny, random) Llama and Qwen3 models on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import kakeyaturbo as kt
+from kakeyaturbo.cache import KakeyaCache, KakeyaLayer
+from kakeyaturbo.engine import build_plans
+from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.recipes import Recipe, StreamRecipe
+
+SIZES = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}
+
+
+def tiny(arch: str, dtype: torch.dtype = torch.float32, **sizes: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    sizes = {**SIZES, **sizes}
+    model = LlamaForCausalLM(LlamaConfig(**sizes)) if arch == "llama" else Qwen3ForCausalLM(
+        Qwen3Config(**sizes, head_dim=16))
+    return model.eval().to(dtype)
+
+
+def generate(model, ids, cache, **kwargs):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, pad_token_id=0,
+                          max_new_tokens=kwargs.pop("max_new_tokens", 12), **kwargs)
+
+
+def prompt(batch=1, tokens=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, SIZES["vocab_size"], (batch, tokens), generator=g)
+
+
+FP8_16 = Recipe("fp8-16", StreamRecipe("fp8"), StreamRecipe("fp8"), chunk_tokens=16, sink_tokens=4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_exact_recipe_matches_dynamic_cache(arch):
+    model = tiny(arch)
+    ids = prompt(2)
+    ref = generate(model, ids, DynamicCache(config=model.config), do_sample=False)
+    cache = KakeyaCache(model.config, "exact")
+    assert torch.equal(generate(model, ids, cache, do_sample=False), ref)
+    report = cache.memory_report()
+    assert report["exact_layers"] == report["total"] > 0 and report["packed"] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("sample", [False, True])
+def test_fp8_generates_and_holds_fewer_bytes(arch, sample):
+    model = tiny(arch, torch.bfloat16)
+    cache = KakeyaCache(model.config, FP8_16)
+    torch.manual_seed(3)
+    out = generate(model, prompt(2, 40), cache, do_sample=sample, max_new_tokens=30)
+    assert out.shape == (2, 70)
+    report = cache.memory_report()
+    assert report["tokens"] == cache.get_seq_length() == 69
+    assert report["total"] < report["bf16_equivalent"] and report["ratio"] > 1
+    parts = ("packed", "hot_window", "sink", "exact_layers")
+    assert report["total"] == sum(report[p] for p in parts)
+    assert [entry["chunks"] for entry in report["layers"]] == [4, 4]  # 4 sink + 4 x 16 + 1 hot
+
+
+def test_long_prefill_reaches_the_nominal_ratio():
+    model = tiny("llama", torch.bfloat16, hidden_size=256)  # head dim 64
+    cache = KakeyaCache(model.config, "fp8")
+    with torch.no_grad():
+        model(prompt(1, 2048 + 40), cache=cache)
+    report = cache.memory_report()
+    d = model.config.head_dim
+    nominal = 16 / (8 + 16 / d)  # e4m3 + one f16 scale per vector
+    hot_share = report["hot_window"] / report["total"]
+    assert report["hot_window"] == 2 * 2 * 2 * 40 * d * 2  # layers x (K, V) x heads x tokens x D x bf16
+    chunks = [c for layer in cache.layers for c in layer.chunks]
+    payload = sum(c.k.payload_nbytes + c.v.payload_nbytes for c in chunks)
+    assert payload * nominal == report["bf16_equivalent"] * 2048 / 2088  # the codec's bytes are nominal
+    assert report["packed"] < payload * 1.03  # container headers, one per chunk and stream
+    assert report["ratio"] >= nominal * (1 - hot_share) / 1.03
+
+
+def test_every_token_encoded_once():
+    model = tiny("llama")
+    cache = KakeyaCache(model.config, FP8_16)
+    seen: list[int] = []
+    codec = cache.plans[0].k_codec  # shared by both layers
+    original = codec.encode
+    codec.encode = lambda x: seen.append(x.shape[0] * x.shape[2] * x.shape[3]) or original(x)
+    generate(model, prompt(1, 40), cache, do_sample=False, max_new_tokens=40)
+    # per layer: the 36 post-sink prompt tokens give 2 chunks, generation 2 more; one call per chunk
+    assert len(seen) == 2 * 4
+    assert sum(seen) == 2 * 4 * 16
+    assert cache.get_seq_length() == 79 and len(cache.layers[0].chunks) == 4
+
+
+@pytest.mark.parametrize(("arch", "module"), [("llama", "k_proj"), ("qwen3", "k_norm")])
+def test_pre_rope_keys_are_k_proj_outputs(arch, module):
+    model = tiny(arch)
+    captured = []
+    attn = model.model.layers[1].self_attn
+    hook = getattr(attn, module).register_forward_hook(lambda m, i, o: captured.append(o))
+    recipe = Recipe("k", StreamRecipe("identity"), StreamRecipe("fp8"), chunk_tokens=32)
+    cache = KakeyaCache(model.config, recipe)
+    with torch.no_grad():
+        model(prompt(1, 32), cache=cache)
+    hook.remove()
+    k_pre = captured[0].reshape(1, 32, 2, 16).transpose(1, 2)  # Qwen3: after k_norm, before RoPE
+    layer = cache.layers[1]
+    stored, _ = layer.plan.decode(layer.chunks[0])
+    assert float((stored - k_pre).norm() / k_pre.norm()) < 5e-3  # identity = bf16 storage
+    post, _ = layer._full()
+    assert float((post - k_pre).norm() / k_pre.norm()) > 0.1  # RoPE is really undone
+
+
+def layer_and_data(tokens=100, seed=0):
+    plan = build_plans(FP8_16, 1, 2, 16)[0]
+    g = torch.Generator().manual_seed(seed)
+    return KakeyaLayer(plan, sink_tokens=4), torch.randn(1, 2, tokens, 16, generator=g), torch.randn(
+        1, 2, tokens, 16, generator=g)
+
+
+@pytest.mark.parametrize("remove", [-3, -30, -98, -100, -150])
+def test_crop(remove):
+    layer, k, v = layer_and_data()
+    full_k, full_v = layer.update(k, v)
+    layer.crop(remove)
+    keep = max(0, 100 + remove)
+    assert layer.get_seq_length() == keep
+    assert len(layer.chunks) == max(0, keep - 4) // 16 and layer.hot_k.shape[-2] == max(0, keep - 4) % 16
+    k2, v2 = layer.update(k[..., :1, :], v[..., :1, :])
+    assert torch.equal(k2[..., :keep, :], full_k[..., :keep, :])
+    assert torch.equal(v2[..., :keep, :], full_v[..., :keep, :])
+    assert torch.equal(k2[..., keep:, :], k[..., :1, :]) and k2.shape[-2] == keep + 1
+
+
+def test_crop_positive_and_layer_sizes():
+    layer, k, v = layer_and_data()
+    with pytest.raises(ConfigError, match="negative"):
+        layer.crop(3)
+    layer.update(k, v)
+    assert layer.get_mask_sizes(5) == (105, 0) and layer.get_max_length() == -1
+
+
+def test_reset_and_reuse():
+    model = tiny("llama")
+    cache = KakeyaCache(model.config, FP8_16)
+    first = generate(model, prompt(), cache, do_sample=False)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.memory_report()["total"] == 0
+    assert torch.equal(generate(model, prompt(), cache, do_sample=False), first)
+
+
+def test_batch_reindexing_only_before_encoding():
+    layer, k, v = layer_and_data(tokens=24)
+    layer.update(k[..., :3, :].expand(2, -1, -1, -1), v[..., :3, :].expand(2, -1, -1, -1))
+    layer.batch_select_indices(torch.tensor([1]))
+    layer.update(k[..., :20, :], v[..., :20, :])
+    assert len(layer.chunks) == 1
+    with pytest.raises(ConfigError, match="reorder_cache"):
+        layer.reorder_cache(torch.tensor([0]))
+
+
+def test_constructor_errors_and_from_model():
+    model = tiny("llama")
+    with pytest.raises(ConfigError, match="kakeya calibrate"):
+        KakeyaCache(model.config, Recipe("w", StreamRecipe("fp8", whiten="sigma_q")))
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        KakeyaCache(model.config, "nope")
+    a = generate(model, prompt(), KakeyaCache(model.config, FP8_16), do_sample=False)
+    assert torch.equal(generate(model, prompt(), KakeyaCache.from_model(model, FP8_16), do_sample=False), a)
+    assert isinstance(kt.KakeyaCache(model.config, "fp8"), KakeyaCache)
+
+
+def test_whitened_keys_with_a_calibration():
+    from tests.test_engine import FakeCalibration
+
+    model = tiny("llama")
+    recipe = Recipe("w", StreamRecipe("identity", whiten="sigma_q"), StreamRecipe("identity"),
+                    chunk_tokens=16)
+    cache = KakeyaCache(model.config, recipe, calibration=FakeCalibration(skip={0: "sink layer"}))
+    assert cache.plans[0].whitening is None and cache.plans[1].whitening is not None
+    ref = generate(model, prompt(), DynamicCache(config=model.config), do_sample=False)
+    assert torch.equal(generate(model, prompt(), cache, do_sample=False), ref)  # bf16 storage: tokens hold
+    report = cache.memory_report()
+    assert report["model_side"] == cache.plans[1].whitening.nbytes and report["packed"] > 0

@@ -1,0 +1,195 @@
+"""The engine: recipe + calibration + model facts -> per-layer plans that encode/decode token spans."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kakeyaturbo import codecs
+from kakeyaturbo.codecs.base import Codec, CodecConfig, check_codebook, check_int, expect_field
+from kakeyaturbo.engine import build_plans
+from kakeyaturbo.errors import ConfigError, ShapeError
+from kakeyaturbo.recipes import Recipe, StreamRecipe
+from tests.transforms.test_whitening import spd_whitening
+
+N_KV, D = 2, 16
+
+
+@dataclasses.dataclass(frozen=True)
+class TableConfig(CodecConfig):
+    """A scalar codebook quantiser with a per-vector scale (a test stand-in for table codecs)."""
+
+    bits: int = 2
+    codebook: tuple[float, ...] | None = None
+
+    def validate(self) -> None:
+        check_int("bits", self.bits, 1, 4)
+        check_codebook("codebook", self.codebook, self.bits)
+
+
+class TableCodec(Codec):
+    name = "test-table"
+    config_class = TableConfig
+
+    def table(self) -> torch.Tensor:
+        levels = self.config.codebook or torch.linspace(-1, 1, 2**self.config.bits).tolist()
+        return torch.tensor(levels)
+
+    def _encode(self, x):
+        scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-8)
+        codes = ((x / scale).unsqueeze(-1) - self.table().to(x.device)).abs().argmin(-1)
+        return {"codes": codes.to(torch.uint8), "scale": scale.squeeze(-1).half()}
+
+    def _decode(self, fields, s, n, d):
+        codes = expect_field(fields, "codes", torch.uint8, (s, n, d))
+        scale = expect_field(fields, "scale", torch.float16, (s, n))
+        return self.table().to(codes.device)[codes.long()] * scale.float().unsqueeze(-1)
+
+
+@pytest.fixture
+def table_codec(monkeypatch):
+    monkeypatch.setitem(codecs._REGISTRY, "test-table", "tests.test_engine:TableCodec")
+
+
+class FakeCalibration:
+    def __init__(self, skip: dict[int, str] | None = None, tables: dict | None = None,
+                 ranking: list[int] | None = None) -> None:
+        self.whitenings = {layer: spd_whitening(N_KV, D, seed=layer)[0] for layer in range(4)}
+        self.skipped_whitening = skip or {}
+        self.tables = tables or {}
+        self.boundary_ranking = ranking or []
+
+    def whitening(self, layer):
+        if layer in self.skipped_whitening:
+            return None
+        w = self.whitenings[layer]
+        return w.L, w.L_inv
+
+    def table(self, stream, bits):
+        return self.tables.get((stream, bits))
+
+
+def kv(batch=2, tokens=32, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch, N_KV, tokens, D, generator=g).to(dtype)
+    return k, torch.randn(batch, N_KV, tokens, D, generator=g).to(dtype)
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_plans_boundary_overrides_and_exact():
+    recipe = Recipe("r", StreamRecipe("fp8"), StreamRecipe("fp8"), boundary_layers=(0, -1),
+                    layer_overrides={2: {"v": {"codec": "identity"}}, -1: {"k": {"codec": "fp8"}}})
+    plans = build_plans(recipe, 5, N_KV, D)
+    assert [p.layer for p in plans] == list(range(5))
+    assert [p.exact for p in plans] == [True, False, False, False, False]
+    assert plans[2].v_codec.name == "identity" and plans[2].k_codec.name == "fp8"
+    assert plans[4].k_codec.name == "fp8" and plans[4].v_codec.name == "identity"
+    assert plans[1].k_codec is plans[3].k_codec  # one instance per distinct stream recipe
+
+
+@pytest.mark.parametrize("layout", ["head", "token_major"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_decode_roundtrip(layout, dtype):
+    plan = build_plans(Recipe("r", StreamRecipe("identity"), StreamRecipe("fp8"), chunk_tokens=8,
+                              layout=layout), 1, N_KV, D)[0]
+    k, v = kv(dtype=dtype)
+    chunk = plan.encode(k, v)
+    assert chunk.tokens == 32 and chunk.nbytes == len(chunk.k.to_bytes()) + len(chunk.v.to_bytes())
+    k_hat, v_hat = plan.decode(chunk)
+    assert k_hat.dtype == dtype and v_hat.shape == v.shape
+    assert rel(k_hat, k) < 4e-3 and rel(v_hat, v) < 0.1
+
+
+def test_layouts_as_the_codec_sees_them():
+    k, v = kv(tokens=16)
+    for layout, shape in (("head", (2, N_KV, 2, 8, D)), ("token_major", (2, 2, 8 * N_KV, D))):
+        plan = build_plans(Recipe("r", StreamRecipe("identity"), StreamRecipe("fp8"), chunk_tokens=8,
+                                  layout=layout), 1, N_KV, D)[0]
+        enc = plan.encode(k, v).k
+        assert enc.shape == shape
+    rows = enc.fields["values"].float().reshape(shape)  # [B, chunk, t * n_kv + h, D]
+    assert torch.allclose(rows[1, 1, 3 * N_KV + 1], k[1, 1, 8 + 3].bfloat16().float())
+
+
+def test_span_equals_chunk_by_chunk():
+    plan = build_plans(Recipe("r", StreamRecipe("fp8"), StreamRecipe("fp8"), chunk_tokens=8), 1, N_KV, D)[0]
+    k, v = kv(tokens=24)
+    whole = plan.decode(plan.encode(k, v))
+    parts = [plan.decode(plan.encode(k[:, :, i:i + 8], v[:, :, i:i + 8])) for i in range(0, 24, 8)]
+    assert torch.equal(whole[0], torch.cat([p[0] for p in parts], dim=2))
+    assert torch.equal(whole[1], torch.cat([p[1] for p in parts], dim=2))
+
+
+def test_whitening_applied_and_skipped():
+    cal = FakeCalibration(skip={1: "attention sink"})
+    recipe = Recipe("r", StreamRecipe("identity", whiten="sigma_q"), StreamRecipe("fp8"), chunk_tokens=8)
+    plans = build_plans(recipe, 2, N_KV, D, calibration=cal)
+    assert plans[0].whitening is not None and not plans[0].exact
+    assert plans[1].whitening is None and plans[1].whitening_skipped == "attention sink"
+    assert plans[0].side_nbytes == plans[0].whitening.nbytes
+    k, v = kv(tokens=8)
+    chunk = plans[0].encode(k, v)
+    stored = chunk.k.fields["values"].float().reshape(2, N_KV, 8, D)
+    assert rel(stored, torch.einsum("bhtd,hde->bhte", k, cal.whitenings[0].L)) < 4e-3
+    assert rel(plans[0].decode(chunk)[0], k) < 1e-2
+
+
+def test_calibrated_table_substituted(table_codec):
+    table = (-1.5, -0.5, 0.5, 1.5)
+    cal = FakeCalibration(tables={("k", 2): table})
+    recipe = Recipe("r", StreamRecipe("test-table", {"bits": 2}, calibrated_table=True), StreamRecipe("fp8"))
+    plan = build_plans(recipe, 1, N_KV, D, calibration=cal)[0]
+    assert plan.k_codec.config.codebook == table
+    with pytest.raises(ConfigError, match="no K table for 3 bits"):
+        build_plans(Recipe("r", StreamRecipe("test-table", {"bits": 3}, calibrated_table=True)), 1, N_KV, D,
+                    calibration=cal)
+    with pytest.raises(ConfigError, match="no bits/codebook"):
+        build_plans(Recipe("r", StreamRecipe("fp8", calibrated_table=True)), 1, N_KV, D, calibration=cal)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        Recipe("w", StreamRecipe("fp8", whiten="sigma_q")),
+        Recipe("t", v=StreamRecipe("fp8", calibrated_table=True)),
+        Recipe("b", StreamRecipe("fp8"), boundary_top=2),
+    ],
+)
+def test_calibration_required(recipe):
+    with pytest.raises(ConfigError, match="kakeya calibrate"):
+        build_plans(recipe, 3, N_KV, D)
+
+
+def test_boundary_top_from_ranking():
+    cal = FakeCalibration(ranking=[2, 0, 1])
+    plans = build_plans(Recipe("r", StreamRecipe("fp8"), boundary_top=2), 4, N_KV, D, calibration=cal)
+    assert [p.exact for p in plans] == [True, False, True, False]
+    with pytest.raises(ConfigError, match="ranks only 3"):
+        build_plans(Recipe("r", StreamRecipe("fp8"), boundary_top=4), 4, N_KV, D, calibration=cal)
+
+
+def test_bad_arguments():
+    recipe = Recipe("r", StreamRecipe("fp8"), chunk_tokens=8)
+    with pytest.raises(ConfigError, match="boundary_layers: layer 7"):
+        build_plans(Recipe("r", boundary_layers=(7,)), 4, N_KV, D)
+    with pytest.raises(ConfigError, match="n_kv_heads"):
+        build_plans(recipe, 4, 0, D)
+    with pytest.raises(ConfigError, match="K stream, codec 'fp8'.*unknown field"):
+        build_plans(Recipe("r", StreamRecipe("fp8", {"bits": 4})), 1, N_KV, D)
+    with pytest.raises(ConfigError, match="calibrated on another model"):
+        build_plans(Recipe("r", StreamRecipe("fp8", whiten="sigma_q")), 1, N_KV + 1, D,
+                    calibration=FakeCalibration())
+    plan = build_plans(recipe, 1, N_KV, D)[0]
+    k, v = kv(tokens=12)
+    with pytest.raises(ShapeError, match="multiple of chunk_tokens=8"):
+        plan.encode(k, v)
+    k, v = kv(tokens=8)
+    with pytest.raises(ShapeError, match="n_kv=2"):
+        plan.encode(k[:, :1], v[:, :1])
+    with pytest.raises(ShapeError, match="differ"):
+        plan.encode(k, v[:1])
