@@ -87,7 +87,7 @@ def test_every_token_encoded_once():
     seen: list[int] = []
     codec = cache.plans[0].k_codec  # shared by both layers
     original = codec.encode
-    codec.encode = lambda x: seen.append(x.shape[0] * x.shape[2] * x.shape[3]) or original(x)
+    codec.encode = lambda x: seen.append(x.shape[0] * x.shape[1] * x.shape[3]) or original(x)  # [B, chunks, n_kv, C, D]
     generate(model, prompt(1, 40), cache, do_sample=False, max_new_tokens=40)
     # per layer: the 36 post-sink prompt tokens give 2 chunks, generation 2 more; one call per chunk
     assert len(seen) == 2 * 4
@@ -110,7 +110,7 @@ def test_pre_rope_keys_are_k_proj_outputs(arch, module):
     layer = cache.layers[1]
     stored, _ = layer.plan.decode(layer.chunks[0])
     assert float((stored - k_pre).norm() / k_pre.norm()) < 5e-3  # identity = bf16 storage
-    post, _ = layer._full()
+    post, _ = layer.full()
     assert float((post - k_pre).norm() / k_pre.norm()) > 0.1  # RoPE is really undone
 
 
@@ -124,7 +124,8 @@ def layer_and_data(tokens=100, seed=0):
 @pytest.mark.parametrize("remove", [-3, -30, -98, -100, -150])
 def test_crop(remove):
     layer, k, v = layer_and_data()
-    full_k, full_v = layer.update(k, v)
+    layer.update(k, v)
+    full_k, full_v = layer.full()  # what is stored (update itself returns its own tokens exact)
     layer.crop(remove)
     keep = max(0, 100 + remove)
     assert layer.get_seq_length() == keep

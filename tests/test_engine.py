@@ -61,7 +61,7 @@ class FakeCalibration:
         self.tables = tables or {}
         self.boundary_ranking = ranking or []
 
-    def whitening(self, layer):
+    def whitening(self, layer, mode="sigma_q"):
         if layer in self.skipped_whitening:
             return None
         w = self.whitenings[layer]

@@ -16,7 +16,10 @@ Exact layers (both streams ``identity`` without whitening, e.g. boundary layers)
 received, like ``DynamicLayer``.
 
 Every ``update`` returns the full K/V for attention: decoded chunks (in float32, RoPE re-applied)
-and exact parts, cast to the model's dtype. Those decoded tensors are transient; what the cache
+and exact parts, cast to the model's dtype, with the update's own new tokens exact: a forward pass
+attends to the keys it has just computed as they are (so a prefill is exact), and the chunks those
+tokens complete are encoded right after. Feeding tokens one by one or in groups that end on chunk
+boundaries therefore gives the same attention inputs. Those decoded tensors are transient; what the cache
 holds between steps is only what :meth:`KakeyaCache.memory_report` counts.
 
 Supported: batch size >= 1, greedy/sampled ``generate``, ``crop`` (negative counts), ``reset``.
@@ -124,8 +127,9 @@ class KakeyaLayer(CacheLayerMixin):
         self.hot_k = torch.cat([self.hot_k, key_states[..., skip:, :]], dim=-2)
         self.hot_v = torch.cat([self.hot_v, value_states[..., skip:, :]], dim=-2)
         self.length += key_states.shape[-2]
+        out = self.full()
         self._flush()
-        return self._full()
+        return out
 
     def _flush(self) -> None:
         """Encode every whole chunk of the hot window, one :class:`StoredChunk` per chunk."""
@@ -150,7 +154,9 @@ class KakeyaLayer(CacheLayerMixin):
             k = self.rope.apply(k, _positions(start, chunk.tokens))
         return k.to(self.dtype), v.to(self.dtype)
 
-    def _full(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything held, for attention: ``(keys, values)`` each ``[B, n_kv, length, D]``, post-RoPE,
+        model dtype (stored chunks decoded, exact parts as they are)."""
         keys, values = [self.sink_k], [self.sink_v]
         if self.chunks:
             decoded = [self.plan.decode(c) for c in self.chunks]

@@ -9,7 +9,9 @@ with the chunk as an extra leading (stream) axis, so a chunk never shares codec 
 bases, group scales) with its neighbours and a span encoded in one call equals its chunks encoded
 one by one. Layouts of a chunk ``[B, n_kv, C, D]`` as the codec sees it:
 
-* ``"head"``: one stream per (sequence, KV head, chunk): ``[B, n_kv, n_chunks, C, D]``.
+* ``"head"``: one stream per (sequence, chunk, KV head): ``[B, n_chunks, n_kv, C, D]`` (the KV
+  head is the innermost stream axis, so codecs with per-head calibrated transforms, such as
+  ``kakeya-v2``, find head ``h`` at stream index ``s % n_kv``).
 * ``"token_major"``: one stream per (sequence, chunk), rows token-major with the KV heads
   interleaved (row ``t * n_kv + h``), as the seed's PPL harness: ``[B, n_chunks, C * n_kv, D]``.
 """
@@ -43,8 +45,12 @@ class CalibrationLike(Protocol):
     boundary_ranking: list[int]
     skipped_whitening: dict[int, str]
 
-    def whitening(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(L, L_inv)`` each ``[n_kv, D, D]`` for ``layer``, or None when whitening is skipped there."""
+    def whitening(self, layer: int, mode: str = "sigma_q") -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(L, L_inv)`` each ``[n_kv, D, D]`` for ``layer`` and mode ("sigma_q" or "lag"), or None
+        when whitening is skipped there."""
+
+    def v2_tensors(self, layer: int, stream: str, bits: float) -> dict[str, torch.Tensor]:
+        """The ``kakeya-v2`` transforms of one (layer, stream) at a bit budget."""
 
     def table(self, stream: str, bits: int) -> tuple[float, ...] | None:
         """The calibrated Lloyd–Max table (``2**bits`` increasing floats) of stream ``"k"``/``"v"``."""
@@ -119,13 +125,13 @@ class LayerPlan:
         b, h, t, d = x.shape
         c = self.chunk_tokens
         if self.layout == "head":
-            return x.reshape(b, h, t // c, c, d)
+            return x.reshape(b, h, t // c, c, d).transpose(1, 2)
         return x.reshape(b, h, t // c, c, d).permute(0, 2, 3, 1, 4).reshape(b, t // c, c * h, d)
 
     def _from_rows(self, y: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
         h, d, c = self.n_kv_heads, self.head_dim, self.chunk_tokens
         if self.layout == "head":
-            return y.reshape(batch, h, tokens, d)
+            return y.reshape(batch, tokens // c, h, c, d).transpose(1, 2).reshape(batch, h, tokens, d)
         return y.reshape(batch, tokens // c, c, h, d).permute(0, 3, 1, 2, 4).reshape(batch, h, tokens, d)
 
     def encode(self, k_pre: torch.Tensor, v: torch.Tensor) -> StoredChunk:
@@ -213,10 +219,10 @@ class _CodecFactory:
 
 
 def _whitening(layer: int, n_kv: int, d: int, calibration: CalibrationLike | None,
-               recipe: Recipe) -> tuple[Whitening | None, str | None]:
+               recipe: Recipe, mode: str) -> tuple[Whitening | None, str | None]:
     if calibration is None:
         raise ConfigError(f"recipe {recipe.name!r} whitens K; {CALIBRATE_HINT}")
-    mats = calibration.whitening(layer)
+    mats = calibration.whitening(layer, mode)
     if mats is None:
         return None, calibration.skipped_whitening.get(layer, "skipped by the calibration")
     w = Whitening(*mats)
@@ -250,7 +256,7 @@ def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
         k_sr = overrides.get(layer, {}).get("k", k_sr)
         v_sr = overrides.get(layer, {}).get("v", v_sr)
         whitening, skipped = (None, None) if k_sr.whiten == "none" else _whitening(
-            layer, n_kv_heads, head_dim, calibration, recipe)
+            layer, n_kv_heads, head_dim, calibration, recipe, k_sr.whiten)
         plans.append(LayerPlan(layer, factory.get(k_sr, "k"), factory.get(v_sr, "v"), whitening,
                                k_sr.is_exact and v_sr.is_exact, recipe.layout, n_kv_heads, head_dim,
                                recipe.chunk_tokens, skipped))

@@ -19,6 +19,8 @@ from kakeyaturbo.errors import ConfigError
 Whiten = Literal["none", "sigma_q", "lag"]
 Layout = Literal["head", "token_major"]
 WHITEN_CHOICES: tuple[str, ...] = ("none", "sigma_q", "lag")
+CALIBRATED_CODECS: tuple[str, ...] = ("kakeya-v2",)
+"""Codecs whose per-model transforms come from the calibration bundle."""
 LAYOUT_CHOICES: tuple[str, ...] = ("head", "token_major")
 
 
@@ -67,7 +69,7 @@ class StreamRecipe:
     @property
     def needs_calibration(self) -> bool:
         """True when building this stream needs a calibration bundle."""
-        return self.whiten != "none" or self.calibrated_table
+        return self.whiten != "none" or self.calibrated_table or self.codec in CALIBRATED_CODECS
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible dict."""
@@ -180,6 +182,11 @@ class Recipe:
                     raise ConfigError(f"{where}.whiten must be 'none': whitening applies to keys only")
             out[layer] = parsed
         return out
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when some stream needs a calibration bundle (or boundary layers come from its ranking)."""
+        return self.boundary_top > 0 or any(sr.needs_calibration for sr in self.streams)
 
     @property
     def streams(self) -> list[StreamRecipe]:
