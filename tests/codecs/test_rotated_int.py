@@ -82,7 +82,9 @@ def test_group_must_divide_width_without_rotation():
         RotatedIntCodec(bits=4, rotate=False).encode(torch.randn(3, 48))
 
 
-@pytest.mark.parametrize(("field", "value"), [("bits", 5), ("group_size", 0), ("symmetric", "yes"), ("seed", -1)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("bits", 5), ("group_size", 0), ("symmetric", "yes"), ("seed", -1)]
+)
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(kt.ConfigError, match=field):
         RotatedIntCodec(**{field: value})
