@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import kakeyaturbo as kt
-from kakeyaturbo.codecs.besicovitch import BesicovitchCodec, direction_codebook
+from kakeyaturbo.codecs.besicovitch import BesicovitchCodec, BesicovitchConfig, direction_codebook
 
 
 @pytest.mark.parametrize("g", range(2, 9))
@@ -99,3 +102,13 @@ def test_riemann_scale_count_must_match_the_groups():
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(kt.ConfigError, match=field):
         BesicovitchCodec(**kwargs)
+
+
+@given(
+    st.integers(2, 8),
+    st.integers(1, 8),
+    st.none() | st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=8).map(tuple),
+)
+def test_config_survives_the_json_header(g, db, scales):
+    cfg = BesicovitchConfig(group_size=g, direction_bits=db, magnitude_scales=scales)
+    assert BesicovitchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
