@@ -9,7 +9,7 @@ import torch
 
 from kakeyaturbo.errors import ShapeError
 from kakeyaturbo.models.arch import decoder_layers, facts
-from kakeyaturbo.models.capture import LayerCapture, capture
+from kakeyaturbo.models.capture import LayerCapture, capture, captured_kv_for_bench
 from kakeyaturbo.transforms.rope import Rope
 from tests.models.tiny_models import FAMILIES, tiny_model
 
@@ -102,4 +102,28 @@ def test_default_model(default_model: tuple[Any, Any]) -> None:
     ids = tokenizer(text, return_tensors="pt").input_ids
     caps = capture(model, ids)
     assert len(caps) == 30 and caps[0].q_pre.shape == (3, 3, ids.shape[1], 64)
+    _check_against_model(model, ids, caps)
+
+
+@pytest.mark.model
+def test_captured_kv_for_bench() -> None:
+    k, v = captured_kv_for_bench(tokens=32)
+    assert k.shape == v.shape == (30 * 3, 32, 64) and k.dtype == torch.float32
+    assert torch.isfinite(k).all() and torch.isfinite(v).all() and k.std() > 0
+
+
+def test_gemma3_multimodal_checkpoint_uses_its_text_decoder() -> None:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision,
+                                                        mm_tokens_per_image=4)).eval()
+    ids = torch.randint(0, 200, (1, 7), generator=torch.Generator().manual_seed(4))
+    caps = capture(model, ids)
+    assert [c.layer_type for c in caps] == ["sliding_attention", "full_attention"]
     _check_against_model(model, ids, caps)

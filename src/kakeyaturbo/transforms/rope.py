@@ -56,13 +56,14 @@ class Rope:
 
     @classmethod
     def from_model(cls, model: nn.Module, layer_idx: int = 0) -> Rope:
-        """RoPE of decoder layer ``layer_idx`` of a Hugging Face causal LM."""
-        base = getattr(model, "model", model)
+        """RoPE of decoder layer ``layer_idx`` of a Hugging Face causal LM (for multimodal models
+        such as Gemma 3, of its text decoder)."""
+        base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
         rotary = getattr(base, "rotary_emb", None)
         if rotary is None:
             arch = type(model).__name__
             raise ConfigError(f"{arch}: no rotary_emb module found; this architecture is not supported")
-        layer_types = getattr(model.config, "layer_types", None)
+        layer_types = getattr(getattr(base, "config", model.config), "layer_types", None)
         layer_type = layer_types[layer_idx] if layer_types else None
         return cls(rotary, "half", layer_type)
 
