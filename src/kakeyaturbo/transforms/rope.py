@@ -56,26 +56,33 @@ class Rope:
 
     @classmethod
     def from_model(cls, model: nn.Module, layer_idx: int = 0) -> Rope:
-        """RoPE of decoder layer ``layer_idx`` of a Hugging Face causal LM."""
-        base = getattr(model, "model", model)
+        """RoPE of decoder layer ``layer_idx`` of a Hugging Face causal LM (for multimodal models
+        such as Gemma 3, of its text decoder)."""
+        base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
         rotary = getattr(base, "rotary_emb", None)
         if rotary is None:
             arch = type(model).__name__
             raise ConfigError(f"{arch}: no rotary_emb module found; this architecture is not supported")
-        layer_types = getattr(model.config, "layer_types", None)
+        layer_types = getattr(getattr(base, "config", model.config), "layer_types", None)
         layer_type = layer_types[layer_idx] if layer_types else None
         return cls(rotary, "half", layer_type)
 
     @torch.no_grad()
     def cos_sin(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for ``positions [n]`` (int64): float32 ``(cos, sin)`` each ``[n, r]``."""
+        """Tables for ``positions [n]`` (int64): float32 ``(cos, sin)`` each ``[n, r]``, laid out for
+        this style (the rotary module's tables repeat the ``r/2`` frequencies as two halves; the
+        interleaved style needs each frequency on two adjacent channels)."""
         pos = positions.reshape(1, -1).to(like.device)
         probe = like.new_zeros(1, 1, dtype=torch.float32)
         if self._takes_layer_type:
             cos, sin = self.rotary_emb(probe, pos, self.layer_type)
         else:
             cos, sin = self.rotary_emb(probe, pos)
-        return cos[0].float(), sin[0].float()
+        cos, sin = cos[0].float(), sin[0].float()
+        if self.style == "interleaved":
+            half = cos.shape[-1] // 2
+            cos, sin = cos[:, :half].repeat_interleave(2, -1), sin[:, :half].repeat_interleave(2, -1)
+        return cos, sin
 
     def _split(self, x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         if r > x.shape[-1] or r % 2:
