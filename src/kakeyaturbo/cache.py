@@ -286,7 +286,7 @@ class KakeyaCache(Cache):
     Example::
 
         cache = KakeyaCache(model.config, "fp8")
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        out = model.generate(**inputs, cache=cache, max_new_tokens=64)
         cache.memory_report()["ratio"]
     """
 
@@ -315,6 +315,23 @@ class KakeyaCache(Cache):
                    calibration: CalibrationLike | None = None) -> KakeyaCache:
         """A cache for ``model``, with RoPE taken from the model's own rotary module."""
         return cls(model.config, recipe, calibration, rope=lambda layer: Rope.from_model(model, layer))
+
+    def ingest(self, reference: Cache) -> KakeyaCache:
+        """Store the content of an exact cache (e.g. a prefill's ``DynamicCache``) as attention would
+        during that prefill: every layer's post-RoPE K and V pass through :meth:`update`."""
+        for idx, layer in enumerate(reference.layers):
+            self.update(layer.keys, layer.values, idx)
+        return self
+
+    def to_dynamic(self) -> Cache:
+        """A plain ``DynamicCache`` holding what this cache would hand attention now (decoded chunks,
+        RoPE re-applied): the snapshot-mode view. The copy is transient float storage."""
+        from transformers import DynamicCache
+
+        out = DynamicCache()
+        for idx, layer in enumerate(self.layers):
+            out.update(*layer.full(), idx)
+        return out
 
     def memory_report(self) -> dict[str, Any]:
         """Bytes held now.

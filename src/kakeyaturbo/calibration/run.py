@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
 
 from kakeyaturbo import __version__, codecs
 from kakeyaturbo.calibration.bundle import Calibration, config_hash
@@ -28,6 +27,7 @@ from kakeyaturbo.calibration.metric import (
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.models.arch import facts
 from kakeyaturbo.models.capture import capture
+from kakeyaturbo.models.forward import logits, prefill
 from kakeyaturbo.models.text import Corpus, token_windows
 from kakeyaturbo.ops import lloyd_max
 from kakeyaturbo.transforms.rope import Rope
@@ -195,21 +195,15 @@ def _sensitivity(model: Any, ids: torch.Tensor, settings: CalibrationSettings, f
 
     ctx, n = settings.sensitivity_ctx, settings.sensitivity_eval
     prefix, cont = ids[:1, :ctx], ids[:1, ctx : ctx + n]
-    reference = DynamicCache()
-    model(input_ids=prefix, past_key_values=reference, use_cache=True)
-    ref = model(input_ids=cont, past_key_values=copy.deepcopy(reference)).logits[0].float().log_softmax(-1)
+    reference = prefill(model, prefix)
+    ref = logits(model, cont, copy.deepcopy(reference)).log_softmax(-1)
     probe = StreamRecipe(codec="kakeya", config={"bits": settings.probe_bits, "block_size": 64})
     out = {}
     for layer in tqdm(full, desc="calibrate: layer sensitivity", unit="layer"):
         recipe = Recipe(name=f"probe-{layer}", k=StreamRecipe(), v=StreamRecipe(), chunk_tokens=64,
                         layer_overrides={layer: {"k": probe, "v": probe}})
-        cache = KakeyaCache(model.config, recipe, rope=lambda i: Rope.from_model(model, i))
-        for i, lyr in enumerate(reference.layers):
-            cache.update(lyr.keys, lyr.values, i)
-        plain = DynamicCache()
-        for i, lyr in enumerate(cache.layers):
-            plain.update(*lyr.full(), i)
-        alt = model(input_ids=cont, past_key_values=plain).logits[0].float().log_softmax(-1)
+        cache = KakeyaCache.from_model(model, recipe).ingest(reference)
+        alt = logits(model, cont, cache.to_dynamic()).log_softmax(-1)
         out[layer] = float((ref.exp() * (ref - alt)).sum(-1).mean())
     return out
 

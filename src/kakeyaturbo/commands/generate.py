@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     cache = KakeyaCache.from_model(model, recipe, calibration)
     torch.manual_seed(args.seed)
     with torch.no_grad():
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens,
+        out = model.generate(**inputs, cache=cache, max_new_tokens=args.max_new_tokens,
                              do_sample=args.sample, temperature=0.7 if args.sample else None, top_p=None, top_k=None)
     new = out[0, inputs["input_ids"].shape[1]:]
     completion = tokenizer.decode(new, skip_special_tokens=True)

@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
 
 from kakeyaturbo.cache import KakeyaCache
 from kakeyaturbo.engine import CalibrationLike
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.evaluation.metrics import TokenMetrics, summarize, token_metrics
 from kakeyaturbo.evaluation.report import MODES, result_record
+from kakeyaturbo.models.forward import logits, prefill
 from kakeyaturbo.models.loading import load_model
 from kakeyaturbo.models.text import load_corpus, token_windows
 from kakeyaturbo.recipes import Recipe
@@ -106,28 +106,6 @@ def _groups(start: int, total: int, chunk: int, sink: int) -> list[tuple[int, in
     return out
 
 
-@torch.no_grad()
-def _forward(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
-    return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0].float()
-
-
-@torch.no_grad()
-def _ingest(cache: KakeyaCache, reference: DynamicCache) -> None:
-    """Hand the prefill K/V to ``cache`` exactly as attention does during a prefill."""
-    for idx, layer in enumerate(reference.layers):
-        cache.update(layer.keys, layer.values, idx)
-
-
-@torch.no_grad()
-def _snapshot(cache: KakeyaCache) -> DynamicCache:
-    """A plain cache holding the decoded content of ``cache`` (RoPE re-applied)."""
-    out = DynamicCache()
-    for idx, layer in enumerate(cache.layers):
-        k, v = layer.full()
-        out.update(k, v, idx)
-    return out
-
-
 def evaluate(
     settings: EvalSettings,
     recipes: list[Recipe],
@@ -156,31 +134,29 @@ def evaluate(
     for w in range(s.windows):
         prefix, cont = session.ids[w : w + 1, : s.ctx], session.ids[w : w + 1, s.ctx :]
         t0 = time.perf_counter()
-        reference = DynamicCache()
-        with torch.no_grad():
-            model(input_ids=prefix, past_key_values=reference, use_cache=True)
-        prefill = time.perf_counter() - t0
-        ref_logits = _forward(model, cont, copy.deepcopy(reference))
+        reference = prefill(model, prefix)
+        t_prefill = time.perf_counter() - t0
+        ref_logits = logits(model, cont, copy.deepcopy(reference))
         for r in recipes:
             cache = session.new_cache(r, calibration)
             t1 = time.perf_counter()
-            _ingest(cache, reference)
+            cache.ingest(reference)
             t2 = time.perf_counter()
             if s.mode == "snapshot":
                 report = cache.memory_report()
-                plain = _snapshot(cache)
+                plain = cache.to_dynamic()
                 t3 = time.perf_counter()
-                logits = _forward(model, cont, plain)
+                alt_logits = logits(model, cont, plain)
             else:
                 t3 = t2
                 groups = _groups(s.ctx, s.n_eval, r.chunk_tokens, r.sink_tokens)
-                logits = torch.cat([_forward(model, cont[:, a:b], cache) for a, b in groups])
+                alt_logits = torch.cat([logits(model, cont[:, a:b], cache) for a, b in groups])
                 report = cache.memory_report()
-            per[r.name].append(token_metrics(ref_logits[:-1], logits[:-1], cont[0, 1:]))
+            per[r.name].append(token_metrics(ref_logits[:-1], alt_logits[:-1], cont[0, 1:]))
             held[r.name][0] += report["total"]
             held[r.name][1] += report["bf16_equivalent"]
             held[r.name][2] = report["model_side"]
-            secs[r.name]["prefill"] += prefill
+            secs[r.name]["prefill"] += t_prefill
             secs[r.name]["encode"] += t2 - t1
             secs[r.name]["decode"] += t3 - t2
             bar.update()
