@@ -24,7 +24,9 @@ from kakeyaturbo.ops.bitalloc import water_fill
 S, D = 4, 32
 
 
-def synth(s: int, n: int, d: int, sample_seed: int, *, heavy: bool = True, values: bool = False) -> torch.Tensor:
+def synth(
+    s: int, n: int, d: int, sample_seed: int, *, heavy: bool = True, values: bool = False
+) -> torch.Tensor:
     """KV-like ``[s, n, d]``: fixed random basis and mean, spectrum 0.88**j, Student-t(4) coefficients
     (when ``heavy``), log-normal per-vector gains; ``sample_seed`` draws only the samples."""
     g = torch.Generator().manual_seed(99)
@@ -94,7 +96,8 @@ def test_deterministic(codec):
 def test_per_token_streaming(codec):
     x = _x("cpu", n=50)
     whole = codec.decode(codec.encode(x))
-    parts = torch.cat([codec.decode(codec.encode(x[..., :17, :])), codec.decode(codec.encode(x[..., 17:, :]))], -2)
+    head, tail = x[..., :17, :], x[..., 17:, :]
+    parts = torch.cat([codec.decode(codec.encode(head)), codec.decode(codec.encode(tail))], -2)
     assert torch.equal(whole, parts)
 
 
@@ -168,8 +171,9 @@ def test_codec_refuses_transforms_that_do_not_match_its_config(codec):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("bits", 0.0, "bits"), ("bits", 8.5, "bits"), ("stream", "q", "stream"), ("scale_bits", 9, "scale_bits"),
-    ("rotate_groups", 1, "rotate_groups"), ("seed", -1, "seed"), ("transforms_hash", "XYZ", "transforms_hash"),
+    ("bits", 0.0, "bits"), ("bits", 8.5, "bits"), ("stream", "q", "stream"),
+    ("scale_bits", 9, "scale_bits"), ("rotate_groups", 1, "rotate_groups"), ("seed", -1, "seed"),
+    ("transforms_hash", "XYZ", "transforms_hash"),
 ])
 def test_config_validation_names_the_field(field, value, match):
     with pytest.raises(kt.ConfigError, match=match):
@@ -237,6 +241,8 @@ def test_bad_transforms_tensors_raise_corrupt_data(codec):
         V2Transforms.from_tensors({**tensors, "bits": torch.full_like(tensors["bits"], 9)})
     with pytest.raises(kt.CorruptDataError, match="sigma"):
         V2Transforms.from_tensors({**tensors, "sigma": torch.zeros_like(tensors["sigma"])})
+    with pytest.raises(kt.CorruptDataError, match="empty"):
+        V2Transforms.from_tensors({**tensors, "basis_q": torch.zeros(0, 0, 0, dtype=torch.int8)})
     with pytest.raises(kt.CorruptDataError, match="lo < hi"):
         V2Transforms.from_tensors({**tensors, "log_gain": tensors["log_gain"].flip(1)})
 

@@ -106,7 +106,7 @@ class KakeyaV2Config(CodecConfig):
             raise ConfigError(f"transforms_hash must be '' or 16 lowercase hex digits, got {h!r}")
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(frozen=True, eq=False)
 class V2Transforms:
     """Calibrated per-stream transforms, as stored (their bytes are the codec's side data).
 
@@ -151,6 +151,8 @@ class V2Transforms:
         if not isinstance(self.basis_q, torch.Tensor) or self.basis_q.dim() != 3:
             raise CorruptDataError("transforms basis_q must be an int8 tensor [S, D, D]")
         s, d = self.basis_q.shape[0], self.basis_q.shape[-1]
+        if s == 0 or d == 0:
+            raise CorruptDataError(f"transforms basis_q has an empty shape {tuple(self.basis_q.shape)}")
         specs = {
             "basis_q": (torch.int8, (s, d, d)),
             "basis_scale": (torch.float16, (s, d)),
@@ -227,7 +229,7 @@ def _gain_values(q: torch.Tensor, log_gain: torch.Tensor, scale_bits: int) -> to
 
 
 def _quantize(z: torch.Tensor, widths: torch.Tensor, tables: Mapping[int, torch.Tensor]) -> torch.Tensor:
-    """Codes int64 ``[S, n, D]`` of ``z [S, n, D]``; component ``j`` of stream ``s`` uses ``tables[widths[s, j]]``."""
+    """Codes int64 ``[S, n, D]`` of ``z [S, n, D]``; component ``(s, j)`` uses ``tables[widths[s, j]]``."""
     s, n, d = z.shape
     codes = torch.zeros(z.shape, dtype=torch.int64, device=z.device)
     flat = z.reshape(s, n * d).contiguous()
@@ -238,7 +240,9 @@ def _quantize(z: torch.Tensor, widths: torch.Tensor, tables: Mapping[int, torch.
     return codes
 
 
-def _dequantize(codes: torch.Tensor, widths: torch.Tensor, tables: Mapping[int, torch.Tensor]) -> torch.Tensor:
+def _dequantize(
+    codes: torch.Tensor, widths: torch.Tensor, tables: Mapping[int, torch.Tensor]
+) -> torch.Tensor:
     """Inverse of :func:`_quantize`: float32 ``[S, n, D]`` (0 where the width is 0)."""
     s, n, d = codes.shape
     z = torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
@@ -278,7 +282,9 @@ def group_rotations(widths: torch.Tensor, seed: int) -> torch.Tensor:
     return rot
 
 
-def _fit_tables(z: torch.Tensor, widths: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+def _fit_tables(
+    z: torch.Tensor, widths: torch.Tensor, max_iter: int = 100, tol: float = 1e-5
+) -> torch.Tensor:
     """Lloyd–Max levels float32 ``[S, 510]`` fitted per (stream, width) to ``z [S, N, D]``.
 
     Each width's pooled samples are sorted once; every Lloyd step then finds the cell edges by
@@ -382,8 +388,8 @@ class KakeyaV2Codec(Codec):
         super().__init__(config, **overrides)
         cfg = self.config
         if transforms is None:
-            raise ConfigError("kakeya-v2 needs its calibrated transforms: pass transforms=fit_transforms(...) "
-                              "(or build it with KakeyaV2Codec.calibrate)")
+            raise ConfigError("kakeya-v2 needs its calibrated transforms: pass "
+                              "transforms=fit_transforms(...) (or build it with KakeyaV2Codec.calibrate)")
         found = transforms.fingerprint()
         if found != cfg.transforms_hash:
             raise ConfigError(f"transforms fingerprint {found!r} differs from config.transforms_hash "
@@ -392,7 +398,8 @@ class KakeyaV2Codec(Codec):
             raise ConfigError(f"config.fitted_tables={cfg.fitted_tables} but the transforms "
                               f"{'hold' if transforms.tables is not None else 'lack'} fitted tables")
         if cfg.stream == "v" and bool(transforms.mean.any()):
-            raise ConfigError("config.stream='v' but the transforms have a nonzero mean (calibrated for keys?)")
+            raise ConfigError("config.stream='v' but the transforms have a nonzero mean "
+                              "(calibrated for keys?)")
         budget = code_bits_per_vector(cfg.bits, cfg.scale_bits, transforms.dim)
         spent = transforms.bits.long().sum(1)
         if bool((spent != budget).any()):
