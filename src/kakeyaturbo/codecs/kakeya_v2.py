@@ -1,0 +1,472 @@
+"""`kakeya-v2`: calibrated static transform coding, per token, no per-block side data.
+
+Calibration (:func:`fit_transforms`, offline, once per model) gives each stream ``s`` (a
+(layer, KV head, K-or-V) stream; the ``S`` leading streams of the codec input):
+
+- an orthonormal basis ``B_s [D, D]`` (PCA of the centred covariance for keys, of the second
+  moment for values), optionally with a seeded random rotation mixed into every group of
+  components that got the same bit width;
+- a mean ``mu_s [D]`` (zero for values), per-component scales ``sigma_s [D]`` and integer bit
+  widths ``bits_s [D]`` (0..8) from reverse water-filling under the per-vector budget;
+- the range ``[lo_s, hi_s]`` of the per-vector log-gain, and optionally Lloyd–Max tables
+  fitted per (stream, bit width) to the normalised coefficients.
+
+Encoding one vector ``x [D]`` of stream ``s``::
+
+    c = B_s^{-1} (x - mu_s)                     coefficients
+    g = ||c|| / sqrt(D)                          gain, coded as q in [0, 2**scale_bits) on a log grid
+    z_j = c_j / (g_hat * sigma_j)                ~ unit variance
+    code_j = nearest level of the bits_j-bit table (N(0,1) Lloyd–Max or fitted)
+
+The payload is the variable-width packed codes (``sum(bits_s)`` bits per vector) plus the
+packed gain codes (``scale_bits`` per vector), nothing else, so a vector costs
+``round(bits * D)`` bits. The basis is stored int8 with one float16 scale per column; the
+decoder uses the dequantised basis and the encoder its exact inverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from kakeyaturbo.codecs.base import (
+    Codec,
+    CodecConfig,
+    check_choice,
+    check_float,
+    check_input,
+    check_int,
+    expect_field,
+    side_fingerprint,
+)
+from kakeyaturbo.container import Encoded
+from kakeyaturbo.errors import ConfigError, CorruptDataError, ShapeError
+from kakeyaturbo.ops.bitalloc import water_fill
+from kakeyaturbo.ops.hadamard import random_signs, wht
+from kakeyaturbo.ops.lloyd_max import gaussian_table
+from kakeyaturbo.ops.varpack import pack_varwidth, unpack_varwidth, varwidth_nbytes
+from kakeyaturbo.packing import narrow, pack_bits, packed_nbytes, unpack_bits
+
+MAX_BITS = 8
+TABLE_SLOTS = sum(2**b for b in range(1, MAX_BITS + 1))  # 510: every width's levels, concatenated
+SIGMA_FLOOR = 1e-4  # normalised units (sum of sigma**2 is ~D): keeps every component codable
+_INT8_MAX = 127.0
+
+
+def _table_slice(bits: int) -> slice:
+    """Where the ``2**bits`` levels of width ``bits`` sit in a ``[..., TABLE_SLOTS]`` tensor."""
+    return slice(2**bits - 2, 2 ** (bits + 1) - 2)
+
+
+def code_bits_per_vector(bits: float, scale_bits: int, d: int) -> int:
+    """Code bits per vector for an average of ``bits`` per element including the gain code."""
+    budget = math.floor(bits * d + 0.5) - scale_bits
+    if not 0 <= budget <= MAX_BITS * d:
+        raise ConfigError(f"bits={bits} at D={d} leaves {budget} code bits per vector after the "
+                          f"{scale_bits}-bit gain; need 0..{MAX_BITS * d}")
+    return budget
+
+
+@dataclasses.dataclass(frozen=True)
+class KakeyaV2Config(CodecConfig):
+    """Configuration of ``kakeya-v2``.
+
+    Attributes:
+        bits: average bits per element, the per-vector gain code included.
+        stream: ``"k"`` (keys: static mean subtracted) or ``"v"`` (values: no mean).
+        scale_bits: bits of the per-vector log-gain code, 1..8.
+        rotate_groups: mix a seeded random rotation into each group of equal-bit components.
+        fitted_tables: Lloyd–Max tables fitted per (stream, bit width) instead of N(0,1) tables.
+        seed: seed of the rotations.
+        transforms_hash: :meth:`V2Transforms.fingerprint` of the calibrated transforms.
+    """
+
+    bits: float = 3.0
+    stream: str = "k"
+    scale_bits: int = 8
+    rotate_groups: bool = True
+    fitted_tables: bool = False
+    seed: int = 0
+    transforms_hash: str = ""
+
+    def validate(self) -> None:
+        check_float("bits", self.bits, 0.0, float(MAX_BITS), lo_open=True)
+        check_choice("stream", self.stream, ("k", "v"))
+        check_int("scale_bits", self.scale_bits, 1, MAX_BITS)
+        for name in ("rotate_groups", "fitted_tables"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_int("seed", self.seed, 0, 2**63 - 1)
+        h = self.transforms_hash
+        if not isinstance(h, str) or (h and (len(h) != 16 or any(ch not in "0123456789abcdef" for ch in h))):
+            raise ConfigError(f"transforms_hash must be '' or 16 lowercase hex digits, got {h!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class V2Transforms:
+    """Calibrated per-stream transforms, as stored (their bytes are the codec's side data).
+
+    Attributes:
+        basis_q: int8 ``[S, D, D]``; column ``j`` of stream ``s`` is component ``j``.
+        basis_scale: float16 ``[S, D]``: per-column scale, ``basis = basis_q * basis_scale[:, None, :]``.
+        mean: float16 ``[S, D]`` (zeros for values).
+        sigma: float16 ``[S, D]``, ``> 0``: rms of each gain-normalised coefficient.
+        bits: uint8 ``[S, D]``, 0..8: bit width of each component.
+        log_gain: float32 ``[S, 2]``: ``(lo, hi)`` of the per-vector log-gain grid, ``lo < hi``.
+        tables: float16 ``[S, 510]`` or None: fitted levels (in units of sigma) for widths 1..8,
+            concatenated; None means N(0,1) Lloyd–Max tables.
+    """
+
+    basis_q: torch.Tensor
+    basis_scale: torch.Tensor
+    mean: torch.Tensor
+    sigma: torch.Tensor
+    bits: torch.Tensor
+    log_gain: torch.Tensor
+    tables: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        specs = self._specs()
+        for name, (dtype, shape) in specs.items():
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise CorruptDataError(f"transforms field {name!r} is {got}, expected {dtype} {shape}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CorruptDataError(f"transforms field {name!r} holds NaN/Inf")
+        if int(self.bits.max()) > MAX_BITS:
+            raise CorruptDataError(f"transforms bits must be 0..{MAX_BITS}, max is {int(self.bits.max())}")
+        if bool((self.sigma <= 0).any()):
+            raise CorruptDataError("transforms sigma must be > 0 everywhere")
+        if bool((self.basis_scale <= 0).any()):
+            raise CorruptDataError("transforms basis_scale must be > 0 everywhere")
+        if bool((self.log_gain[:, 1] <= self.log_gain[:, 0]).any()):
+            raise CorruptDataError("transforms log_gain needs lo < hi in every stream")
+
+    def _specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        if not isinstance(self.basis_q, torch.Tensor) or self.basis_q.dim() != 3:
+            raise CorruptDataError("transforms basis_q must be an int8 tensor [S, D, D]")
+        s, d = self.basis_q.shape[0], self.basis_q.shape[-1]
+        if s == 0 or d == 0:
+            raise CorruptDataError(f"transforms basis_q has an empty shape {tuple(self.basis_q.shape)}")
+        specs = {
+            "basis_q": (torch.int8, (s, d, d)),
+            "basis_scale": (torch.float16, (s, d)),
+            "mean": (torch.float16, (s, d)),
+            "sigma": (torch.float16, (s, d)),
+            "bits": (torch.uint8, (s, d)),
+            "log_gain": (torch.float32, (s, 2)),
+        }
+        if self.tables is not None:
+            specs["tables"] = (torch.float16, (s, TABLE_SLOTS))
+        return specs
+
+    @property
+    def streams(self) -> int:
+        """S, the number of streams."""
+        return self.basis_q.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """D, the head dim."""
+        return self.basis_q.shape[-1]
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """Dequantised basis, float32 ``[S, D, D]`` (columns are components)."""
+        return self.basis_q.float() * self.basis_scale.float().unsqueeze(-2)
+
+    def table(self, bits: int) -> torch.Tensor:
+        """float32 ``[S, 2**bits]``: the levels of width ``bits`` (1..8), in units of sigma."""
+        if self.tables is None:
+            return gaussian_table(bits).to(self.sigma.device).expand(self.streams, -1)
+        return self.tables[:, _table_slice(bits)].float()
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (for safetensors); ``tables`` only when fitted."""
+        return {name: getattr(self, name) for name in self._specs()}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> V2Transforms:
+        """Inverse of :meth:`to_tensors`; missing, unknown or inconsistent tensors raise CorruptDataError."""
+        required = {"basis_q", "basis_scale", "mean", "sigma", "bits", "log_gain"}
+        missing = sorted(required - set(tensors))
+        unknown = sorted(set(tensors) - required - {"tables"})
+        if missing or unknown:
+            raise CorruptDataError(f"transforms tensors: missing {missing}, unknown {unknown}")
+        return cls(**dict(tensors))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (int8 basis, float16 scales, ...)."""
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+    def fingerprint(self) -> str:
+        """Short SHA-256 of the stored tensors (goes into ``KakeyaV2Config.transforms_hash``)."""
+        return side_fingerprint(self.to_tensors())
+
+    def to(self, device: torch.device | str) -> V2Transforms:
+        """A copy with every tensor on ``device``."""
+        return V2Transforms(**{k: v.to(device) for k, v in self.to_tensors().items()})
+
+
+def _gain_codes(c: torch.Tensor, log_gain: torch.Tensor, scale_bits: int) -> torch.Tensor:
+    """Per-vector gain codes: int64 ``[S, n]`` from coefficients ``c [S, n, D]`` and ``log_gain [S, 2]``."""
+    lo, hi = log_gain[:, :1], log_gain[:, 1:]
+    levels = 2**scale_bits - 1
+    lg = torch.log(c.norm(dim=-1) / math.sqrt(c.shape[-1]))
+    return torch.round((torch.clamp(lg, lo, hi) - lo) * (levels / (hi - lo))).to(torch.int64)
+
+
+def _gain_values(q: torch.Tensor, log_gain: torch.Tensor, scale_bits: int) -> torch.Tensor:
+    """Dequantised gains, float32 ``[S, n]``, from codes ``q [S, n]``."""
+    lo, hi = log_gain[:, :1], log_gain[:, 1:]
+    return torch.exp(lo + q.float() * ((hi - lo) / (2**scale_bits - 1)))
+
+
+def _quantize(z: torch.Tensor, widths: torch.Tensor, tables: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """Codes int64 ``[S, n, D]`` of ``z [S, n, D]``; component ``(s, j)`` uses ``tables[widths[s, j]]``."""
+    s, n, d = z.shape
+    codes = torch.zeros(z.shape, dtype=torch.int64, device=z.device)
+    flat = z.reshape(s, n * d).contiguous()
+    for b, table in tables.items():
+        bnd = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
+        idx = torch.searchsorted(bnd, flat, right=False).reshape(s, n, d)
+        codes = torch.where((widths == b).unsqueeze(1), idx, codes)
+    return codes
+
+
+def _dequantize(
+    codes: torch.Tensor, widths: torch.Tensor, tables: Mapping[int, torch.Tensor]
+) -> torch.Tensor:
+    """Inverse of :func:`_quantize`: float32 ``[S, n, D]`` (0 where the width is 0)."""
+    s, n, d = codes.shape
+    z = torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
+    for b, table in tables.items():
+        idx = codes.reshape(s, n * d).clamp(max=table.shape[1] - 1)
+        z = torch.where((widths == b).unsqueeze(1), table.gather(1, idx).reshape(s, n, d), z)
+    return z
+
+
+def _rotation(w: int, seed: int) -> torch.Tensor:
+    """Seeded orthogonal float64 ``[w, w]``: randomized Hadamard for powers of two, else Haar."""
+    if w & (w - 1) == 0:
+        return wht(torch.diag(random_signs(w, seed).double())) / math.sqrt(w)
+    g = torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+    q, r = torch.linalg.qr(torch.randn(w, w, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def group_rotations(widths: torch.Tensor, seed: int) -> torch.Tensor:
+    """Block rotation float64 ``[S, D, D]`` mixing the components of each (stream, bit width) group.
+
+    Args:
+        widths: integer ``[S, D]`` bit widths; 0-bit components are left alone.
+        seed: base seed; each (width, group size) pair gets its own rotation.
+    """
+    s, d = widths.shape
+    dev = widths.device
+    rot = torch.eye(d, dtype=torch.float64, device=dev).repeat(s, 1, 1)
+    for b in range(1, MAX_BITS + 1):
+        member = widths == b
+        sizes = member.sum(1)
+        for w in sorted(set(sizes.tolist()) - {0, 1}):
+            sel = (sizes == w).nonzero().squeeze(1)
+            pos = member[sel].nonzero()[:, 1].reshape(-1, w)
+            q = _rotation(w, seed * 1_000_003 + b * 1_009 + w).to(dev)
+            rot[sel[:, None, None], pos[:, :, None], pos[:, None, :]] = q
+    return rot
+
+
+def _fit_tables(
+    z: torch.Tensor, widths: torch.Tensor, max_iter: int = 100, tol: float = 1e-5
+) -> torch.Tensor:
+    """Lloyd–Max levels float32 ``[S, 510]`` fitted per (stream, width) to ``z [S, N, D]``.
+
+    Each width's pooled samples are sorted once; every Lloyd step then finds the cell edges by
+    binary search and the centroids from prefix sums, batched over streams. Levels start from
+    the N(0,1) table; an empty cell keeps its level; a stream without that width keeps N(0,1).
+    """
+    s, n, d = z.shape
+    out = torch.zeros(s, TABLE_SLOTS, dtype=torch.float32, device=z.device)
+    for b in range(1, MAX_BITS + 1):
+        member = (widths == b).unsqueeze(1).expand(s, n, d).reshape(s, n * d)
+        table = gaussian_table(b).to(device=z.device, dtype=torch.float64).repeat(s, 1)
+        if bool(member.any()):
+            flat = torch.where(member, z.reshape(s, n * d).double(), math.inf)
+            ordered = torch.sort(flat, dim=1).values
+            count = member.sum(1, keepdim=True)
+            finite = torch.where(torch.isfinite(ordered), ordered, 0.0)  # members first, +inf padding after
+            prefix = torch.cat([ordered.new_zeros(s, 1), finite.cumsum(1)], 1)
+            for _ in range(max_iter):
+                bnd = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
+                inner = torch.searchsorted(ordered, bnd, right=True)  # samples in cells up to each edge
+                edges = torch.cat([torch.zeros_like(count), inner, count], 1)
+                mass = (edges[:, 1:] - edges[:, :-1]).double()
+                sums = prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
+                new = torch.sort(torch.where(mass > 0, sums / mass.clamp_min(1), table), dim=1).values
+                moved = float((new - table).abs().max())
+                table = new
+                if moved < tol:
+                    break
+        out[:, _table_slice(b)] = table.float()
+    return out
+
+
+def fit_transforms(
+    x: torch.Tensor,
+    *,
+    bits: float,
+    stream: str,
+    fitted_tables: bool = False,
+    seed: int = 0,
+    scale_bits: int = 8,
+    rotate_groups: bool = True,
+) -> V2Transforms:
+    """Calibrate the v2 transforms on sample vectors.
+
+    Args:
+        x: float tensor ``[S, N, D]``: ``N >= 2`` calibration vectors per stream (keys already
+            whitened and pre-RoPE), finite.
+        bits, stream, fitted_tables, seed, scale_bits, rotate_groups: as in :class:`KakeyaV2Config`.
+
+    Returns:
+        :class:`V2Transforms` on the device of ``x``; every stream spends exactly
+        ``round(bits * D) - scale_bits`` code bits per vector.
+    """
+    cfg = KakeyaV2Config(bits=bits, stream=stream, scale_bits=scale_bits, rotate_groups=rotate_groups,
+                         fitted_tables=fitted_tables, seed=seed)
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ShapeError(f"fit_transforms: x must be a tensor [S, N, D], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    x32, s, n, d = check_input(x)
+    if n < 2:
+        raise ShapeError(f"fit_transforms: need at least 2 calibration vectors per stream, got {n}")
+    budget = code_bits_per_vector(cfg.bits, cfg.scale_bits, d)
+    x64 = x32.double()
+    mean = (x64.mean(1) if cfg.stream == "k" else torch.zeros(s, d, dtype=torch.float64, device=x.device))
+    mean16 = narrow(mean, torch.float16, "kakeya-v2 mean")
+    xc = x64 - mean16.double().unsqueeze(1)
+    _, vecs = torch.linalg.eigh(xc.transpose(1, 2) @ xc / n)
+    pca = vecs.flip(-1)  # descending variance
+    c = xc @ pca
+    gain = (c.norm(dim=-1, keepdim=True) / math.sqrt(d)).clamp_min(1e-30)
+    var = ((c / gain) ** 2).mean(1).clamp_min(SIGMA_FLOOR**2)
+    widths = water_fill(var, budget, MAX_BITS)
+    basis = pca @ group_rotations(widths, cfg.seed) if cfg.rotate_groups else pca
+    col_scale = narrow(basis.abs().amax(1) / _INT8_MAX, torch.float16, "kakeya-v2 basis scale")
+    basis_q = torch.round(basis / col_scale.double().unsqueeze(1)).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    dequant = basis_q.double() * col_scale.double().unsqueeze(1)
+    c = xc @ torch.linalg.inv(dequant).transpose(1, 2)
+    lg = torch.log((c.norm(dim=-1) / math.sqrt(d)).clamp_min(1e-30))
+    lo, hi = lg.amin(1), lg.amax(1)
+    margin = 0.05 * (hi - lo) + 0.01
+    log_gain = torch.stack([lo - margin, hi + margin], dim=1).float()
+    g_hat = _gain_values(_gain_codes(c.float(), log_gain, cfg.scale_bits), log_gain, cfg.scale_bits)
+    normed = c / g_hat.double().unsqueeze(-1)
+    sigma = narrow(normed.pow(2).mean(1).sqrt().clamp_min(SIGMA_FLOOR), torch.float16, "kakeya-v2 sigma")
+    tables = None
+    if cfg.fitted_tables:
+        z = (normed / sigma.double().unsqueeze(1)).float()
+        tables = narrow(_fit_tables(z, widths), torch.float16, "kakeya-v2 fitted tables")
+    return V2Transforms(basis_q=basis_q, basis_scale=col_scale, mean=mean16, sigma=sigma,
+                        bits=widths.to(torch.uint8), log_gain=log_gain, tables=tables)
+
+
+class KakeyaV2Codec(Codec):
+    """Calibrated static transform codec; needs its :class:`V2Transforms` (``transforms=``)."""
+
+    name = "kakeya-v2"
+    config_class = KakeyaV2Config
+
+    def __init__(self, config: KakeyaV2Config | None = None, *, transforms: V2Transforms | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        cfg = self.config
+        if transforms is None:
+            raise ConfigError("kakeya-v2 needs its calibrated transforms: pass "
+                              "transforms=fit_transforms(...) (or build it with KakeyaV2Codec.calibrate)")
+        found = transforms.fingerprint()
+        if found != cfg.transforms_hash:
+            raise ConfigError(f"transforms fingerprint {found!r} differs from config.transforms_hash "
+                              f"{cfg.transforms_hash!r}: these are not the transforms this config names")
+        if (transforms.tables is not None) != cfg.fitted_tables:
+            raise ConfigError(f"config.fitted_tables={cfg.fitted_tables} but the transforms "
+                              f"{'hold' if transforms.tables is not None else 'lack'} fitted tables")
+        if cfg.stream == "v" and bool(transforms.mean.any()):
+            raise ConfigError("config.stream='v' but the transforms have a nonzero mean "
+                              "(calibrated for keys?)")
+        budget = code_bits_per_vector(cfg.bits, cfg.scale_bits, transforms.dim)
+        spent = transforms.bits.long().sum(1)
+        if bool((spent != budget).any()):
+            raise ConfigError(f"transforms spend {sorted(set(spent.tolist()))} code bits per vector; "
+                              f"config bits={cfg.bits}, scale_bits={cfg.scale_bits} need {budget}")
+        self.transforms = transforms
+        dec = transforms.basis.double()
+        self._dec = dec.float()
+        self._enc = torch.linalg.inv(dec).transpose(1, 2).float()
+        used = sorted(set(transforms.bits.unique().tolist()) - {0})
+        self._tables = {b: transforms.table(b) for b in used}
+
+    @classmethod
+    def calibrate(cls, x: torch.Tensor, **config: Any) -> KakeyaV2Codec:
+        """Fit transforms on ``x [S, N, D]`` with the given config fields and return the codec."""
+        cfg = KakeyaV2Config(**config)
+        t = fit_transforms(x, bits=cfg.bits, stream=cfg.stream, fitted_tables=cfg.fitted_tables,
+                           seed=cfg.seed, scale_bits=cfg.scale_bits, rotate_groups=cfg.rotate_groups)
+        return cls(dataclasses.replace(cfg, transforms_hash=t.fingerprint()), transforms=t)
+
+    @property
+    def side_nbytes(self) -> int:
+        """Bytes of the calibrated transforms."""
+        return self.transforms.nbytes
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        """As :meth:`Codec.decode`, refusing payloads encoded with other transforms by name."""
+        theirs = enc.config.get("transforms_hash") if isinstance(enc.config, Mapping) else None
+        if enc.codec == self.name and theirs != self.config.transforms_hash:
+            raise CorruptDataError(f"payload was encoded with transforms {theirs!r}; this codec holds "
+                                   f"transforms {self.config.transforms_hash!r}")
+        return super().decode(enc)
+
+    def _state(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        t = self.transforms
+        return (t.mean.float().to(device), t.sigma.float().to(device), t.bits.long().to(device),
+                t.log_gain.to(device))
+
+    def _tables_on(self, device: torch.device) -> dict[int, torch.Tensor]:
+        return {b: table.to(device) for b, table in self._tables.items()}
+
+    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        s, n, d = x.shape
+        t = self.transforms
+        if (s, d) != (t.streams, t.dim):
+            raise ShapeError(f"input has S={s} streams of D={d}, but the transforms hold "
+                             f"S={t.streams} streams of D={t.dim}")
+        mean, sigma, widths, log_gain = self._state(x.device)
+        c = (x - mean.unsqueeze(1)) @ self._enc.to(x.device)
+        q = _gain_codes(c, log_gain, self.config.scale_bits)
+        g_hat = _gain_values(q, log_gain, self.config.scale_bits)
+        z = c / (g_hat.unsqueeze(-1) * sigma.unsqueeze(1))
+        codes = _quantize(z, widths, self._tables_on(x.device))
+        return {"codes": pack_varwidth(codes, widths), "scale": pack_bits(q, self.config.scale_bits)}
+
+    def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
+        t = self.transforms
+        if (s, d) != (t.streams, t.dim):
+            raise CorruptDataError(f"payload holds S={s} streams of D={d}, the transforms "
+                                   f"S={t.streams} streams of D={t.dim}")
+        sb = self.config.scale_bits
+        packed = expect_field(fields, "codes", torch.uint8, (varwidth_nbytes(t.bits, (s, n, d)),))
+        scale = expect_field(fields, "scale", torch.uint8, (packed_nbytes(s * n, sb),))
+        device = packed.device
+        mean, sigma, widths, log_gain = self._state(device)
+        codes = unpack_varwidth(packed, widths, (s, n, d))
+        g_hat = _gain_values(unpack_bits(scale, sb, s * n).reshape(s, n), log_gain, sb)
+        z = _dequantize(codes, widths, self._tables_on(device))
+        c = z * sigma.unsqueeze(1) * g_hat.unsqueeze(-1)
+        return mean.unsqueeze(1) + c @ self._dec.to(device).transpose(1, 2)

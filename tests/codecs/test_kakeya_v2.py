@@ -1,0 +1,311 @@
+"""kakeya-v2: the codec contract (adapted: v2 needs its transforms), transforms storage, quality."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kakeyaturbo as kt
+from kakeyaturbo.codecs.kakeya_v2 import (
+    TABLE_SLOTS,
+    KakeyaV2Codec,
+    KakeyaV2Config,
+    V2Transforms,
+    fit_transforms,
+    group_rotations,
+)
+from kakeyaturbo.ops.bitalloc import water_fill
+
+S, D = 4, 32
+
+
+def synth(
+    s: int, n: int, d: int, sample_seed: int, *, heavy: bool = True, values: bool = False
+) -> torch.Tensor:
+    """KV-like ``[s, n, d]``: fixed random basis and mean, spectrum 0.88**j, Student-t(4) coefficients
+    (when ``heavy``), log-normal per-vector gains; ``sample_seed`` draws only the samples."""
+    g = torch.Generator().manual_seed(99)
+    basis, _ = torch.linalg.qr(torch.randn(s, d, d, generator=g))
+    mean = torch.zeros(s, 1, d) if values else torch.randn(s, 1, d, generator=g)
+    g = torch.Generator().manual_seed(sample_seed)
+    z = torch.randn(s, n, d, generator=g)
+    if heavy:
+        chi2 = torch.randn(s, n, d, 4, generator=g).pow(2).sum(-1) / 4
+        z = z / chi2.sqrt() / math.sqrt(2.0)
+    gain = torch.exp(0.3 * torch.randn(s, n, 1, generator=g))
+    return mean + gain * (z * 0.88 ** torch.arange(d)) @ basis.transpose(1, 2)
+
+
+def rel_mse(y: torch.Tensor, x: torch.Tensor) -> float:
+    """Squared error over the variance around each stream's mean."""
+    y, x = y.float(), x.float()
+    return float(((y - x) ** 2).sum() / ((x - x.mean(-2, keepdim=True)) ** 2).sum())
+
+
+@pytest.fixture(scope="module")
+def calib() -> torch.Tensor:
+    return synth(S, 2048, D, 1)
+
+
+@pytest.fixture(scope="module")
+def codec(calib) -> KakeyaV2Codec:
+    return KakeyaV2Codec.calibrate(calib, bits=3.0, stream="k")
+
+
+def _x(device, dtype=torch.float32, n: int = 100) -> torch.Tensor:
+    return synth(S, n, D, 7).reshape(2, 2, n, D).to(device=device, dtype=dtype)
+
+
+# ---- contract --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_roundtrip_shape_dtype_device(codec, device, dtype):
+    x = _x(device, dtype)
+    y = codec.decode(codec.encode(x))
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    assert torch.isfinite(y).all()
+    assert rel_mse(y, x) < 0.05
+
+
+@pytest.mark.parametrize("n", [1, 37])
+def test_odd_token_counts(codec, n):
+    x = _x("cpu", n=n)
+    y = codec.decode(codec.encode(x))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_nbytes_is_serialized_size_and_roundtrips(codec, device):
+    enc = codec.encode(_x(device))
+    blob = enc.to_bytes()
+    assert enc.nbytes == len(blob)
+    assert set(enc.fields) == {"codes", "scale"}
+    assert torch.equal(codec.decode(kt.Encoded.from_bytes(blob, device=device)), codec.decode(enc))
+
+
+def test_deterministic(codec):
+    x = _x("cpu")
+    assert codec.encode(x).to_bytes() == codec.encode(x).to_bytes()
+
+
+def test_per_token_streaming(codec):
+    x = _x("cpu", n=50)
+    whole = codec.decode(codec.encode(x))
+    head, tail = x[..., :17, :], x[..., 17:, :]
+    parts = torch.cat([codec.decode(codec.encode(head)), codec.decode(codec.encode(tail))], -2)
+    assert torch.equal(whole, parts)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_rejects_non_finite(codec, bad):
+    x = _x("cpu")
+    x[1, 0, 5, 7] = bad
+    with pytest.raises(kt.NonFiniteInputError, match=r"NaN/Inf \(first at index \(1, 0, 5, 7\)"):
+        codec.encode(x)
+
+
+def test_rejects_streams_and_dims_that_differ_from_the_transforms(codec):
+    with pytest.raises(kt.ShapeError, match=r"S=3 streams of D=32.*S=4 streams of D=32"):
+        codec.encode(torch.zeros(3, 10, D))
+    with pytest.raises(kt.ShapeError, match=r"S=4 streams of D=16.*S=4 streams of D=32"):
+        codec.encode(torch.zeros(S, 10, 16))
+
+
+def test_zero_and_huge_vectors_stay_finite(codec):
+    x = _x("cpu", n=4).reshape(S, 4, D)
+    x[:, 0] = 0.0
+    x[:, 1] *= 1e6
+    assert torch.isfinite(codec.decode(codec.encode(x))).all()
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=25)
+@given(data=st.data())
+def test_fuzzed_blobs_raise_corrupt_data(codec, data):
+    blob = bytearray(codec.encode(_x("cpu", n=20)).to_bytes())
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    else:
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(kt.CorruptDataError):
+        codec.decode(kt.Encoded.from_bytes(bytes(blob)))
+
+
+def test_payload_fields_of_the_wrong_size_raise_corrupt_data(codec):
+    enc = codec.encode(_x("cpu"))
+    enc.fields["codes"] = enc.fields["codes"][:-1]
+    with pytest.raises(kt.CorruptDataError, match="codes"):
+        codec.decode(enc)
+    enc = codec.encode(_x("cpu"))
+    enc.shape = (3, 100, D)
+    with pytest.raises(kt.CorruptDataError, match="S=3"):
+        codec.decode(enc)
+
+
+def test_decoding_with_other_transforms_is_refused(codec, calib):
+    other = KakeyaV2Codec.calibrate(calib[:, :1024], bits=3.0, stream="k")
+    enc = codec.encode(_x("cpu"))
+    with pytest.raises(kt.CorruptDataError, match="encoded with transforms"):
+        other.decode(enc)
+    with pytest.raises(kt.CorruptDataError, match="kakeya-v2"):
+        kt.codecs.get("identity").decode(enc)
+
+
+def test_codec_refuses_transforms_that_do_not_match_its_config(codec):
+    t = codec.transforms
+    with pytest.raises(kt.ConfigError, match="needs its calibrated transforms"):
+        KakeyaV2Codec(codec.config)
+    with pytest.raises(kt.ConfigError, match="fingerprint"):
+        KakeyaV2Codec(dataclasses.replace(codec.config, transforms_hash="0" * 16), transforms=t)
+    with pytest.raises(kt.ConfigError, match="fitted_tables"):
+        KakeyaV2Codec(dataclasses.replace(codec.config, fitted_tables=True), transforms=t)
+    with pytest.raises(kt.ConfigError, match="nonzero mean"):
+        KakeyaV2Codec(dataclasses.replace(codec.config, stream="v"), transforms=t)
+    with pytest.raises(kt.ConfigError, match="code bits per vector"):
+        KakeyaV2Codec(dataclasses.replace(codec.config, bits=4.0), transforms=t)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("bits", 0.0, "bits"), ("bits", 8.5, "bits"), ("stream", "q", "stream"),
+    ("scale_bits", 9, "scale_bits"), ("rotate_groups", 1, "rotate_groups"), ("seed", -1, "seed"),
+    ("transforms_hash", "XYZ", "transforms_hash"),
+])
+def test_config_validation_names_the_field(field, value, match):
+    with pytest.raises(kt.ConfigError, match=match):
+        KakeyaV2Config(**{field: value})
+    with pytest.raises(kt.ConfigError, match="no_such_field"):
+        KakeyaV2Config.from_dict({"no_such_field": 1})
+
+
+def test_fit_rejects_bad_input():
+    with pytest.raises(kt.ShapeError, match=r"\[S, N, D\]"):
+        fit_transforms(torch.zeros(10, 8), bits=3.0, stream="k")
+    with pytest.raises(kt.ShapeError, match="at least 2"):
+        fit_transforms(torch.zeros(1, 1, 8), bits=3.0, stream="k")
+    with pytest.raises(kt.ConfigError, match="code bits per vector"):
+        fit_transforms(torch.randn(1, 50, 8), bits=0.5, stream="k")
+    with pytest.raises(kt.NumericRangeError, match="mean"):
+        fit_transforms(torch.randn(1, 50, 8) + 1e5, bits=3.0, stream="k")
+    x = torch.randn(1, 50, 8)
+    x[0, 3, 2] = float("nan")
+    with pytest.raises(kt.NonFiniteInputError):
+        fit_transforms(x, bits=3.0, stream="k")
+
+
+# ---- transforms ------------------------------------------------------------------------------
+
+
+def test_transforms_roundtrip_and_honest_nbytes(codec, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    t = codec.transforms
+    tensors = t.to_tensors()
+    assert set(tensors) == {"basis_q", "basis_scale", "mean", "sigma", "bits", "log_gain"}
+    assert t.nbytes == S * D * D + 3 * 2 * S * D + S * D + 4 * 2 * S
+    assert codec.side_nbytes == t.nbytes
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    back = V2Transforms.from_tensors(load_file(str(tmp_path / "t.safetensors")))
+    assert back.fingerprint() == t.fingerprint() == codec.config.transforms_hash
+    x = _x("cpu")
+    assert torch.equal(KakeyaV2Codec(codec.config, transforms=back).roundtrip(x), codec.roundtrip(x))
+
+
+def test_fitted_tables_are_stored_and_counted(calib):
+    c = KakeyaV2Codec.calibrate(calib, bits=3.0, stream="k", fitted_tables=True)
+    tensors = c.transforms.to_tensors()
+    assert tensors["tables"].shape == (S, TABLE_SLOTS) and tensors["tables"].dtype == torch.float16
+    assert c.side_nbytes == S * D * D + 3 * 2 * S * D + S * D + 4 * 2 * S + 2 * S * TABLE_SLOTS
+    assert V2Transforms.from_tensors(tensors).fingerprint() == c.config.transforms_hash
+
+
+def test_int8_basis_is_nearly_orthonormal(codec):
+    b = codec.transforms.basis
+    err = (b.transpose(1, 2) @ b - torch.eye(D)).abs().max()
+    assert float(err) < 0.02
+
+
+def test_bad_transforms_tensors_raise_corrupt_data(codec):
+    tensors = codec.transforms.to_tensors()
+    with pytest.raises(kt.CorruptDataError, match="missing"):
+        V2Transforms.from_tensors({k: v for k, v in tensors.items() if k != "sigma"})
+    with pytest.raises(kt.CorruptDataError, match="unknown"):
+        V2Transforms.from_tensors({**tensors, "extra": torch.zeros(1)})
+    with pytest.raises(kt.CorruptDataError, match="'mean'"):
+        V2Transforms.from_tensors({**tensors, "mean": tensors["mean"].float()})
+    with pytest.raises(kt.CorruptDataError, match="bits"):
+        V2Transforms.from_tensors({**tensors, "bits": torch.full_like(tensors["bits"], 9)})
+    with pytest.raises(kt.CorruptDataError, match="sigma"):
+        V2Transforms.from_tensors({**tensors, "sigma": torch.zeros_like(tensors["sigma"])})
+    with pytest.raises(kt.CorruptDataError, match="empty"):
+        V2Transforms.from_tensors({**tensors, "basis_q": torch.zeros(0, 0, 0, dtype=torch.int8)})
+    with pytest.raises(kt.CorruptDataError, match="lo < hi"):
+        V2Transforms.from_tensors({**tensors, "log_gain": tensors["log_gain"].flip(1)})
+
+
+def test_value_transforms_have_no_mean():
+    t = fit_transforms(synth(2, 512, 16, 3, values=True), bits=3.0, stream="v")
+    assert not bool(t.mean.any())
+
+
+def test_group_rotations_are_orthogonal_and_stay_inside_groups():
+    widths = torch.tensor([[4, 4, 4, 4, 3, 3, 3, 1, 0, 0], [5, 3, 3, 3, 3, 3, 2, 2, 2, 0]])
+    rot = group_rotations(widths, seed=3)
+    assert torch.allclose(rot.transpose(1, 2) @ rot, torch.eye(10, dtype=torch.float64).expand(2, -1, -1),
+                          atol=1e-12)
+    same = widths.unsqueeze(2) == widths.unsqueeze(1)
+    assert bool((rot[~same] == 0).all())
+    assert bool((rot[widths == 0].abs().sum(-1) == 1).all())
+    assert not torch.equal(rot[0, :4, :4], torch.eye(4, dtype=torch.float64))
+
+
+# ---- quality ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def test_x() -> torch.Tensor:
+    return synth(S, 1024, D, 2)
+
+
+def test_error_falls_with_bits_and_payload_bits_match(calib, test_x):
+    errs = []
+    for bits in (2.0, 2.25, 3.0, 4.0):
+        c = KakeyaV2Codec.calibrate(calib, bits=bits, stream="k")
+        enc = c.encode(test_x)
+        assert 8 * enc.payload_nbytes / test_x.numel() == pytest.approx(bits, abs=0.02)
+        assert 8 * enc.nbytes / test_x.numel() == pytest.approx(bits, abs=0.02 + 8 * 1024 / test_x.numel())
+        errs.append(rel_mse(c.decode(enc), test_x))
+    assert errs[0] > errs[1] > errs[2] > errs[3], errs
+
+
+def test_water_filling_beats_uniform_allocation(calib, test_x):
+    c = KakeyaV2Codec.calibrate(calib, bits=3.0, stream="k", rotate_groups=False)
+    t = c.transforms
+    uniform = water_fill(torch.ones(S, D), int(t.bits[0].long().sum())).to(torch.uint8)
+    tu = dataclasses.replace(t, bits=uniform)
+    cu = KakeyaV2Codec(dataclasses.replace(c.config, transforms_hash=tu.fingerprint()), transforms=tu)
+    assert rel_mse(c.roundtrip(test_x), test_x) < 0.7 * rel_mse(cu.roundtrip(test_x), test_x)
+
+
+def test_group_rotation_helps(calib, test_x):
+    plain = KakeyaV2Codec.calibrate(calib, bits=3.0, stream="k", rotate_groups=False)
+    rotated = KakeyaV2Codec.calibrate(calib, bits=3.0, stream="k", rotate_groups=True)
+    assert rel_mse(rotated.roundtrip(test_x), test_x) < rel_mse(plain.roundtrip(test_x), test_x)
+
+
+def test_fitted_tables_beat_gaussian_tables_on_heavy_tails(calib, test_x):
+    gauss = KakeyaV2Codec.calibrate(calib, bits=3.0, stream="k", rotate_groups=False)
+    fitted = KakeyaV2Codec.calibrate(calib, bits=3.0, stream="k", rotate_groups=False, fitted_tables=True)
+    assert rel_mse(fitted.roundtrip(test_x), test_x) < 0.95 * rel_mse(gauss.roundtrip(test_x), test_x)
+
+
+def test_values_error_scales_with_vector_norm():
+    x = synth(2, 1024, D, 5, values=True)
+    c = KakeyaV2Codec.calibrate(x, bits=3.0, stream="v")
+    err = (c.roundtrip(x) - x).norm(dim=-1) / x.norm(dim=-1)
+    small, large = x.norm(dim=-1) < x.norm(dim=-1).median(), x.norm(dim=-1) >= x.norm(dim=-1).median()
+    assert float(err[small].mean()) == pytest.approx(float(err[large].mean()), rel=0.3)
