@@ -176,6 +176,22 @@ def _widths(d_eff: torch.Tensor) -> torch.Tensor:
     return torch.tensor([next_pow2(int(v)) for v in d_eff.tolist()], dtype=torch.int64, device=d_eff.device)
 
 
+def rotate_residual(r: torch.Tensor, signs: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Scaled rotated residual ``z = H (s ⊙ r) / norm`` (``norm = ||r||`` gives ``||z||² = W``).
+
+    Args:
+        r: float32 ``[..., W]``, ``W`` a power of two (zero-padded residual).
+        signs: float32 ``[W]`` of ±1.
+        norm: float32 ``[...]`` (the stored ``||r||``); where it is 0 the scale is 1.
+    """
+    return wht(r * signs) / torch.where(norm > 0, norm, 1.0).unsqueeze(-1)
+
+
+def unrotate_residual(z: torch.Tensor, signs: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rotate_residual`: ``s ⊙ H (z · norm) / W`` (``norm`` 0 gives 0)."""
+    return wht(z * norm.unsqueeze(-1)) * signs / z.shape[-1]
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise CorruptDataError(f"kakeya: {msg}")
@@ -247,8 +263,7 @@ class KakeyaCodec(Codec):
             ts = narrow(tt, sd, "kakeya t")
             r = c - ts.float().unsqueeze(-1) * _take(cen.float(), sg)
             rn = narrow(r.norm(dim=-1), sd, "kakeya residual norm")
-            rf = rn.float()
-            z = wht(r * random_signs(wd, cfg.seed, dev)) / torch.where(rf > 0, rf, 1.0).unsqueeze(-1)
+            z = rotate_residual(r, random_signs(wd, cfg.seed, dev), rn.float())
             seg[idx], t[idx], rnorm[idx], k_eff[idx] = sg, ts, rn, km.k_eff
             centres[idx, :, :wd] = cen
             codes[idx, :, :wd] = quantize(z, table).to(torch.uint8)
@@ -334,7 +349,7 @@ class KakeyaCodec(Codec):
             v[pos[:, 0], pos[:, 1], oidx] = oval
         seg = torch.zeros(grid, dtype=torch.int64, device=dev).masked_scatter(rmask, seg_v)
         t = torch.zeros(grid, device=dev).masked_scatter(rmask, t_v)
-        v = v * torch.zeros(grid, device=dev).masked_scatter(rmask, rn_v).unsqueeze(-1)
+        rnorm = torch.zeros(grid, device=dev).masked_scatter(rmask, rn_v)
         rmax = int(d_eff.max())
         keep = torch.arange(rmax, device=dev) < d_eff.unsqueeze(1)
         basis = torch.zeros(n_skel, rmax, d, device=dev).masked_scatter(keep.unsqueeze(-1), basis_flat)
@@ -347,7 +362,7 @@ class KakeyaCodec(Codec):
         for wd in sorted(set(width.tolist())):
             idx = (width == wd).nonzero().squeeze(1)
             o = owner[idx]
-            r_hat = wht(v[idx, :, :wd]) * random_signs(wd, cfg.seed, dev) / wd
+            r_hat = unrotate_residual(v[idx, :, :wd], random_signs(wd, cfg.seed, dev), rnorm[idx])
             c_hat = t[idx].unsqueeze(-1) * _take(centres[idx, :, :wd], seg[idx]) + r_hat
             out[idx] = mean[o].unsqueeze(1) + c_hat @ _pad_rows(basis[o], wd)
         return out.reshape(s, lay.nb * lay.rows, d)[:, :n]
