@@ -35,6 +35,7 @@ per stream, k-means still per block). Nothing else is needed to decode.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import torch
 
@@ -48,7 +49,7 @@ from kakeyaturbo.codecs.base import (
     expect_field,
 )
 from kakeyaturbo.errors import ConfigError, CorruptDataError
-from kakeyaturbo.ops.hadamard import next_pow2, random_signs, wht
+from kakeyaturbo.ops.hadamard import random_signs, wht
 from kakeyaturbo.ops.kmeans import assign, axial_kmeans
 from kakeyaturbo.ops.lloyd_max import gaussian_table, quantize
 from kakeyaturbo.ops.pca import PcaFit, exact_pca, mean_energy, randomized_pca
@@ -102,7 +103,7 @@ class KakeyaConfig(CodecConfig):
             if isinstance(vals, (str, bytes)) or not hasattr(vals, "__iter__"):
                 raise ConfigError(f"codebook must be a sequence of floats, got {vals!r}")
             vals = tuple(vals)
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in vals):
                 raise ConfigError(f"codebook must hold only numbers, got {list(vals)}")
             object.__setattr__(self, "codebook", tuple(float(v) for v in vals))
         super().__post_init__()
@@ -172,8 +173,8 @@ def _take(centres: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
 
 
 def _widths(d_eff: torch.Tensor) -> torch.Tensor:
-    """``next_pow2`` of each entry of an int64 tensor."""
-    return torch.tensor([next_pow2(int(v)) for v in d_eff.tolist()], dtype=torch.int64, device=d_eff.device)
+    """``W = next_pow2(d_eff)`` elementwise for an int64 tensor of positive ranks."""
+    return torch.exp2(torch.ceil(torch.log2(d_eff.to(torch.float64)))).to(torch.int64)
 
 
 def rotate_residual(r: torch.Tensor, signs: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
