@@ -110,10 +110,18 @@ def test_rejects_non_finite(codec, bad):
 
 
 def test_rejects_streams_and_dims_that_differ_from_the_transforms(codec):
-    with pytest.raises(kt.ShapeError, match=r"S=3 streams of D=32.*S=4 streams of D=32"):
+    with pytest.raises(kt.ShapeError, match=r"3 streams of D=32.*S=4 streams of D=32.*multiple of S"):
         codec.encode(torch.zeros(3, 10, D))
-    with pytest.raises(kt.ShapeError, match=r"S=4 streams of D=16.*S=4 streams of D=32"):
+    with pytest.raises(kt.ShapeError, match=r"4 streams of D=16.*S=4 streams of D=32"):
         codec.encode(torch.zeros(S, 10, 16))
+
+
+def test_repeated_streams_use_transform_i_mod_s(codec):
+    x = _x("cpu", n=12).reshape(S, 12, D)
+    twice = torch.stack([x, x * 0.5])  # [2, S, n, D]: stream i of each copy uses transform i
+    y = codec.decode(codec.encode(twice))
+    assert torch.equal(y[0], codec.decode(codec.encode(x)))
+    assert torch.equal(y[1], codec.decode(codec.encode(x * 0.5)))
 
 
 def test_zero_and_huge_vectors_stay_finite(codec):
@@ -143,7 +151,7 @@ def test_payload_fields_of_the_wrong_size_raise_corrupt_data(codec):
         codec.decode(enc)
     enc = codec.encode(_x("cpu"))
     enc.shape = (3, 100, D)
-    with pytest.raises(kt.CorruptDataError, match="S=3"):
+    with pytest.raises(kt.CorruptDataError, match="3 streams of D=32"):
         codec.decode(enc)
 
 

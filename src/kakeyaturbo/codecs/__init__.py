@@ -22,6 +22,7 @@ _REGISTRY: dict[str, str] = {
     "turboquant-prod": "kakeyaturbo.codecs.turboquant:TurboQuantProdCodec",
     "besicovitch": "kakeyaturbo.codecs.besicovitch:BesicovitchCodec",
     "kakeya": "kakeyaturbo.codecs.kakeya:KakeyaCodec",
+    "kakeya-v2": "kakeyaturbo.codecs.kakeya_v2:KakeyaV2Codec",
 }
 
 

@@ -145,6 +145,8 @@ class Codec(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[CodecConfig]]
+    needs_calibration: ClassVar[bool] = False
+    """True for codecs built from per-model calibrated data (passed to the constructor)."""
 
     def __init__(self, config: CodecConfig | None = None, **overrides: Any) -> None:
         if config is None:

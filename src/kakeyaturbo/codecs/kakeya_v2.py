@@ -382,6 +382,7 @@ class KakeyaV2Codec(Codec):
 
     name = "kakeya-v2"
     config_class = KakeyaV2Config
+    needs_calibration = True
 
     def __init__(self, config: KakeyaV2Config | None = None, *, transforms: V2Transforms | None = None,
                  **overrides: Any) -> None:
@@ -441,12 +442,19 @@ class KakeyaV2Codec(Codec):
     def _tables_on(self, device: torch.device) -> dict[int, torch.Tensor]:
         return {b: table.to(device) for b, table in self._tables.items()}
 
+    def _streams(self, s: int, d: int, error: type[Exception]) -> int:
+        """How many times the transforms' ``S`` streams repeat in ``s`` flattened streams."""
+        t = self.transforms
+        if d != t.dim or s % t.streams:
+            raise error(f"input has {s} streams of D={d}; the transforms hold S={t.streams} streams of "
+                        f"D={t.dim} (the stream count must be a multiple of S, stream i using transform i % S)")
+        return s // t.streams
+
     def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         s, n, d = x.shape
         t = self.transforms
-        if (s, d) != (t.streams, t.dim):
-            raise ShapeError(f"input has S={s} streams of D={d}, but the transforms hold "
-                             f"S={t.streams} streams of D={t.dim}")
+        m = self._streams(s, d, ShapeError)
+        x = x.reshape(m, t.streams, n, d).transpose(0, 1).reshape(t.streams, m * n, d)  # per-transform rows
         mean, sigma, widths, log_gain = self._state(x.device)
         c = (x - mean.unsqueeze(1)) @ self._enc.to(x.device)
         q = _gain_codes(c, log_gain, self.config.scale_bits)
@@ -457,9 +465,8 @@ class KakeyaV2Codec(Codec):
 
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         t = self.transforms
-        if (s, d) != (t.streams, t.dim):
-            raise CorruptDataError(f"payload holds S={s} streams of D={d}, the transforms "
-                                   f"S={t.streams} streams of D={t.dim}")
+        m = self._streams(s, d, CorruptDataError)
+        s, n = t.streams, m * n
         sb = self.config.scale_bits
         packed = expect_field(fields, "codes", torch.uint8, (varwidth_nbytes(t.bits, (s, n, d)),))
         scale = expect_field(fields, "scale", torch.uint8, (packed_nbytes(s * n, sb),))
@@ -469,4 +476,5 @@ class KakeyaV2Codec(Codec):
         g_hat = _gain_values(unpack_bits(scale, sb, s * n).reshape(s, n), log_gain, sb)
         z = _dequantize(codes, widths, self._tables_on(device))
         c = z * sigma.unsqueeze(1) * g_hat.unsqueeze(-1)
-        return mean.unsqueeze(1) + c @ self._dec.to(device).transpose(1, 2)
+        y = mean.unsqueeze(1) + c @ self._dec.to(device).transpose(1, 2)  # [S, m*n, D]
+        return y.reshape(s, m, n // m, d).transpose(0, 1).reshape(m * s, n // m, d)
