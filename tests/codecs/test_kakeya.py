@@ -205,3 +205,19 @@ def test_inconsistent_fields_raise_corrupt_data(name, fn, match):
     enc = codec.encode(lowrank(2, 100, 32, rank=6, noise=0.05))
     with pytest.raises(kt.CorruptDataError, match=match):
         codec.decode(_tamper(enc, name, fn))
+
+
+def test_scaled_residuals_are_what_the_codec_quantises():
+    x = lowrank(2, 300, 64, rank=8, noise=0.05)
+    codec = KakeyaCodec(bits=2, block_size=128, pca="randomized", variance_ratio=1.0)
+    z = codec.scaled_residuals(x)
+    w = 32  # randomized rank D/2 = 32 -> W = 32
+    assert z.numel() == 2 * 300 * w
+    # scaled by the stored (f16-rounded) norm, so ||z||^2 = W up to f16 rounding of that norm
+    assert torch.allclose((z.reshape(-1, w) ** 2).sum(-1), torch.full((600,), float(w)), rtol=2e-3)
+    # a table fitted on them is what calibration stores; quantising with it beats the Gaussian table
+    from kakeyaturbo.ops import lloyd_max
+
+    fitted = lloyd_max.fit(z, 2)
+    err = lambda t: float(((lloyd_max.dequantize(lloyd_max.quantize(z, t), t) - z) ** 2).mean())  # noqa: E731
+    assert err(fitted) <= err(lloyd_max.gaussian_table(2)) + 1e-6

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from dataclasses import dataclass
 
 import torch
 
@@ -45,6 +46,7 @@ from kakeyaturbo.codecs.base import (
     check_choice,
     check_codebook,
     check_float,
+    check_input,
     check_int,
     expect_field,
 )
@@ -198,6 +200,41 @@ def _check(cond: bool, msg: str) -> None:
         raise CorruptDataError(f"kakeya: {msg}")
 
 
+@dataclass
+class _Analysis:
+    """The encoder's decisions for a batch of blocks (``G`` blocks of ``rows`` rows, width ``W_max``).
+
+    Attributes:
+        lay, rmask: block layout and real-row mask ``[G, rows]``.
+        d_eff, mean, basis, keep: the skeletons (rounded to the skeleton dtype) and kept ranks.
+        d_blk, width: each block's rank and padded residual width ``W``.
+        kk: k-means centres per block; seg, t, rnorm ``[G, rows]``; k_eff ``[G]``; centres ``[G, kk, W_max]``.
+        z: scaled rotated residuals ``[G, rows, W_max]`` float32 (zero beyond each block's ``W``).
+    """
+
+    lay: _Layout
+    rmask: torch.Tensor
+    d_eff: torch.Tensor
+    mean: torch.Tensor
+    basis: torch.Tensor
+    keep: torch.Tensor
+    d_blk: torch.Tensor
+    width: torch.Tensor
+    kk: int
+    seg: torch.Tensor
+    t: torch.Tensor
+    rnorm: torch.Tensor
+    k_eff: torch.Tensor
+    centres: torch.Tensor
+    z: torch.Tensor
+
+    @property
+    def code_mask(self) -> torch.Tensor:
+        """Stored residual coordinates: real rows, columns below the block's ``W`` (``[G, rows, W_max]``)."""
+        cols = torch.arange(self.z.shape[-1], device=self.z.device)
+        return self.rmask.unsqueeze(-1) & (cols < self.width.unsqueeze(1)).unsqueeze(1)
+
+
 class KakeyaCodec(Codec):
     """The KakeyaTurbo block codec (see the module docstring for the algorithm and payload)."""
 
@@ -221,7 +258,8 @@ class KakeyaCodec(Codec):
         target = cfg.rank if cfg.rank is not None else max(x.shape[-1] // 2, 8)
         return randomized_pca(x, w, cfg.variance_ratio, target, cfg.oversample, cfg.power_iters, cfg.seed)
 
-    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _analyse(self, x: torch.Tensor) -> _Analysis:
+        """Everything the encoder decides before quantisation, for ``x [S, n, D]`` float32."""
         cfg, sd, dev = self.config, self._sdtype, x.device
         s, n, d = x.shape
         lay = _layout(s, n, cfg.block_size)
@@ -241,16 +279,15 @@ class KakeyaCodec(Codec):
         width = _widths(d_blk)
         wmax = int(width.max())
         kk = min(cfg.kmeans_k, lay.rows)
-        table = self._table(dev)
         grid = (lay.blocks, lay.rows)
-        seg = torch.zeros(grid, dtype=torch.int64, device=dev)
-        t = torch.zeros(grid, dtype=sd, device=dev)
-        rnorm = torch.zeros(grid, dtype=sd, device=dev)
-        k_eff = torch.zeros(lay.blocks, dtype=torch.int64, device=dev)
-        centres = torch.zeros(lay.blocks, kk, wmax, dtype=sd, device=dev)
-        codes = torch.zeros(*grid, wmax, dtype=torch.uint8, device=dev)
-        out_mask = torch.zeros(*grid, wmax, dtype=torch.bool, device=dev)
-        out_val = torch.zeros(*grid, wmax, dtype=torch.float16, device=dev)
+        a = _Analysis(
+            lay=lay, rmask=rmask, d_eff=fit.d_eff, mean=mean, basis=basis, keep=keep, d_blk=d_blk, width=width,
+            kk=kk, seg=torch.zeros(grid, dtype=torch.int64, device=dev),
+            t=torch.zeros(grid, dtype=sd, device=dev), rnorm=torch.zeros(grid, dtype=sd, device=dev),
+            k_eff=torch.zeros(lay.blocks, dtype=torch.int64, device=dev),
+            centres=torch.zeros(lay.blocks, kk, wmax, dtype=sd, device=dev),
+            z=torch.zeros(*grid, wmax, dtype=torch.float32, device=dev),
+        )
         for wd in sorted(set(width.tolist())):
             idx = (width == wd).nonzero().squeeze(1)
             o = owner[idx]
@@ -264,34 +301,43 @@ class KakeyaCodec(Codec):
             ts = narrow(tt, sd, "kakeya t")
             r = c - ts.float().unsqueeze(-1) * _take(cen.float(), sg)
             rn = narrow(r.norm(dim=-1), sd, "kakeya residual norm")
-            z = rotate_residual(r, random_signs(wd, cfg.seed, dev), rn.float())
-            seg[idx], t[idx], rnorm[idx], k_eff[idx] = sg, ts, rn, km.k_eff
-            centres[idx, :, :wd] = cen
-            codes[idx, :, :wd] = quantize(z, table).to(torch.uint8)
-            if cfg.outlier_threshold is not None:
-                out_mask[idx, :, :wd] = (z.abs() > cfg.outlier_threshold) & (wg > 0).unsqueeze(-1)
-                out_val[idx, :, :wd] = narrow(z, torch.float16, "kakeya outlier value")
-        cols = torch.arange(wmax, device=dev)
-        code_mask = rmask.unsqueeze(-1) & (cols < width.unsqueeze(1)).unsqueeze(1)
-        cen_mask = (torch.arange(kk, device=dev) < k_eff.unsqueeze(1)).unsqueeze(-1) & (
-            cols < d_blk.unsqueeze(1)
+            a.seg[idx], a.t[idx], a.rnorm[idx], a.k_eff[idx] = sg, ts, rn, km.k_eff
+            a.centres[idx, :, :wd] = cen
+            a.z[idx, :, :wd] = rotate_residual(r, random_signs(wd, cfg.seed, dev), rn.float())
+        return a
+
+    def scaled_residuals(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled, rotated residual coordinates ``z`` this codec would quantise for ``x [..., n, D]``
+        (float32 ``[M]``, every stored coordinate of every row): what calibrated tables are fitted on."""
+        x32 = check_input(x)[0]
+        a = self._analyse(x32)
+        return a.z[a.code_mask]
+
+    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg, dev = self.config, x.device
+        a = self._analyse(x)
+        cols = torch.arange(a.z.shape[-1], device=dev)
+        cen_mask = (torch.arange(a.kk, device=dev) < a.k_eff.unsqueeze(1)).unsqueeze(-1) & (
+            cols < a.d_blk.unsqueeze(1)
         ).unsqueeze(1)
+        code_mask = a.code_mask
         fields = {
-            "d_eff": fit.d_eff.to(small_int_dtype(d)),
-            "k_eff": k_eff.to(small_int_dtype(kk)),
-            "mean": mean,
-            "basis": basis[keep].reshape(-1),
-            "centres": centres[cen_mask],
-            "seg": pack_bits(seg[rmask], index_bits(cfg.kmeans_k)),
-            "t": t[rmask],
-            "rnorm": rnorm[rmask],
-            "codes": pack_bits(codes[code_mask], cfg.bits),
+            "d_eff": a.d_eff.to(small_int_dtype(x.shape[-1])),
+            "k_eff": a.k_eff.to(small_int_dtype(a.kk)),
+            "mean": a.mean,
+            "basis": a.basis[a.keep].reshape(-1),
+            "centres": a.centres[cen_mask],
+            "seg": pack_bits(a.seg[a.rmask], index_bits(cfg.kmeans_k)),
+            "t": a.t[a.rmask],
+            "rnorm": a.rnorm[a.rmask],
+            "codes": pack_bits(quantize(a.z[code_mask], self._table(dev)), cfg.bits),
         }
         if cfg.outlier_threshold is not None:
-            small = small_int_dtype(wmax)
-            fields["outlier_count"] = out_mask.sum(-1)[rmask].to(small)
+            out_mask = code_mask & (a.z.abs() > cfg.outlier_threshold)
+            small = small_int_dtype(a.z.shape[-1])
+            fields["outlier_count"] = out_mask.sum(-1)[a.rmask].to(small)
             fields["outlier_index"] = out_mask.nonzero()[:, 2].to(small)
-            fields["outlier_value"] = out_val[out_mask]
+            fields["outlier_value"] = narrow(a.z[out_mask], torch.float16, "kakeya outlier value")
         return fields
 
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
