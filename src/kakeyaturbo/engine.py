@@ -49,8 +49,8 @@ class CalibrationLike(Protocol):
         """``(L, L_inv)`` each ``[n_kv, D, D]`` for ``layer`` and mode ("sigma_q" or "lag"), or None
         when whitening is skipped there."""
 
-    def v2_tensors(self, layer: int, stream: str, bits: float) -> dict[str, torch.Tensor]:
-        """The ``kakeya-v2`` transforms of one (layer, stream) at a bit budget."""
+    def v2_tensors(self, layer: int, stream: str, bits: float, whiten: str) -> dict[str, torch.Tensor]:
+        """The ``kakeya-v2`` transforms of one (layer, stream) at a bit budget, fitted after ``whiten``."""
 
     def table(self, stream: str, bits: int) -> tuple[float, ...] | None:
         """The calibrated Lloyd–Max table (``2**bits`` increasing floats) of stream ``"k"``/``"v"``."""
@@ -190,14 +190,24 @@ class _CodecFactory:
         self.calibration = calibration
         self._built: dict[str, Codec] = {}
 
-    def get(self, sr: StreamRecipe, stream: str) -> Codec:
-        key = json.dumps([stream, sr.codec, sr.config, sr.calibrated_table], sort_keys=True, default=str)
+    def get(self, sr: StreamRecipe, stream: str, layer: int, whitened: bool) -> Codec:
+        cls = codecs.codec_class(sr.codec)
+        per_layer = [layer, whitened] if cls.needs_calibration else []
+        key = json.dumps([stream, sr.codec, sr.config, sr.calibrated_table, *per_layer], sort_keys=True, default=str)
         if key not in self._built:
-            self._built[key] = self._build(sr, stream)
+            self._built[key] = self._build(sr, stream, layer, sr.whiten if whitened else "none")
         return self._built[key]
 
-    def _build(self, sr: StreamRecipe, stream: str) -> Codec:
+    def _build(self, sr: StreamRecipe, stream: str, layer: int, whiten: str) -> Codec:
         cls = codecs.codec_class(sr.codec)
+        if cls.needs_calibration:
+            if self.calibration is None:
+                raise ConfigError(f"recipe {self.recipe.name!r}: codec {sr.codec!r} is built from calibrated "
+                                  f"transforms; {CALIBRATE_HINT}")
+            try:
+                return cls.from_calibration(sr.config, self.calibration, layer, stream, whiten)
+            except ConfigError as exc:
+                raise ConfigError(f"layer {layer} {stream.upper()} stream, codec {sr.codec!r}: {exc}") from None
         try:
             codec = cls(cls.config_class.from_dict(sr.config))
         except ConfigError as exc:
@@ -257,7 +267,8 @@ def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
         v_sr = overrides.get(layer, {}).get("v", v_sr)
         whitening, skipped = (None, None) if k_sr.whiten == "none" else _whitening(
             layer, n_kv_heads, head_dim, calibration, recipe, k_sr.whiten)
-        plans.append(LayerPlan(layer, factory.get(k_sr, "k"), factory.get(v_sr, "v"), whitening,
+        k_codec = factory.get(k_sr, "k", layer, whitening is not None)
+        plans.append(LayerPlan(layer, k_codec, factory.get(v_sr, "v", layer, False), whitening,
                                k_sr.is_exact and v_sr.is_exact, recipe.layout, n_kv_heads, head_dim,
                                recipe.chunk_tokens, skipped))
     return plans

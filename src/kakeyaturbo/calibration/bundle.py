@@ -58,14 +58,17 @@ class Calibration:
         """Layers left unwhitened, with the reason."""
         return {int(k): v for k, v in self.manifest.get("skipped_whitening", {}).items()}
 
-    def v2_tensors(self, layer: int, stream: str, bits: float) -> dict[str, torch.Tensor]:
-        """The ``kakeya-v2`` transform tensors of one (layer, stream) at a bit budget."""
-        prefix = f"v2.{bits:g}.{layer}.{stream}."
+    def v2_tensors(self, layer: int, stream: str, bits: float, whiten: str = "none") -> dict[str, torch.Tensor]:
+        """The ``kakeya-v2`` transform tensors of one (layer, stream) at a bit budget, fitted on that
+        stream after the pre-transform ``whiten`` ("none", or "sigma_q" for keys)."""
+        prefix = f"v2.{bits:g}.{layer}.{stream}.{whiten}."
         out = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
         if not out:
-            fitted = sorted({k.split(".")[1] for k in self.tensors if k.startswith("v2.")}, key=float)
+            fitted = sorted({".".join(k.split(".")[1:3]) for k in self.tensors if k.startswith("v2.")})
             raise ConfigError(f"calibration bundle has no kakeya-v2 transforms at {bits:g} bits for layer {layer} "
-                              f"stream {stream}; fitted budgets: {fitted or 'none'} (recalibrate with that budget)")
+                              f"stream {stream} after whitening {whiten!r}; fitted budgets: "
+                              f"{sorted({f.split('.')[0] for f in fitted}, key=float) or 'none'} "
+                              "(recalibrate with that budget)")
         return out
 
     # --- identity checks ------------------------------------------------------------------------

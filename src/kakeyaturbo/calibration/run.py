@@ -171,20 +171,23 @@ def _tables(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibrati
 
 
 def _v2(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, full: list[int]) -> None:
-    """``kakeya-v2`` static transforms per (budget, layer, stream)."""
+    """``kakeya-v2`` static transforms per (budget, layer, stream, key pre-transform)."""
     from kakeyaturbo.codecs.kakeya_v2 import fit_transforms
 
     jobs = [(b, layer) for b in settings.v2_bits for layer in full]
     for bits, layer in tqdm(jobs, desc="calibrate: kakeya-v2", unit="fit"):
         p = pooled[layer]
-        for stream in ("k", "v"):
-            # position 0 of every window (BOS, the attention sink) is kept exact by the v2 recipes
-            x = torch.cat([t[:, 1:] for t in (p.k_pre if stream == "k" else p.v)], dim=1)
-            if stream == "k":
-                x = _keys_for_fitting(cal, layer, x)
+        # position 0 of every window (BOS, the attention sink) is kept exact by the v2 recipes
+        keys = torch.cat([t[:, 1:] for t in p.k_pre], dim=1)
+        values = torch.cat([t[:, 1:] for t in p.v], dim=1)
+        variants = [("k", "none", keys), ("v", "none", values)]
+        white = cal.whitening(layer, "sigma_q")
+        if white is not None:
+            variants.append(("k", "sigma_q", keys @ white[0]))
+        for stream, whiten, x in variants:
             t = fit_transforms(x, bits=bits, stream=stream, fitted_tables=True, seed=layer)
             for name, tensor in t.to_tensors().items():
-                cal.tensors[f"v2.{bits:g}.{layer}.{stream}.{name}"] = tensor
+                cal.tensors[f"v2.{bits:g}.{layer}.{stream}.{whiten}.{name}"] = tensor
 
 
 @torch.no_grad()

@@ -146,7 +146,7 @@ class Codec(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[CodecConfig]]
     needs_calibration: ClassVar[bool] = False
-    """True for codecs built from per-model calibrated data (passed to the constructor)."""
+    """True for codecs built from per-model calibrated data, through :meth:`from_calibration`."""
 
     def __init__(self, config: CodecConfig | None = None, **overrides: Any) -> None:
         if config is None:
@@ -159,6 +159,12 @@ class Codec(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+    @classmethod
+    def from_calibration(cls, config: Mapping[str, Any], calibration: Any, layer: int, stream: str,
+                         whiten: str) -> Codec:
+        """Build the codec of one (layer, stream) from a calibration bundle (codecs that need one)."""
+        raise ConfigError(f"codec {cls.name!r} is not built from a calibration bundle")
 
     @property
     def side_nbytes(self) -> int:

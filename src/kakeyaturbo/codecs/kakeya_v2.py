@@ -421,6 +421,22 @@ class KakeyaV2Codec(Codec):
                            seed=cfg.seed, scale_bits=cfg.scale_bits, rotate_groups=cfg.rotate_groups)
         return cls(dataclasses.replace(cfg, transforms_hash=t.fingerprint()), transforms=t)
 
+    @classmethod
+    def from_calibration(cls, config: Mapping[str, Any], calibration: Any, layer: int, stream: str,
+                         whiten: str) -> KakeyaV2Codec:
+        """The codec of one (layer, stream) with the transforms a calibration bundle fitted for it.
+
+        Args:
+            config: config fields from a recipe (``stream``, ``fitted_tables`` and ``transforms_hash``
+                are filled in from the bundle).
+            calibration: an object with ``v2_tensors(layer, stream, bits, whiten)``.
+            whiten: the keys' pre-transform the transforms must have been fitted after ("none" for V).
+        """
+        cfg = KakeyaV2Config(**{**config, "stream": stream})
+        t = V2Transforms.from_tensors(calibration.v2_tensors(layer, stream, cfg.bits, whiten))
+        cfg = dataclasses.replace(cfg, fitted_tables=t.tables is not None, transforms_hash=t.fingerprint())
+        return cls(cfg, transforms=t)
+
     @property
     def side_nbytes(self) -> int:
         """Bytes of the calibrated transforms."""
