@@ -3,9 +3,13 @@
 Each decoder layer is a :class:`KakeyaLayer` holding, in token order:
 
 1. **sink**: the first ``recipe.sink_tokens`` tokens, exact (model dtype);
-2. **chunks**: one :class:`~kakeyaturbo.engine.StoredChunk` per ``chunk_tokens`` tokens, each
-   encoded once by the layer's :class:`~kakeyaturbo.engine.LayerPlan` and never re-encoded;
+2. **chunks**: :class:`~kakeyaturbo.engine.StoredChunk` objects encoded once by the layer's
+   :class:`~kakeyaturbo.engine.LayerPlan` and never re-encoded: one per ``update`` that completes
+   chunks (each chunk a separate codec stream inside it, so one codec call serves them all);
 3. **hot window**: fewer than ``chunk_tokens`` most recent tokens, exact, waiting to fill a chunk.
+
+A prefill (the first ``update``) is encoded whole, its last chunk possibly partial, so a prefilled
+cache holds no hot window; tokens added later wait in the hot window until they fill a chunk.
 
 Attention calls ``update`` with post-RoPE keys ``[B, n_kv, T, D]``. With ``recipe.pre_rope_keys``
 a layer inverts RoPE at the tokens' positions before encoding and re-applies it after decoding;
@@ -23,9 +27,9 @@ boundaries therefore gives the same attention inputs. Those decoded tensors are 
 holds between steps is only what :meth:`KakeyaCache.memory_report` counts.
 
 Supported: batch size >= 1, greedy/sampled ``generate``, ``crop`` (negative counts), ``reset``.
-A crop that lands inside a stored chunk decodes that one chunk into the hot window: its surviving
-tokens are then held exactly as decoded (fewer than ``chunk_tokens`` of them) and are encoded a
-second time only when the hot window fills that chunk again. Every ``update`` decodes all chunks
+A crop that lands inside a stored chunk group decodes that group into the hot window: its surviving
+tokens are then held exactly as decoded, and whole chunks of them are encoded a second time on the
+next ``update``. Every ``update`` decodes all chunks
 (cost linear in the context, like transformers' ``QuantizedCache``). Beam search and batch
 re-indexing (``reorder_cache``, ``batch_repeat_interleave``, ``batch_select_indices``) work while
 nothing is encoded and raise :class:`~kakeyaturbo.errors.ConfigError` afterwards. Offloading is
@@ -126,26 +130,32 @@ class KakeyaLayer(CacheLayerMixin):
         skip = max(room, 0)
         self.hot_k = torch.cat([self.hot_k, key_states[..., skip:, :]], dim=-2)
         self.hot_v = torch.cat([self.hot_v, value_states[..., skip:, :]], dim=-2)
+        prefill = self.length == 0
         self.length += key_states.shape[-2]
         out = self.full()
-        self._flush()
+        self._flush(everything=prefill)
         return out
 
-    def _flush(self) -> None:
-        """Encode every whole chunk of the hot window, one :class:`StoredChunk` per chunk."""
+    def _flush(self, everything: bool) -> None:
+        """Encode the hot window's whole chunks (one :class:`StoredChunk`, each chunk its own codec
+        stream); with ``everything`` (a prefill) also the partial chunk left over."""
         c = self.plan.chunk_tokens
-        n = self.hot_k.shape[-2] // c * c
-        if self.plan.exact or n == 0:
+        held = self.hot_k.shape[-2]
+        n = held // c * c
+        spans = [(0, n)] if n else []
+        if everything and held > n:
+            spans.append((n, held))
+        if self.plan.exact or not spans:
             return
-        k = self.hot_k[..., :n, :].float()
+        start = self.sink_k.shape[-2] + self.stored_tokens
+        k_all = self.hot_k.float()
         if self.rope is not None:
-            k = self.rope.invert(k, _positions(self.sink_k.shape[-2] + self.stored_tokens, n))
-        # one Encoded per chunk (a loop over the chunks completed by this update), so that a crop
-        # touches one chunk only and no chunk is ever encoded twice
-        self.chunks.extend(self.plan.encode(k[..., i : i + c, :], self.hot_v[..., i : i + c, :])
-                           for i in range(0, n, c))
-        self.hot_k = self.hot_k[..., n:, :].clone()
-        self.hot_v = self.hot_v[..., n:, :].clone()
+            k_all = self.rope.invert(k_all, _positions(start, held))
+        for a, b in spans:
+            self.chunks.append(self.plan.encode(k_all[..., a:b, :], self.hot_v[..., a:b, :]))
+        done = spans[-1][1]
+        self.hot_k = self.hot_k[..., done:, :].clone()
+        self.hot_v = self.hot_v[..., done:, :].clone()
 
     def _decode(self, chunk: StoredChunk, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one stored chunk whose first token is at ``start``: post-RoPE K and V, model dtype."""

@@ -115,21 +115,22 @@ class LayerPlan:
                 f"layer {self.layer}: {name} must be [B, n_kv={self.n_kv_heads}, T, D={self.head_dim}], "
                 f"got {tuple(x.shape)}"
             )
-        if x.shape[2] == 0 or x.shape[2] % self.chunk_tokens:
+        t = x.shape[2]
+        if t == 0 or (t % self.chunk_tokens and t > self.chunk_tokens):
             raise ShapeError(
-                f"layer {self.layer}: {name} has {x.shape[2]} tokens, not a positive multiple of "
-                f"chunk_tokens={self.chunk_tokens}"
+                f"layer {self.layer}: {name} has {t} tokens: encode a positive multiple of "
+                f"chunk_tokens={self.chunk_tokens} or one partial chunk of fewer tokens"
             )
 
     def _to_rows(self, x: torch.Tensor) -> torch.Tensor:
         b, h, t, d = x.shape
-        c = self.chunk_tokens
+        c = min(self.chunk_tokens, t)
         if self.layout == "head":
             return x.reshape(b, h, t // c, c, d).transpose(1, 2)
         return x.reshape(b, h, t // c, c, d).permute(0, 2, 3, 1, 4).reshape(b, t // c, c * h, d)
 
     def _from_rows(self, y: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
-        h, d, c = self.n_kv_heads, self.head_dim, self.chunk_tokens
+        h, d, c = self.n_kv_heads, self.head_dim, min(self.chunk_tokens, tokens)
         if self.layout == "head":
             return y.reshape(batch, tokens // c, h, c, d).transpose(1, 2).reshape(batch, h, tokens, d)
         return y.reshape(batch, tokens // c, c, h, d).permute(0, 3, 1, 2, 4).reshape(batch, h, tokens, d)
@@ -139,7 +140,8 @@ class LayerPlan:
 
         Args:
             k_pre: keys ``[B, n_kv, T, D]`` (pre-RoPE when the recipe says so), float dtype.
-            v: values ``[B, n_kv, T, D]``; ``T`` a positive multiple of ``chunk_tokens``.
+            v: values ``[B, n_kv, T, D]``; ``T`` a positive multiple of ``chunk_tokens`` (each chunk
+                its own codec stream) or a single partial chunk ``T < chunk_tokens``.
 
         Returns:
             A :class:`StoredChunk` decoding to the input dtype.

@@ -93,17 +93,10 @@ class Session:
         return KakeyaCache(self.model.config, recipe, calibration, rope=self.rope)
 
 
-def _groups(start: int, total: int, chunk: int, sink: int) -> list[tuple[int, int]]:
-    """Split continuation offsets ``[0, total)`` into groups ending on chunk boundaries, given
-    ``start`` tokens already held (``sink`` of them outside the chunk grid)."""
-    out, a = [], 0
-    held = start - min(sink, start)
-    while a < total:
-        room = chunk - (held + a) % chunk
-        b = min(total, a + room)
-        out.append((a, b))
-        a = b
-    return out
+def _groups(total: int, chunk: int) -> list[tuple[int, int]]:
+    """Continuation offsets ``[0, total)`` in groups of ``chunk`` (the prefill leaves no hot window,
+    so these groups end exactly where the cache completes chunks)."""
+    return [(a, min(a + chunk, total)) for a in range(0, total, chunk)]
 
 
 def evaluate(
@@ -149,7 +142,7 @@ def evaluate(
                 alt_logits = logits(model, cont, plain)
             else:
                 t3 = t2
-                groups = _groups(s.ctx, s.n_eval, r.chunk_tokens, r.sink_tokens)
+                groups = _groups(s.n_eval, r.chunk_tokens)
                 alt_logits = torch.cat([logits(model, cont[:, a:b], cache) for a, b in groups])
                 report = cache.memory_report()
             per[r.name].append(token_metrics(ref_logits[:-1], alt_logits[:-1], cont[0, 1:]))
