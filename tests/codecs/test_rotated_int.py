@@ -52,10 +52,7 @@ def test_error_within_half_a_step(seed, bits, symmetric):
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(seed)) * 3
     y = RotatedIntCodec(bits=bits, group_size=8, rotate=False, symmetric=symmetric).roundtrip(x)
     g = group_last(x, 8)
-    if symmetric:
-        step = g.abs().amax(-1) / (2 ** (bits - 1) - 1)
-    else:
-        step = (g.amax(-1) - g.amin(-1)) / (2**bits - 1)
+    step = g.abs().amax(-1) / (2 ** (bits - 1) - 1) if symmetric else (g.amax(-1) - g.amin(-1)) / (2 ** bits - 1)
     err = group_last(y - x, 8).abs().amax(-1)
     assert bool((err <= step * 0.5 * 1.01 + 1e-2 * step + 1e-6).all())
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kakeyaturbo.errors import ConfigError, CorruptDataError
@@ -106,7 +107,7 @@ class Calibration:
         try:
             manifest = json.loads((d / "manifest.json").read_text())
             tensors = load_file(str(d / "tensors.safetensors"))
-        except (ValueError, OSError, RuntimeError) as exc:
+        except (ValueError, OSError, RuntimeError, SafetensorError) as exc:
             raise CorruptDataError(f"calibration bundle {d} is unreadable: {exc}") from None
         if manifest.get("bundle_version") != BUNDLE_VERSION:
             raise CorruptDataError(

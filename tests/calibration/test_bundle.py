@@ -1,0 +1,96 @@
+"""Calibration bundles: a whole (small) calibration on a tiny random Llama, save/load, and the errors
+that protect against using a bundle with the wrong model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from kakeyaturbo import recipes
+from kakeyaturbo.cache import KakeyaCache
+from kakeyaturbo.calibration import Calibration, CalibrationSettings, calibrate, config_hash
+from kakeyaturbo.errors import ConfigError, CorruptDataError
+from kakeyaturbo.models.loading import default_model_dir
+from kakeyaturbo.models.text import Corpus
+
+TEXT = " ".join(f"Sentence {i} tells of the weather, the ball at Netherfield and letters." for i in range(400))
+SETTINGS = CalibrationSettings(windows=2, tokens=96, table_bits=(2,), sensitivity_ctx=48, sensitivity_eval=16,
+                               v2_bits=(3.0,))
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    corpus = Corpus("toy", calibration=TEXT, evaluation="", split_note="all text is calibration")
+    return model, calibrate(model, tokenizer, corpus, SETTINGS, model_name="tiny", text="toy")
+
+
+@pytest.mark.model
+def test_bundle_contents(bundle):
+    model, cal = bundle
+    assert sorted(cal.boundary_ranking) == [0, 1, 2] and cal.skipped_whitening == {}
+    chol, inv = cal.whitening(1, "sigma_q")
+    assert chol.shape == (2, 16, 16) and torch.allclose(chol @ inv, torch.eye(16).expand(2, 16, 16), atol=1e-3)
+    assert cal.whitening(1, "lag")[0].shape == (2, 16, 16)
+    table = cal.table("k", 2)
+    assert len(table) == 4 and list(table) == sorted(table) and cal.table("k", 3) is None
+    assert cal.manifest["settings"]["tokens"] == 96 and cal.manifest["split"] == "all text is calibration"
+    assert {"k.sigma_q", "k.none", "v.none"} <= {".".join(k.split(".")[3:5]) for k in cal.tensors if k.startswith("v2.")}
+
+
+@pytest.mark.model
+def test_bundle_round_trip_and_use(tmp_path, bundle):
+    model, cal = bundle
+    cal.save(tmp_path / "b")
+    back = Calibration.load(tmp_path / "b")
+    as_json = json.loads(json.dumps({**cal.manifest, "bundle_version": 1}))
+    assert back.manifest == as_json and back.tensors.keys() == cal.tensors.keys()
+    back.check_model("tiny", config_hash(model.config))
+    recipe = recipes.Recipe.from_dict({
+        "name": "v2", "sink_tokens": 1, "chunk_tokens": 16,
+        "k": {"codec": "kakeya-v2", "config": {"bits": 3.0}, "whiten": "sigma_q"},
+        "v": {"codec": "kakeya-v2", "config": {"bits": 3.0}},
+    })
+    cache = KakeyaCache.from_model(model, recipe, back)
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 40)), cache=cache)
+    report = cache.memory_report()
+    chunks = [c for layer in cache.layers for c in layer.chunks]
+    payload_bits = 8 * sum(c.k.payload_nbytes + c.v.payload_nbytes for c in chunks)
+    elements = 3 * 2 * 2 * 39 * 16  # layers x (K, V) x heads x post-sink tokens x D
+    assert payload_bits / elements == pytest.approx(3.0, abs=0.05)  # per-token bytes at the budget
+    assert report["ratio"] > 1.5 and report["model_side"] > 0  # (tiny chunks: headers weigh a lot)
+
+
+@pytest.mark.model
+def test_bundle_errors(tmp_path, bundle):
+    model, cal = bundle
+    with pytest.raises(ConfigError, match="not a calibration bundle"):
+        Calibration.load(tmp_path / "missing")
+    cal.save(tmp_path / "b")
+    with pytest.raises(ConfigError, match="made for model 'tiny'"):
+        Calibration.load(tmp_path / "b").check_model("other", "0123")
+    with pytest.raises(ConfigError, match="no kakeya-v2 transforms at 2.5 bits"):
+        cal.v2_tensors(0, "k", 2.5, "sigma_q")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps({**manifest, "bundle_version": 99}))
+    with pytest.raises(CorruptDataError, match="version 99"):
+        Calibration.load(tmp_path / "b")
+    (tmp_path / "b" / "tensors.safetensors").write_bytes(b"garbage")
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptDataError, match="unreadable"):
+        Calibration.load(tmp_path / "b")
+
+
+def test_settings_validated():
+    with pytest.raises(ConfigError, match="ridge"):
+        CalibrationSettings(ridge=2.0)
+    with pytest.raises(ConfigError, match="fit in one calibration window"):
+        CalibrationSettings(tokens=64, sensitivity_ctx=60)
