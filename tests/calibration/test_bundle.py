@@ -42,8 +42,8 @@ def test_bundle_contents(bundle):
     table = cal.table("k", 2)
     assert len(table) == 4 and list(table) == sorted(table) and cal.table("k", 3) is None
     assert cal.manifest["settings"]["tokens"] == 96 and cal.manifest["split"] == "all text is calibration"
-    variants = {".".join(k.split(".")[3:5]) for k in cal.tensors if k.startswith("v2.")}
-    assert {"k.sigma_q", "k.none", "v.none"} <= variants
+    variants = {"/".join(k.split("/")[3:5]) for k in cal.tensors if k.startswith("v2/")}
+    assert variants == {"k/sigma_q", "k/lag", "k/none", "v/none"}
 
 
 @pytest.mark.model
@@ -78,7 +78,7 @@ def test_bundle_errors(tmp_path, bundle):
     cal.save(tmp_path / "b")
     with pytest.raises(ConfigError, match="made for model 'tiny'"):
         Calibration.load(tmp_path / "b").check_model("other", "0123")
-    with pytest.raises(ConfigError, match="no kakeya-v2 transforms at 2.5 bits"):
+    with pytest.raises(ConfigError, match=r"no kakeya-v2 transforms at 2.5 bits.*fitted budgets: \['3'\]"):
         cal.v2_tensors(0, "k", 2.5, "sigma_q")
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     (tmp_path / "b" / "manifest.json").write_text(json.dumps({**manifest, "bundle_version": 99}))

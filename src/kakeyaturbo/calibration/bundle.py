@@ -25,8 +25,9 @@ class Calibration:
 
     Attributes:
         manifest: model id and config hash, text and split, settings, package version, notes.
-        tensors: every tensor of the bundle by name (``sigma.{layer}``, ``chol.{mode}.{layer}``,
-            ``inv_chol.{mode}.{layer}``, ``table.{stream}.{bits}``, ``v2.{layer}.{stream}.*``).
+        tensors: every tensor of the bundle by ``/``-separated name: ``sigma/{mode}/{layer}``,
+            ``chol/{mode}/{layer}``, ``inv_chol/{mode}/{layer}``, ``table/{stream}/{bits}``,
+            ``v2/{bits}/{layer}/{stream}/{whiten}/{field}``.
     """
 
     manifest: dict[str, Any]
@@ -39,14 +40,14 @@ class Calibration:
             raise ConfigError(f"whitening mode must be 'sigma_q' or 'lag', got {mode!r}")
         if layer in self.skipped_whitening:
             return None
-        key = f"chol.{mode}.{layer}"
+        key = f"chol/{mode}/{layer}"
         if key not in self.tensors:
             raise ConfigError(f"calibration bundle has no {mode} whitening for layer {layer}")
-        return self.tensors[key], self.tensors[f"inv_chol.{mode}.{layer}"]
+        return self.tensors[key], self.tensors[f"inv_chol/{mode}/{layer}"]
 
     def table(self, stream: str, bits: int) -> tuple[float, ...] | None:
         """Calibrated Lloyd–Max table for ``stream`` ("k"/"v") at ``bits``, or None if not fitted."""
-        t = self.tensors.get(f"table.{stream}.{bits}")
+        t = self.tensors.get(f"table/{stream}/{bits}")
         return None if t is None else tuple(float(v) for v in t.tolist())
 
     @property
@@ -62,13 +63,12 @@ class Calibration:
     def v2_tensors(self, layer: int, stream: str, bits: float, whiten: str = "none") -> dict[str, torch.Tensor]:
         """The ``kakeya-v2`` transform tensors of one (layer, stream) at a bit budget, fitted on that
         stream after the pre-transform ``whiten`` ("none", or "sigma_q" for keys)."""
-        prefix = f"v2.{bits:g}.{layer}.{stream}.{whiten}."
+        prefix = f"v2/{bits:g}/{layer}/{stream}/{whiten}/"
         out = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
         if not out:
-            fitted = sorted({".".join(k.split(".")[1:3]) for k in self.tensors if k.startswith("v2.")})
+            fitted = sorted({k.split("/")[1] for k in self.tensors if k.startswith("v2/")}, key=float)
             raise ConfigError(f"calibration bundle has no kakeya-v2 transforms at {bits:g} bits for layer {layer} "
-                              f"stream {stream} after whitening {whiten!r}; fitted budgets: "
-                              f"{sorted({f.split('.')[0] for f in fitted}, key=float) or 'none'} "
+                              f"stream {stream} after whitening {whiten!r}; fitted budgets: {fitted or 'none'} "
                               "(recalibrate with that budget)")
         return out
 

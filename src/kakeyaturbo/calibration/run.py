@@ -36,7 +36,7 @@ TABLE_CODEC = {"pca": "randomized", "variance_ratio": 1.0, "block_size": 512}
 """Settings of the ``kakeya`` codec whose residuals the calibrated tables are fitted on (those of
 the seed's recipes that use calibrated tables: randomized PCA, rank D/2, variance ratio 1.0)."""
 
-V2_BITS = (2.0, 2.25, 2.5, 3.0, 3.5, 4.0)
+V2_BITS = (1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0, 6.0)
 """Bit budgets for which ``kakeya-v2`` transforms are fitted (per layer and stream)."""
 
 
@@ -56,7 +56,7 @@ class CalibrationSettings:
         v2_bits: bit budgets of the ``kakeya-v2`` transforms.
     """
 
-    windows: int = 4
+    windows: int = 8
     tokens: int = 1024
     ridge: float = 1e-3
     cond_cap: float | None = None
@@ -135,9 +135,9 @@ def _whitening(model: Any, pooled: list[_Pooled], lags: torch.Tensor, settings: 
         reasons = []
         for mode, mat in (("sigma_q", sigma), ("lag", lag)):
             chol, inv = cholesky_pair(mat)
-            cal.tensors[f"sigma.{mode}.{layer}"] = mat.float()
-            cal.tensors[f"chol.{mode}.{layer}"] = chol
-            cal.tensors[f"inv_chol.{mode}.{layer}"] = inv
+            cal.tensors[f"sigma/{mode}/{layer}"] = mat.float()
+            cal.tensors[f"chol/{mode}/{layer}"] = chol
+            cal.tensors[f"inv_chol/{mode}/{layer}"] = inv
             hazard = whitening_hazard(k_all, chol, settings.cond_limit)
             if hazard:
                 reasons.append(f"{mode}: {hazard}")
@@ -167,7 +167,7 @@ def _tables(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibrati
             z = torch.cat(samples)
             if z.numel() > 5_000_000:
                 z = z[torch.randperm(z.numel(), generator=torch.Generator().manual_seed(0))[:5_000_000]]
-            cal.tensors[f"table.{stream}.{bits}"] = lloyd_max.fit(z, bits)
+            cal.tensors[f"table/{stream}/{bits}"] = lloyd_max.fit(z, bits)
 
 
 def _v2(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, full: list[int]) -> None:
@@ -181,13 +181,14 @@ def _v2(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, 
         keys = torch.cat([t[:, 1:] for t in p.k_pre], dim=1)
         values = torch.cat([t[:, 1:] for t in p.v], dim=1)
         variants = [("k", "none", keys), ("v", "none", values)]
-        white = cal.whitening(layer, "sigma_q")
-        if white is not None:
-            variants.append(("k", "sigma_q", keys @ white[0]))
+        for mode in ("sigma_q", "lag"):
+            white = cal.whitening(layer, mode)
+            if white is not None:
+                variants.append(("k", mode, keys @ white[0]))
         for stream, whiten, x in variants:
             t = fit_transforms(x, bits=bits, stream=stream, fitted_tables=True, seed=layer)
             for name, tensor in t.to_tensors().items():
-                cal.tensors[f"v2.{bits:g}.{layer}.{stream}.{whiten}.{name}"] = tensor
+                cal.tensors[f"v2/{bits:g}/{layer}/{stream}/{whiten}/{name}"] = tensor
 
 
 @torch.no_grad()
