@@ -36,7 +36,7 @@ TABLE_CODEC = {"pca": "randomized", "variance_ratio": 1.0, "block_size": 512}
 """Settings of the ``kakeya`` codec whose residuals the calibrated tables are fitted on (those of
 the seed's recipes that use calibrated tables: randomized PCA, rank D/2, variance ratio 1.0)."""
 
-V2_BITS = (1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0, 6.0)
+V2_BITS = (2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0)
 """Bit budgets for which ``kakeya-v2`` transforms are fitted (per layer and stream)."""
 
 
@@ -54,6 +54,8 @@ class CalibrationSettings:
         sensitivity_ctx, sensitivity_eval: window split for the boundary-layer sensitivity.
         probe_bits: bit width of the sensitivity probe (``kakeya`` codec on one layer at a time).
         v2_bits: bit budgets of the ``kakeya-v2`` transforms.
+        v2_key_whitening: key pre-transforms the v2 key transforms are fitted after ("sigma_q" is what
+            the built-in recipes use; add "none" and "lag" for ablations).
     """
 
     windows: int = 8
@@ -67,6 +69,7 @@ class CalibrationSettings:
     sensitivity_eval: int = 64
     probe_bits: int = 2
     v2_bits: tuple[float, ...] = V2_BITS
+    v2_key_whitening: tuple[str, ...] = ("sigma_q",)
 
     def __post_init__(self) -> None:
         if self.windows < 1 or self.tokens < 16:
@@ -180,11 +183,10 @@ def _v2(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, 
         # position 0 of every window (BOS, the attention sink) is kept exact by the v2 recipes
         keys = torch.cat([t[:, 1:] for t in p.k_pre], dim=1)
         values = torch.cat([t[:, 1:] for t in p.v], dim=1)
-        variants = [("k", "none", keys), ("v", "none", values)]
-        for mode in ("sigma_q", "lag"):
-            white = cal.whitening(layer, mode)
-            if white is not None:
-                variants.append(("k", mode, keys @ white[0]))
+        variants = [("v", "none", values)]
+        for mode in settings.v2_key_whitening:
+            white = None if mode == "none" else cal.whitening(layer, mode)
+            variants.append(("k", mode if white is not None else "none", keys if white is None else keys @ white[0]))
         for stream, whiten, x in variants:
             t = fit_transforms(x, bits=bits, stream=stream, fitted_tables=True, seed=layer)
             for name, tensor in t.to_tensors().items():

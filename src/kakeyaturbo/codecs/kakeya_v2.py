@@ -282,6 +282,10 @@ def group_rotations(widths: torch.Tensor, seed: int) -> torch.Tensor:
     return rot
 
 
+TABLE_FIT_TOKENS = 2048
+"""Tokens per stream (evenly spaced) the fitted tables are estimated from; bounds calibration time."""
+
+
 def _fit_tables(
     z: torch.Tensor, widths: torch.Tensor, max_iter: int = 100, tol: float = 1e-5
 ) -> torch.Tensor:
@@ -372,7 +376,8 @@ def fit_transforms(
     tables = None
     if cfg.fitted_tables:
         z = (normed / sigma.double().unsqueeze(1)).float()
-        tables = narrow(_fit_tables(z, widths), torch.float16, "kakeya-v2 fitted tables")
+        keep = torch.linspace(0, z.shape[1] - 1, min(z.shape[1], TABLE_FIT_TOKENS), device=z.device).long()
+        tables = narrow(_fit_tables(z[:, keep], widths), torch.float16, "kakeya-v2 fitted tables")
     return V2Transforms(basis_q=basis_q, basis_scale=col_scale, mean=mean16, sigma=sigma,
                         bits=widths.to(torch.uint8), log_gain=log_gain, tables=tables)
 

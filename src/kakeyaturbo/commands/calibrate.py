@@ -20,6 +20,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ridge", type=float, default=1e-3, help="Σ_q ridge, times mean(diag) (default: %(default)s)")
     p.add_argument("--cond-cap", type=float, default=None,
                    help="cap on cond(chol Σ_q) by Tikhonov regularisation (default: none)")
+    p.add_argument("--v2-bits", type=float, nargs="+", default=None, metavar="B",
+                   help="bit budgets to fit kakeya-v2 transforms for (default: 2 2.25 2.5 2.75 3 3.5 4 5)")
+    p.add_argument("--v2-key-whitening", nargs="+", default=["sigma_q"], choices=["sigma_q", "lag", "none"],
+                   help="key pre-transforms to fit kakeya-v2 key transforms after (default: sigma_q; add "
+                   "'none' and 'lag' for ablations)")
     p.add_argument("--force", action="store_true", help="recalibrate even if the bundle exists")
 
 
@@ -35,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"calibration bundle already at {out} (use --force to redo)")
         return 0
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    settings = CalibrationSettings(windows=args.windows, tokens=args.tokens, ridge=args.ridge, cond_cap=args.cond_cap)
+    extra = {"v2_bits": tuple(args.v2_bits)} if args.v2_bits else {}
+    settings = CalibrationSettings(windows=args.windows, tokens=args.tokens, ridge=args.ridge, cond_cap=args.cond_cap,
+                                   v2_key_whitening=tuple(args.v2_key_whitening), **extra)
     bundle = calibrate(model, tokenizer, load_corpus(args.text), settings, model_name=args.model, text=args.text)
     bundle.save(out)
     skipped = bundle.skipped_whitening
