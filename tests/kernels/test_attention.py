@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -55,7 +56,10 @@ def _whitening(seed: int) -> Whitening:
     return Whitening(lower, torch.linalg.inv(lower))
 
 
-def _plan(codec: str, rope: Rope | None, whitening: Whitening | None, seed: int) -> LayerPlan:
+@functools.cache
+def _plan(codec: str, pre_rope: bool, whiten: bool, seed: int) -> LayerPlan:
+    rope = _rope() if pre_rope else None
+    whitening = _whitening(seed) if whiten else None
     if codec == "rotated-int4":
         k_codec = v_codec = RotatedIntCodec(RotatedIntConfig(bits=4))
     else:
@@ -69,13 +73,13 @@ def _plan(codec: str, rope: Rope | None, whitening: Whitening | None, seed: int)
 
 def _layer(codec: str, *, t: int, extra: int, sink: int, pre_rope: bool, whiten: bool,
            dtype: torch.dtype = torch.float32, seed: int = 0) -> KakeyaLayer:
-    """A KakeyaLayer prefilled with ``t`` tokens and then fed ``extra`` more one by one."""
+    """A KakeyaLayer prefilled with ``t`` tokens and then fed ``extra`` more in one update."""
     rope = _rope() if pre_rope else None
-    layer = KakeyaLayer(_plan(codec, rope, _whitening(seed) if whiten else None, seed), sink, rope)
+    layer = KakeyaLayer(_plan(codec, pre_rope, whiten, seed), sink, rope)
     k, v = _keys_values(t + extra, seed)
     layer.update(k[..., :t, :].to(dtype), v[..., :t, :].to(dtype))
-    for i in range(t, t + extra):
-        layer.update(k[..., i : i + 1, :].to(dtype), v[..., i : i + 1, :].to(dtype))
+    if extra:
+        layer.update(k[..., t:, :].to(dtype), v[..., t:, :].to(dtype))
     return layer
 
 
@@ -181,6 +185,6 @@ def test_segment_errors() -> None:
     with pytest.raises(ConfigError, match="supports"):
         segment_from_encoded(enc, object(), N_KV)
     v2 = _layer("kakeya-v2", t=128, extra=0, sink=0, pre_rope=False, whiten=False)
-    other = _plan("kakeya-v2", None, None, seed=5).k_codec
+    other = _plan("kakeya-v2", False, False, seed=5).k_codec
     with pytest.raises(CorruptDataError, match="transforms"):
         segment_from_encoded(v2.chunks[0].k, other, N_KV)
