@@ -92,7 +92,7 @@ def llama_rope(shapes: Shapes, device: torch.device) -> Rope:
     """Llama-3's RoPE (theta 500000, half pairing) for the benchmark's head dim."""
     cfg = LlamaConfig(hidden_size=shapes.n_q * shapes.dim, num_attention_heads=shapes.n_q,
                       num_key_value_heads=shapes.n_kv, head_dim=shapes.dim, rope_theta=500000.0)
-    return Rope(LlamaRotaryEmbedding(cfg, device=device), "half")
+    return Rope(LlamaRotaryEmbedding(cfg).to(device), "half")
 
 
 def attention_rows(shapes: Shapes, device: torch.device, name: str) -> list[dict[str, Any]]:
