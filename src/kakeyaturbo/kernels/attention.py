@@ -30,6 +30,7 @@ keys are never unprojected at all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Protocol
@@ -190,21 +191,30 @@ class V2Segment:
         repeats = self.chunks * self.n_kv // s_t
         return ((streams % s_t) * repeats + streams // s_t) * self.chunk_tokens + row
 
+    @functools.cached_property
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        """Per-head decode state on the payload's device, built once: widths, bit prefix, table
+        slot offsets (int64 ``[n_kv, D]``), levels ``[n_kv, 510]``, sigma ``[n_kv, D]``, gain grid
+        ``lo, hi [n_kv, 1]`` (float32)."""
+        t = self.codec.transforms
+        widths = self._head(t.bits.long())
+        slots = ((1 << widths) - 2).clamp_min(0)
+        lo, hi = (self._head(t.log_gain[:, i : i + 1]) for i in (0, 1))
+        return (widths, torch.cumsum(widths, 1) - widths, slots, self._head(self._tables()),
+                self._head(t.sigma.float()), lo, hi)
+
     def coefficients(self, start: int, stop: int) -> torch.Tensor:
         """float32 ``[n_kv, stop - start, D]``: ``c = z ⊙ σ · g`` of tokens ``start..stop-1``."""
-        t, cfg = self.codec.transforms, self.codec.config
-        widths = self._head(t.bits.long())  # [n_kv, D]
-        prefix = torch.cumsum(widths, 1) - widths
-        budget = code_bits_per_vector(cfg.bits, cfg.scale_bits, t.dim)
+        cfg = self.codec.config
+        widths, prefix, slots, tables, sigma, lo, hi = self._state
+        budget = code_bits_per_vector(cfg.bits, cfg.scale_bits, widths.shape[1])
         vec = self._vectors(start, stop)
         codes = read_bits(self.codes, vec.unsqueeze(-1) * budget + prefix.unsqueeze(1), widths.unsqueeze(1))
-        slot = ((1 << widths) - 2).clamp_min(0).unsqueeze(1) + codes  # [n_kv, n, D]
-        z = self._head(self._tables()).gather(1, slot.flatten(1)).view(slot.shape)
-        z = torch.where(widths.unsqueeze(1) > 0, z, 0.0)
-        lo, hi = (self._head(t.log_gain[:, i : i + 1]) for i in (0, 1))
+        slot = slots.unsqueeze(1) + codes  # [n_kv, n, D]
+        z = torch.where(widths.unsqueeze(1) > 0, tables.gather(1, slot.flatten(1)).view(slot.shape), 0.0)
         q = read_bits(self.gains, vec * cfg.scale_bits, cfg.scale_bits).float()
         gain = torch.exp(lo + q * ((hi - lo) / (2**cfg.scale_bits - 1)))
-        return z * self._head(t.sigma.float()).unsqueeze(1) * gain.unsqueeze(-1)
+        return z * sigma.unsqueeze(1) * gain.unsqueeze(-1)
 
     def unprojection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean [n_kv, D], Bᵀ [n_kv, D, D])``, float32."""
