@@ -36,8 +36,9 @@ def test_eval_end_to_end(tmp_path, mode, capsys):
     exact, fp8, tq2 = records["exact"], records["fp8"], records["turboquant-2"]
     assert exact["kl"] < 1e-6 and abs(exact["delta_ppl_pct"]) <= 0.05 and exact["top1_pct"] == 100.0
     assert exact["ratio"] == pytest.approx(1.0) and exact["verdict"] == "ACCEPT"
-    assert 1.8 < fp8["ratio"] < 2.0 and fp8["kl"] < tq2["kl"]
-    assert tq2["ratio"] > 5.0
+    # streaming: the 32 continuation tokens wait in fp8's 64-token hot window, exact (and counted)
+    assert (1.8 if mode == "snapshot" else 1.6) < fp8["ratio"] < 2.0 and fp8["kl"] < tq2["kl"]
+    assert tq2["ratio"] > (5.0 if mode == "snapshot" else 3.5)
     for r in records.values():
         assert r["tokens_scored"] == 2 * 31 and r["windows"] == 2 and r["mode"] == mode
         assert r["bytes_bf16"] == 30 * 2 * 3 * 64 * 2 * 2 * (224 if mode == "snapshot" else 256)
