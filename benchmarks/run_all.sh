@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Re-runs every committed evaluation (resumable: finished cells are skipped). About 2 hours on the
+# Re-runs every committed evaluation (resumable: finished cells are skipped). About 2.5 hours on the
 # 2-core development machine. Needs `kakeya calibrate` first (the ladder and v2 recipes use it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=.venv/bin/kakeya
 $K calibrate
-$K sweep --grid benchmarks/sweeps/ctx1024.json --out benchmarks/results/ctx1024
+$K sweep --grid benchmarks/sweeps/v2-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/windows32.json --out benchmarks/results/windows32
+$K sweep --grid benchmarks/sweeps/ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/ctx2048.json --out benchmarks/results/ctx2048

@@ -14,6 +14,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "'mode': [...]}}; keys: model, text, recipe, mode, ctx, n_eval, windows, calibration, device")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="output folder; finished cells in DIR/results.jsonl are skipped on a re-run")
+    p.add_argument("--report-only", action="store_true",
+                   help="evaluate nothing: rewrite table.md and pareto.png from the cells already finished")
 
 
 def _evaluator() -> Any:
@@ -32,7 +34,6 @@ def _evaluator() -> Any:
             sessions.clear()
             sessions[key] = Session(settings)
         session = sessions[key]
-        out = []
         by_cal: dict[Any, list[int]] = {}
         for i, cell in enumerate(cells):
             by_cal.setdefault(cell.get("calibration"), []).append(i)
@@ -42,10 +43,8 @@ def _evaluator() -> Any:
             cal = load_calibration(Path(cal_path) if cal_path else None, settings.model, session.model.config,
                                    required=any(r.needs_calibration for r in chosen))
             for i, rec in zip(idx, evaluate(settings, chosen, cal, session=session)):
-                rec["recipe"] = cells[i]["recipe"]
-                results[i] = rec
-        out = [results[i] for i in range(len(cells))]
-        return out
+                results[i] = {**rec, "recipe_source": cells[i]["recipe"]}  # a built-in name or a file
+        return [results[i] for i in range(len(cells))]
 
     return run_group
 
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the sweep."""
     from kakeyaturbo.evaluation.sweep import run_sweep
 
-    records = run_sweep(args.grid, args.out, _evaluator())
+    records = run_sweep(args.grid, args.out, None if args.report_only else _evaluator())
     print(f"{len(records)} cells; results in {args.out / 'results.jsonl'}, table in {args.out / 'table.md'}, "
           f"plot in {args.out / 'pareto.png'}")
     return 0

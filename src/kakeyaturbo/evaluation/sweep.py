@@ -197,7 +197,7 @@ def _checked(result: Any, group: list[Cell]) -> list[dict[str, Any]]:
         raise KakeyaError(f"evaluate must return one record per cell of its group ({len(group)}), got {got}")
     for cell, rec in zip(group, records):
         check_record(rec, f"record of cell {cell_key(cell)} ({cell['recipe']})")
-        if rec["recipe"] != cell["recipe"]:
+        if cell["recipe"] not in (rec["recipe"], rec.get("recipe_source")):
             raise KakeyaError(f"evaluate returned a record for recipe {rec['recipe']!r} where the cell "
                               f"asks for {cell['recipe']!r} (records must follow the cells' order)")
     return records
@@ -206,7 +206,7 @@ def _checked(result: Any, group: list[Cell]) -> list[dict[str, Any]]:
 def run_sweep(
     grid_path: str | Path,
     out_dir: str | Path,
-    evaluate: Evaluate,
+    evaluate: Evaluate | None,
     *,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -220,6 +220,7 @@ def run_sweep(
             per cell, in the same order, each echoing its cell's ``recipe`` (a bare dict is
             accepted for a one-cell group).
         progress: show a tqdm bar over cells.
+        ``evaluate=None`` evaluates nothing: the table and plot are written from the finished cells.
 
     Returns:
         The records of this grid's cells, in grid order, each with ``cell_key`` and ``cell`` added.
@@ -231,15 +232,15 @@ def run_sweep(
     done = {r["cell_key"]: r for r in read_results(results)}
     pending = [c for c in cells if cell_key(c) not in done]
     with tqdm(total=len(cells), initial=len(cells) - len(pending), desc="sweep", unit="cell",
-              disable=not progress) as bar:
-        for group in group_cells(pending):
+              disable=not progress or evaluate is None) as bar:
+        for group in group_cells(pending) if evaluate is not None else []:
             for cell, rec in zip(group, _checked(evaluate([dict(c) for c in group]), group)):
                 key = cell_key(cell)
                 rec = {**rec, "cell_key": key, "cell": cell}
                 append_record(results, rec)
                 done[key] = rec
                 bar.update(1)
-    records = [done[cell_key(c)] for c in cells]
+    records = [done[cell_key(c)] for c in cells if cell_key(c) in done]
     _write_atomic(out / "table.md", markdown_table(records))
     os.replace(pareto_plot(records, out / "pareto.tmp.png"), out / "pareto.png")
     return records
