@@ -33,6 +33,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "KakeyaCache": "kakeyaturbo.cache",
     "Calibration": "kakeyaturbo.calibration",
+    "calibration": "kakeyaturbo.calibration",
     "recipes": "kakeyaturbo.recipes",
     "models": "kakeyaturbo.models",
 }
