@@ -20,6 +20,7 @@ SETTINGS: dict[str, dict] = {
     "turboquant-prod": {"bits": 3},
     "besicovitch": {},
     "kakeya": {"bits": 3, "block_size": 64},
+    "kakeya-v2": {"bits": 3.0, "stream": "k"},
 }
 LADDERS: dict[str, tuple[str, list[int]]] = {
     "rotated-int": ("bits", [2, 3, 4, 8]),
@@ -28,17 +29,34 @@ LADDERS: dict[str, tuple[str, list[int]]] = {
     "turboquant-prod": ("bits", [2, 3, 4]),
     "besicovitch": ("magnitude_bits", [2, 3, 4]),
     "kakeya": ("bits", [1, 2, 3, 4]),
+    "kakeya-v2": ("bits", [2.0, 3.0, 4.0]),
 }
-ALL = [n for n in kt.codecs.names() if not kt.codecs.codec_class(n).needs_calibration]  # v2: own tests
+ALL = kt.codecs.names()
+
+
+def make(name: str, **overrides) -> kt.codecs.Codec:
+    """A codec with the test settings; calibrated codecs get transforms fitted on low-rank data
+    (one stream, D = 64: every stream of every test input uses them)."""
+    cls = kt.codecs.codec_class(name)
+    cfg = {**SETTINGS.get(name, {}), **overrides}
+    if cls.needs_calibration:
+        return cls.calibrate(lowrank(1, 2048, 64, rank=8, noise=0.05, seed=5), **cfg)
+    return cls(**cfg)
+
+
+def redecode(codec: kt.codecs.Codec, enc: kt.Encoded) -> torch.Tensor:
+    """Decode with the payload's own config: the registry for self-contained codecs, the codec's
+    own calibrated data otherwise."""
+    return codec.decode(enc) if codec.needs_calibration else kt.codecs.decode(enc)
 
 
 def test_registry_has_the_contract_names():
     assert set(SETTINGS) <= set(ALL)
 
 
-@pytest.fixture(params=ALL)
+@pytest.fixture(params=ALL, scope="module")
 def codec(request):
-    return kt.codecs.get(request.param, **SETTINGS.get(request.param, {}))
+    return make(request.param)
 
 
 def _x(device, dtype=torch.float32, shape=(2, 3, 100, 64)):
@@ -56,7 +74,9 @@ def test_roundtrip_shape_dtype_device(codec, device, dtype):
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
     assert torch.isfinite(y).all()
     rel = float(((y.float() - x.float()) ** 2).sum() / (x.float() ** 2).sum())
-    assert rel < 0.5, f"{codec.name}: relative error {rel}"
+    # calibrated codecs see data from another distribution here: only sanity-check them (their
+    # quality tests use matching calibration data)
+    assert rel < (2.0 if codec.needs_calibration else 0.5), f"{codec.name}: relative error {rel}"
 
 
 def test_odd_sizes(codec, device):
@@ -72,7 +92,7 @@ def test_nbytes_is_serialized_size_and_roundtrips(codec, device):
     assert enc.nbytes == len(blob)
     enc2 = kt.Encoded.from_bytes(blob, device=device)
     assert torch.equal(codec.decode(enc2), codec.decode(enc))
-    assert torch.equal(kt.codecs.decode(enc2), codec.decode(enc))
+    assert torch.equal(redecode(codec, enc2), codec.decode(enc))
 
 
 def test_deterministic(codec, device):
@@ -121,7 +141,7 @@ def test_error_falls_with_bits(name):
     x = _x("cpu", shape=(4, 256, 64))
     errs = []
     for b in ladder:
-        c = kt.codecs.get(name, **{**SETTINGS[name], knob: b})
+        c = make(name, **{knob: b})
         errs.append(float(((c.roundtrip(x) - x) ** 2).mean()))
     assert all(a > b for a, b in zip(errs, errs[1:])), f"{name}: errors {errs} along {knob}={ladder}"
 
@@ -129,14 +149,14 @@ def test_error_falls_with_bits(name):
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=25)
 @given(data=st.data())
 def test_fuzzed_blobs_raise_corrupt_data(codec, data):
-    blob = bytearray(codec.encode(_x("cpu", shape=(2, 40, 16))).to_bytes())
+    blob = bytearray(codec.encode(_x("cpu", shape=(2, 40, 64))).to_bytes())
     if data.draw(st.booleans()):
         blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
     else:
         i = data.draw(st.integers(0, len(blob) - 1))
         blob[i] ^= data.draw(st.integers(1, 255))
     with pytest.raises(kt.CorruptDataError):
-        kt.codecs.decode(kt.Encoded.from_bytes(bytes(blob)))
+        redecode(codec, kt.Encoded.from_bytes(bytes(blob)))
 
 
 def test_decoding_with_wrong_codec_or_config_is_refused(codec):

@@ -7,8 +7,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import kakeyaturbo as kt
 from kakeyaturbo.codecs.kakeya_v2 import (
@@ -64,33 +62,11 @@ def _x(device, dtype=torch.float32, n: int = 100) -> torch.Tensor:
 # ---- contract --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_roundtrip_shape_dtype_device(codec, device, dtype):
-    x = _x(device, dtype)
-    y = codec.decode(codec.encode(x))
-    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
-    assert torch.isfinite(y).all()
-    assert rel_mse(y, x) < 0.05
-
-
 @pytest.mark.parametrize("n", [1, 37])
 def test_odd_token_counts(codec, n):
     x = _x("cpu", n=n)
     y = codec.decode(codec.encode(x))
     assert y.shape == x.shape and torch.isfinite(y).all()
-
-
-def test_nbytes_is_serialized_size_and_roundtrips(codec, device):
-    enc = codec.encode(_x(device))
-    blob = enc.to_bytes()
-    assert enc.nbytes == len(blob)
-    assert set(enc.fields) == {"codes", "scale"}
-    assert torch.equal(codec.decode(kt.Encoded.from_bytes(blob, device=device)), codec.decode(enc))
-
-
-def test_deterministic(codec):
-    x = _x("cpu")
-    assert codec.encode(x).to_bytes() == codec.encode(x).to_bytes()
 
 
 def test_per_token_streaming(codec):
@@ -99,14 +75,6 @@ def test_per_token_streaming(codec):
     head, tail = x[..., :17, :], x[..., 17:, :]
     parts = torch.cat([codec.decode(codec.encode(head)), codec.decode(codec.encode(tail))], -2)
     assert torch.equal(whole, parts)
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_rejects_non_finite(codec, bad):
-    x = _x("cpu")
-    x[1, 0, 5, 7] = bad
-    with pytest.raises(kt.NonFiniteInputError, match=r"NaN/Inf \(first at index \(1, 0, 5, 7\)"):
-        codec.encode(x)
 
 
 def test_rejects_streams_and_dims_that_differ_from_the_transforms(codec):
@@ -129,19 +97,6 @@ def test_zero_and_huge_vectors_stay_finite(codec):
     x[:, 0] = 0.0
     x[:, 1] *= 1e6
     assert torch.isfinite(codec.decode(codec.encode(x))).all()
-
-
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=25)
-@given(data=st.data())
-def test_fuzzed_blobs_raise_corrupt_data(codec, data):
-    blob = bytearray(codec.encode(_x("cpu", n=20)).to_bytes())
-    if data.draw(st.booleans()):
-        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
-    else:
-        i = data.draw(st.integers(0, len(blob) - 1))
-        blob[i] ^= data.draw(st.integers(1, 255))
-    with pytest.raises(kt.CorruptDataError):
-        codec.decode(kt.Encoded.from_bytes(bytes(blob)))
 
 
 def test_payload_fields_of_the_wrong_size_raise_corrupt_data(codec):
