@@ -7,6 +7,11 @@ import os
 import pytest
 import torch
 from hypothesis import settings
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from kakeyaturbo.calibration import CalibrationSettings, calibrate
+from kakeyaturbo.models.loading import default_model_dir
+from kakeyaturbo.models.text import Corpus
 
 settings.register_profile("ci", max_examples=40, deadline=None)
 settings.load_profile("ci")
@@ -28,3 +33,20 @@ def lowrank(streams: int, n: int, d: int, rank: int, noise: float = 0.01, seed: 
     b = torch.randn(streams, rank, d, generator=g) / rank**0.5
     mean = torch.randn(streams, 1, d, generator=g)
     return mean + a @ b + noise * torch.randn(streams, n, d, generator=g)
+
+
+TEXT = " ".join(f"Sentence {i} tells of the weather, the ball at Netherfield and letters." for i in range(400))
+SETTINGS = CalibrationSettings(windows=2, tokens=96, table_bits=(2,), sensitivity_ctx=48, sensitivity_eval=16,
+                               v2_bits=(3.0,), v2_key_whitening=("sigma_q", "lag", "none"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle():
+    """A tiny random Llama (real SmolLM2 tokenizer) and a whole small calibration of it."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    corpus = Corpus("toy", calibration=TEXT, evaluation="", split_note="all text is calibration")
+    return model, calibrate(model, tokenizer, corpus, SETTINGS, model_name="tiny", text="toy")

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("kakeyaturbo.commands.eval", "perplexity, KL and top-1 of recipes against an exact cache"),
     "calibrate": ("kakeyaturbo.commands.calibrate", "measure Σ_q, tables, boundary sensitivity, v2 transforms"),
     "sweep": ("kakeyaturbo.commands.sweep", "resumable grid of evaluations -> results.jsonl, table.md, pareto.png"),
+    "diagnose": ("kakeyaturbo.commands.diagnose", "per layer: key-metric error vs the real post-RoPE logit error"),
     "generate": ("kakeyaturbo.commands.generate", "generate text with a compressed cache; report bytes held"),
     "recipes": ("kakeyaturbo.commands.recipes", "list the built-in recipes or print one as JSON"),
     "bench": ("kakeyaturbo.bench", "codec speed, ratio and error on synthetic or captured KV"),

@@ -7,34 +7,16 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from kakeyaturbo import recipes
 from kakeyaturbo.cache import KakeyaCache
-from kakeyaturbo.calibration import Calibration, CalibrationSettings, calibrate, config_hash
+from kakeyaturbo.calibration import Calibration, CalibrationSettings, config_hash
 from kakeyaturbo.errors import ConfigError, CorruptDataError
-from kakeyaturbo.models.loading import default_model_dir
-from kakeyaturbo.models.text import Corpus
-
-TEXT = " ".join(f"Sentence {i} tells of the weather, the ball at Netherfield and letters." for i in range(400))
-SETTINGS = CalibrationSettings(windows=2, tokens=96, table_bits=(2,), sensitivity_ctx=48, sensitivity_eval=16,
-                               v2_bits=(3.0,), v2_key_whitening=("sigma_q", "lag", "none"))
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id)
-    model = LlamaForCausalLM(config).eval()
-    corpus = Corpus("toy", calibration=TEXT, evaluation="", split_note="all text is calibration")
-    return model, calibrate(model, tokenizer, corpus, SETTINGS, model_name="tiny", text="toy")
 
 
 @pytest.mark.model
-def test_bundle_contents(bundle):
-    model, cal = bundle
+def test_bundle_contents(tiny_bundle):
+    model, cal = tiny_bundle
     assert sorted(cal.boundary_ranking) == [0, 1, 2] and cal.skipped_whitening == {}
     chol, inv = cal.whitening(1, "sigma_q")
     assert chol.shape == (2, 16, 16) and torch.allclose(chol @ inv, torch.eye(16).expand(2, 16, 16), atol=1e-3)
@@ -47,8 +29,8 @@ def test_bundle_contents(bundle):
 
 
 @pytest.mark.model
-def test_bundle_round_trip_and_use(tmp_path, bundle):
-    model, cal = bundle
+def test_bundle_round_trip_and_use(tmp_path, tiny_bundle):
+    model, cal = tiny_bundle
     cal.save(tmp_path / "b")
     back = Calibration.load(tmp_path / "b")
     as_json = json.loads(json.dumps({**cal.manifest, "bundle_version": 1}))
@@ -71,8 +53,8 @@ def test_bundle_round_trip_and_use(tmp_path, bundle):
 
 
 @pytest.mark.model
-def test_bundle_errors(tmp_path, bundle):
-    model, cal = bundle
+def test_bundle_errors(tmp_path, tiny_bundle):
+    model, cal = tiny_bundle
     with pytest.raises(ConfigError, match="not a calibration bundle"):
         Calibration.load(tmp_path / "missing")
     cal.save(tmp_path / "b")
