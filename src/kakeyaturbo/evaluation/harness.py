@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -70,6 +70,10 @@ class EvalSettings:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
 
+    def model_text_dtype(self) -> tuple[str, str, str]:
+        """What a loaded :class:`Session` is tied to."""
+        return self.model, self.text, self.dtype
+
 
 class Session:
     """A loaded model with its evaluation windows; reused across recipes (and modes)."""
@@ -93,6 +97,26 @@ class Session:
         return KakeyaCache(self.model.config, recipe, calibration, rope=self.rope)
 
 
+@dataclass
+class _Tally:
+    """What one recipe accumulates over the windows: token metrics, bytes held (and their bf16
+    equivalent), its per-model bytes and seconds."""
+
+    windows: list[TokenMetrics] = field(default_factory=list)
+    held: int = 0
+    bf16: int = 0
+    model_side: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "encode": 0.0, "decode": 0.0})
+
+    def add(self, metrics: TokenMetrics, report: dict[str, Any], seconds: dict[str, float]) -> None:
+        self.windows.append(metrics)
+        self.held += report["total"]
+        self.bf16 += report["bf16_equivalent"]
+        self.model_side = report["model_side"]
+        for k, v in seconds.items():
+            self.seconds[k] += v
+
+
 def _groups(total: int, chunk: int) -> list[tuple[int, int]]:
     """Continuation offsets ``[0, total)`` in groups of ``chunk`` (the prefill leaves no hot window,
     so these groups end exactly where the cache completes chunks)."""
@@ -114,15 +138,14 @@ def evaluate(
     """
     if not recipes:
         raise ConfigError("no recipe to evaluate")
-    session = session or Session(settings)
-    if session.settings.model != settings.model or session.settings.text != settings.text:
-        raise ConfigError("the session was loaded for another model or text")
-    model, s = session.model, settings
+    s = settings
+    session = session or Session(s)
+    if session.settings.model_text_dtype() != s.model_text_dtype():
+        raise ConfigError("the session was loaded for another model, text or dtype")
+    model = session.model
     for r in recipes:  # fail before the long run on a recipe the model or calibration cannot serve
         session.new_cache(r, calibration)
-    per: dict[str, list[TokenMetrics]] = {r.name: [] for r in recipes}
-    held = {r.name: [0, 0, 0] for r in recipes}  # bytes held, bf16 equivalent, per-model bytes
-    secs = {r.name: {"prefill": 0.0, "encode": 0.0, "decode": 0.0} for r in recipes}
+    tallies = [_Tally() for _ in recipes]
     bar = tqdm(total=s.windows * len(recipes), desc=f"eval {s.mode} ctx={s.ctx}", unit="run", disable=not progress)
     for w in range(s.windows):
         prefix, cont = session.ids[w : w + 1, : s.ctx], session.ids[w : w + 1, s.ctx :]
@@ -130,7 +153,7 @@ def evaluate(
         reference = prefill(model, prefix)
         t_prefill = time.perf_counter() - t0
         ref_logits = logits(model, cont, copy.deepcopy(reference))
-        for r in recipes:
+        for r, tally in zip(recipes, tallies):
             cache = session.new_cache(r, calibration)
             t1 = time.perf_counter()
             cache.ingest(reference)
@@ -140,26 +163,21 @@ def evaluate(
                 plain = cache.to_dynamic()
                 t3 = time.perf_counter()
                 alt_logits = logits(model, cont, plain)
-            else:
+            else:  # decoding happens inside each forward pass: not timed separately
                 t3 = t2
                 groups = _groups(s.n_eval, r.chunk_tokens)
                 alt_logits = torch.cat([logits(model, cont[:, a:b], cache) for a, b in groups])
                 report = cache.memory_report()
-            per[r.name].append(token_metrics(ref_logits[:-1], alt_logits[:-1], cont[0, 1:]))
-            held[r.name][0] += report["total"]
-            held[r.name][1] += report["bf16_equivalent"]
-            held[r.name][2] = report["model_side"]
-            secs[r.name]["prefill"] += t_prefill
-            secs[r.name]["encode"] += t2 - t1
-            secs[r.name]["decode"] += t3 - t2
+            tally.add(token_metrics(ref_logits[:-1], alt_logits[:-1], cont[0, 1:]), report,
+                      {"prefill": t_prefill, "encode": t2 - t1, "decode": t3 - t2})
             bar.update()
     bar.close()
     records = []
-    for r in recipes:
+    for r, tally in zip(recipes, tallies):
         records.append(result_record(
             model=s.model, text=s.text, recipe=r.name, mode=s.mode, ctx=s.ctx, n_eval=s.n_eval,
-            summary=summarize(per[r.name]), bytes_compressed=held[r.name][0], bytes_bf16=held[r.name][1],
-            bytes_model=held[r.name][2], seconds=secs[r.name],
+            summary=summarize(tally.windows), bytes_compressed=tally.held, bytes_bf16=tally.bf16,
+            bytes_model=tally.model_side, seconds=tally.seconds,
             extra={"settings": asdict(s), "split": session.corpus.split_note},
         ))
     return records
