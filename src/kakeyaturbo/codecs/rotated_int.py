@@ -132,7 +132,7 @@ class RotatedIntCodec(Codec):
     name = "rotated-int"
     config_class = RotatedIntConfig
 
-    def _layout(self, d: int) -> tuple[int, int]:
+    def layout(self, d: int) -> tuple[int, int]:
         """Stored width ``W`` and effective group size for head dim ``d``."""
         w = next_pow2(d) if self.config.rotate else d
         g = min(self.config.group_size, w)
@@ -146,7 +146,7 @@ class RotatedIntCodec(Codec):
     def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.config
         s, n, d = x.shape
-        w, g = self._layout(d)
+        w, g = self.layout(d)
         if c.rotate:
             x = rotate(F.pad(x, (0, w - d)), random_signs(w, c.seed, x.device))
         xg = x.reshape(s, n, w // g, g)
@@ -158,7 +158,7 @@ class RotatedIntCodec(Codec):
 
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         c = self.config
-        w, g = self._layout(d)
+        w, g = self.layout(d)
         codes = read_codes(fields, "codes", s * n * w, c.bits).reshape(s, n, w // g, g)
         scale = expect_field(fields, "scale", torch.float16, (s, n, w // g))
         if c.symmetric:

@@ -244,7 +244,7 @@ class RotatedIntSegment:
     def from_encoded(cls, enc: Encoded, codec: RotatedIntCodec, n_kv: int) -> RotatedIntSegment:
         """Wrap an engine-encoded span (head layout, batch 1); sizes checked against the header."""
         chunks, c, d = _segment_geometry(enc, n_kv, "rotated-int segment")
-        w, g = codec._layout(d)
+        w, g = codec.layout(d)
         s = chunks * n_kv
         codes = expect_field(enc.fields, "codes", torch.uint8, (packed_nbytes(s * c * w, codec.config.bits),))
         scale = expect_field(enc.fields, "scale", torch.float16, (s, c, w // g))
@@ -259,12 +259,12 @@ class RotatedIntSegment:
     @property
     def width(self) -> int:
         """Coefficient width ``E``: the stored (padded, rotated) width ``W``."""
-        return self.codec._layout(self.dim)[0]
+        return self.codec.layout(self.dim)[0]
 
     def coefficients(self, start: int, stop: int) -> torch.Tensor:
         """float32 ``[n_kv, stop - start, W]``: dequantised (rotated) coordinates."""
         cfg = self.codec.config
-        w, g = self.codec._layout(self.dim)
+        w, g = self.codec.layout(self.dim)
         streams, row = _token_streams(start, stop, self.n_kv, self.chunk_tokens, self.codes.device)
         vec = streams * self.chunk_tokens + row
         pos = (vec.unsqueeze(-1) * w + torch.arange(w, device=vec.device)) * cfg.bits
@@ -282,7 +282,7 @@ class RotatedIntSegment:
     def unprojection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(0 [n_kv, D], P [n_kv, W, D])``: the inverse rotation, ``P = H diag(s)/√W`` cut to D columns."""
         cfg = self.codec.config
-        w, _ = self.codec._layout(self.dim)
+        w, _ = self.codec.layout(self.dim)
         dev = self.codes.device
         if cfg.rotate:
             eye = torch.eye(w, device=dev)
