@@ -9,3 +9,6 @@ $K sweep --grid benchmarks/sweeps/v2-ctx1024.json --out benchmarks/results/ctx10
 $K sweep --grid benchmarks/sweeps/windows32.json --out benchmarks/results/windows32
 $K sweep --grid benchmarks/sweeps/ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/ctx2048.json --out benchmarks/results/ctx2048
+$K sweep --grid benchmarks/sweeps/all-ctx1024.json --out benchmarks/results/ctx1024 --report-only
+$K diagnose --recipe v1.3-l2-whiten --tokens 256 --json benchmarks/diagnose/v1.3-l2-whiten.json
+$K bench --codec all --streams 4 --tokens 2048 --repeats 3 --json benchmarks/codecs.json --markdown benchmarks/codecs.md
