@@ -211,3 +211,16 @@ def test_groups_ending_on_chunk_boundaries_equal_token_by_token():
             model(ids[:, :40], cache=cache)
             outs.append(torch.cat([model(ids[:, a:b], cache=cache).logits[0] for a, b in groups]))
     assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_tiny_architectures_generate_through_the_cache(family):
+    """Gemma 3 included (sliding-window layers): `exact` equals DynamicCache, fp8 runs."""
+    from tests.models.tiny_models import tiny_model
+
+    model = tiny_model(family)
+    ids = torch.randint(1, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    ref = generate(model, ids, None, do_sample=False)
+    assert torch.equal(generate(model, ids, KakeyaCache.from_model(model, "exact"), do_sample=False), ref)
+    cache = KakeyaCache.from_model(model, "fp8")
+    assert generate(model, ids, cache, do_sample=False).shape == ref.shape and cache.get_seq_length() == 31
