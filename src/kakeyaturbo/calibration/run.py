@@ -25,7 +25,7 @@ from kakeyaturbo.calibration.metric import (
     whitening_hazard,
 )
 from kakeyaturbo.errors import ConfigError
-from kakeyaturbo.models.arch import facts
+from kakeyaturbo.models.arch import decoder_layers, facts
 from kakeyaturbo.models.capture import capture
 from kakeyaturbo.models.forward import logits, prefill
 from kakeyaturbo.models.text import Corpus, token_windows
@@ -97,11 +97,12 @@ def _pool(model: Any, ids: torch.Tensor, settings: CalibrationSettings) -> tuple
     pooled: list[_Pooled] = []
     lags = torch.zeros(0, dtype=torch.long)
     positions = torch.arange(ids.shape[1])
+    attention = [layer.self_attn for layer in decoder_layers(model)]
     for w in tqdm(range(ids.shape[0]), desc="calibrate: capture", unit="window"):
         caps = capture(model, ids[w : w + 1])
         for layer, c in enumerate(caps):
             q_post = Rope.from_model(model, layer).apply(c.q_pre, positions)
-            scaling = getattr(decoder_attn(model, layer), "scaling", f.head_dim**-0.5)
+            scaling = getattr(attention[layer], "scaling", f.head_dim**-0.5)
             lags, mass = lag_weights(q_post, c.k_post, settings.n_lags, float(scaling))
             g = gram(c.q_pre)
             if w == 0:
@@ -113,13 +114,6 @@ def _pool(model: Any, ids: torch.Tensor, settings: CalibrationSettings) -> tuple
                 p.k_pre.append(c.k_pre)
                 p.v.append(c.v)
     return pooled, lags
-
-
-def decoder_attn(model: Any, layer: int) -> Any:
-    """The attention module of decoder layer ``layer``."""
-    from kakeyaturbo.models.arch import decoder_layers
-
-    return decoder_layers(model)[layer].self_attn
 
 
 def _whitening(model: Any, pooled: list[_Pooled], lags: torch.Tensor, settings: CalibrationSettings,
