@@ -197,11 +197,10 @@ class _CodecFactory:
         per_layer = [layer, whitened] if cls.needs_calibration else []
         key = json.dumps([stream, sr.codec, sr.config, sr.calibrated_table, *per_layer], sort_keys=True, default=str)
         if key not in self._built:
-            self._built[key] = self._build(sr, stream, layer, sr.whiten if whitened else "none")
+            self._built[key] = self._build(cls, sr, stream, layer, sr.whiten if whitened else "none")
         return self._built[key]
 
-    def _build(self, sr: StreamRecipe, stream: str, layer: int, whiten: str) -> Codec:
-        cls = codecs.codec_class(sr.codec)
+    def _build(self, cls: type[Codec], sr: StreamRecipe, stream: str, layer: int, whiten: str) -> Codec:
         if cls.needs_calibration:
             if self.calibration is None:
                 raise ConfigError(f"recipe {self.recipe.name!r}: codec {sr.codec!r} is built from calibrated "
