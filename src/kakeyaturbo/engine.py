@@ -49,8 +49,9 @@ class CalibrationLike(Protocol):
         """``(L, L_inv)`` each ``[n_kv, D, D]`` for ``layer`` and mode ("sigma_q" or "lag"), or None
         when whitening is skipped there."""
 
-    def v2_tensors(self, layer: int, stream: str, bits: float, whiten: str) -> dict[str, torch.Tensor]:
-        """The ``kakeya-v2`` transforms of one (layer, stream) at a bit budget, fitted after ``whiten``."""
+    def v2_tensors(self, layer: int, stream: str, bits: float, space: str, variant: str) -> dict[str, torch.Tensor]:
+        """The ``kakeya-v2`` transforms of one (layer, stream) at a bit budget, fitted in key space
+        ``space`` ("sigma_q", "lag", "none", "post_rope") with the fit options named ``variant``."""
 
     def table(self, stream: str, bits: int) -> tuple[float, ...] | None:
         """The calibrated Lloyd–Max table (``2**bits`` increasing floats) of stream ``"k"``/``"v"``."""
@@ -192,21 +193,23 @@ class _CodecFactory:
         self.calibration = calibration
         self._built: dict[str, Codec] = {}
 
-    def get(self, sr: StreamRecipe, stream: str, layer: int, whitened: bool) -> Codec:
+    def get(self, sr: StreamRecipe, stream: str, layer: int, space: str) -> Codec:
+        """The codec of ``sr`` for one (layer, stream); ``space`` names what the codec is fed
+        ("none", a whitening mode or "post_rope"; calibrated codecs look their transforms up by it)."""
         cls = codecs.codec_class(sr.codec)
-        per_layer = [layer, whitened] if cls.needs_calibration else []
+        per_layer = [layer, space] if cls.needs_calibration else []
         key = json.dumps([stream, sr.codec, sr.config, sr.calibrated_table, *per_layer], sort_keys=True, default=str)
         if key not in self._built:
-            self._built[key] = self._build(cls, sr, stream, layer, sr.whiten if whitened else "none")
+            self._built[key] = self._build(cls, sr, stream, layer, space)
         return self._built[key]
 
-    def _build(self, cls: type[Codec], sr: StreamRecipe, stream: str, layer: int, whiten: str) -> Codec:
+    def _build(self, cls: type[Codec], sr: StreamRecipe, stream: str, layer: int, space: str) -> Codec:
         if cls.needs_calibration:
             if self.calibration is None:
                 raise ConfigError(f"recipe {self.recipe.name!r}: codec {sr.codec!r} is built from calibrated "
                                   f"transforms; {CALIBRATE_HINT}")
             try:
-                return cls.from_calibration(sr.config, self.calibration, layer, stream, whiten)
+                return cls.from_calibration(sr.config, self.calibration, layer, stream, space)
             except ConfigError as exc:
                 raise ConfigError(f"layer {layer} {stream.upper()} stream, codec {sr.codec!r}: {exc}") from None
         try:
@@ -268,8 +271,11 @@ def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
         v_sr = overrides.get(layer, {}).get("v", v_sr)
         whitening, skipped = (None, None) if k_sr.whiten == "none" else _whitening(
             layer, n_kv_heads, head_dim, calibration, recipe, k_sr.whiten)
-        k_codec = factory.get(k_sr, "k", layer, whitening is not None)
-        plans.append(LayerPlan(layer, k_codec, factory.get(v_sr, "v", layer, False), whitening,
+        space = k_sr.whiten if whitening is not None else "none" if recipe.pre_rope_keys else "post_rope"
+        k_codec = factory.get(k_sr, "k", layer, space)
+        if k_codec.folds_whitening:
+            whitening = None  # the codec's calibrated basis already contains it
+        plans.append(LayerPlan(layer, k_codec, factory.get(v_sr, "v", layer, "none"), whitening,
                                k_sr.is_exact and v_sr.is_exact, recipe.layout, n_kv_heads, head_dim,
                                recipe.chunk_tokens, skipped))
     return plans

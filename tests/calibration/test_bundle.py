@@ -3,7 +3,9 @@ that protect against using a bundle with the wrong model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from kakeyaturbo import recipes
 from kakeyaturbo.cache import KakeyaCache
 from kakeyaturbo.calibration import Calibration, CalibrationSettings, config_hash
 from kakeyaturbo.errors import ConfigError, CorruptDataError
+
+ABLATIONS = Path(__file__).parents[2] / "benchmarks" / "recipes" / "ablation"
 
 
 @pytest.mark.model
@@ -24,8 +28,14 @@ def test_bundle_contents(tiny_bundle):
     table = cal.table("k", 2)
     assert len(table) == 4 and list(table) == sorted(table) and cal.table("k", 3) is None
     assert cal.manifest["settings"]["tokens"] == 96 and cal.manifest["split"] == "all text is calibration"
-    variants = {"/".join(k.split("/")[3:5]) for k in cal.tensors if k.startswith("v2/")}
-    assert variants == {"k/sigma_q", "k/lag", "k/none", "v/none"}
+    variants = {"/".join(k.split("/")[3:6]) for k in cal.tensors if k.startswith("v2/")}
+    default_k, default_v = "m1-g8-r1-waterfill", "m0-g8-r1-waterfill"
+    assert variants == {f"k/{space}/{default_k}" for space in ("sigma_q", "lag", "none", "post_rope")} | {
+        f"{stream}/{space}/{variant}" for stream, space in (("k", "sigma_q"), ("v", "none")) for variant in (
+            default_v, default_k, "m1-g0-r1-waterfill" if stream == "k" else "m0-g0-r1-waterfill",
+            "m1-g8-r0-waterfill" if stream == "k" else "m0-g8-r0-waterfill",
+            "m1-g8-r1-uniform" if stream == "k" else "m0-g8-r1-uniform")}
+    assert "v2/3/0/v/none/m0-g8-r1-waterfill/mean" not in cal.tensors  # values are not centred
 
 
 @pytest.mark.model
@@ -33,7 +43,7 @@ def test_bundle_round_trip_and_use(tmp_path, tiny_bundle):
     model, cal = tiny_bundle
     cal.save(tmp_path / "b")
     back = Calibration.load(tmp_path / "b")
-    as_json = json.loads(json.dumps({**cal.manifest, "bundle_version": 1}))
+    as_json = json.loads(json.dumps({**cal.manifest, "bundle_version": 2}))
     assert back.manifest == as_json and back.tensors.keys() == cal.tensors.keys()
     back.check_model("tiny", config_hash(model.config))
     recipe = recipes.Recipe.from_dict({
@@ -60,8 +70,8 @@ def test_bundle_errors(tmp_path, tiny_bundle):
     cal.save(tmp_path / "b")
     with pytest.raises(ConfigError, match="made for model 'tiny'"):
         Calibration.load(tmp_path / "b").check_model("other", "0123")
-    with pytest.raises(ConfigError, match=r"no kakeya-v2 transforms at 2.5 bits.*fitted budgets: \['3'\]"):
-        cal.v2_tensors(0, "k", 2.5, "sigma_q")
+    with pytest.raises(ConfigError, match=r"no kakeya-v2 transforms at 2.5 bits.*fitted .*3/k/sigma_q/m1-g8-r1"):
+        cal.v2_tensors(0, "k", 2.5, "sigma_q", "m1-g8-r1-waterfill")
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     (tmp_path / "b" / "manifest.json").write_text(json.dumps({**manifest, "bundle_version": 99}))
     with pytest.raises(CorruptDataError, match="version 99"):
@@ -77,3 +87,16 @@ def test_settings_validated():
         CalibrationSettings(ridge=2.0)
     with pytest.raises(ConfigError, match="fit in one calibration window"):
         CalibrationSettings(tokens=64, sensitivity_ctx=60)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("path", sorted(ABLATIONS.glob("*.json")), ids=lambda p: p.stem)
+def test_every_ablation_recipe_runs_on_a_bundle_fitted_with_ablations(path, tiny_bundle):
+    model, cal = tiny_bundle
+    recipe = dataclasses.replace(recipes.load(path), chunk_tokens=16)
+    cache = KakeyaCache.from_model(model, recipe, cal)
+    assert all(p.whitening is None for p in cache.plans)  # v2 folds any whitening into its basis
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 40)), cache=cache)
+    k, v = cache.layers[1].full()
+    assert torch.isfinite(k).all() and torch.isfinite(v).all() and cache.memory_report()["ratio"] > 1

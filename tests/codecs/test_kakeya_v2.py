@@ -127,8 +127,10 @@ def test_codec_refuses_transforms_that_do_not_match_its_config(codec):
         KakeyaV2Codec(dataclasses.replace(codec.config, transforms_hash="0" * 16), transforms=t)
     with pytest.raises(kt.ConfigError, match="fitted_tables"):
         KakeyaV2Codec(dataclasses.replace(codec.config, fitted_tables=True), transforms=t)
-    with pytest.raises(kt.ConfigError, match="nonzero mean"):
+    with pytest.raises(kt.ConfigError, match="centred=False.*hold a mean"):
         KakeyaV2Codec(dataclasses.replace(codec.config, stream="v"), transforms=t)
+    with pytest.raises(kt.ConfigError, match="scale_bits=0 but the transforms hold a gain grid"):
+        KakeyaV2Codec(dataclasses.replace(codec.config, scale_bits=0), transforms=t)
     with pytest.raises(kt.ConfigError, match="code bits per vector"):
         KakeyaV2Codec(dataclasses.replace(codec.config, bits=4.0), transforms=t)
 
@@ -136,6 +138,7 @@ def test_codec_refuses_transforms_that_do_not_match_its_config(codec):
 @pytest.mark.parametrize("field,value,match", [
     ("bits", 0.0, "bits"), ("bits", 8.5, "bits"), ("stream", "q", "stream"),
     ("scale_bits", 9, "scale_bits"), ("rotate_groups", 1, "rotate_groups"), ("seed", -1, "seed"),
+    ("center", "yes", "center"), ("allocation", "greedy", "allocation"),
     ("transforms_hash", "XYZ", "transforms_hash"),
 ])
 def test_config_validation_names_the_field(field, value, match):
@@ -147,17 +150,19 @@ def test_config_validation_names_the_field(field, value, match):
 
 def test_fit_rejects_bad_input():
     with pytest.raises(kt.ShapeError, match=r"\[S, N, D\]"):
-        fit_transforms(torch.zeros(10, 8), bits=3.0, stream="k")
+        fit_transforms(torch.zeros(10, 8), KakeyaV2Config(bits=3.0))
     with pytest.raises(kt.ShapeError, match="at least 2"):
-        fit_transforms(torch.zeros(1, 1, 8), bits=3.0, stream="k")
+        fit_transforms(torch.zeros(1, 1, 8), KakeyaV2Config(bits=3.0))
     with pytest.raises(kt.ConfigError, match="code bits per vector"):
-        fit_transforms(torch.randn(1, 50, 8), bits=0.5, stream="k")
+        fit_transforms(torch.randn(1, 50, 8), KakeyaV2Config(bits=0.5))
     with pytest.raises(kt.NumericRangeError, match="mean"):
-        fit_transforms(torch.randn(1, 50, 8) + 1e5, bits=3.0, stream="k")
+        fit_transforms(torch.randn(1, 50, 8) + 1e5, KakeyaV2Config(bits=3.0))
     x = torch.randn(1, 50, 8)
     x[0, 3, 2] = float("nan")
     with pytest.raises(kt.NonFiniteInputError):
-        fit_transforms(x, bits=3.0, stream="k")
+        fit_transforms(x, KakeyaV2Config(bits=3.0))
+    with pytest.raises(kt.ShapeError, match="whiten must be"):
+        fit_transforms(torch.randn(1, 50, 8), KakeyaV2Config(bits=3.0), whiten=torch.eye(4)[None])
 
 
 # ---- transforms ------------------------------------------------------------------------------
@@ -168,7 +173,7 @@ def test_transforms_roundtrip_and_honest_nbytes(codec, tmp_path):
 
     t = codec.transforms
     tensors = t.to_tensors()
-    assert set(tensors) == {"basis_q", "basis_scale", "mean", "sigma", "bits", "log_gain"}
+    assert set(tensors) == {"basis_q", "basis_scale", "mean", "sigma", "bits", "log_gain"}  # keys: centred
     assert t.nbytes == S * D * D + 3 * 2 * S * D + S * D + 4 * 2 * S
     assert codec.side_nbytes == t.nbytes
     save_file(tensors, str(tmp_path / "t.safetensors"))
@@ -210,9 +215,42 @@ def test_bad_transforms_tensors_raise_corrupt_data(codec):
         V2Transforms.from_tensors({**tensors, "log_gain": tensors["log_gain"].flip(1)})
 
 
-def test_value_transforms_have_no_mean():
-    t = fit_transforms(synth(2, 512, 16, 3, values=True), bits=3.0, stream="v")
-    assert not bool(t.mean.any())
+def test_value_transforms_store_no_mean_unless_asked():
+    x = synth(2, 512, 16, 3, values=True)
+    t = fit_transforms(x, KakeyaV2Config(bits=3.0, stream="v"))
+    assert t.mean is None and "mean" not in t.to_tensors() and not bool(t.centre.any())
+    assert t.nbytes == 2 * 16 * 16 + 2 * 2 * 2 * 16 + 2 * 16 + 4 * 2 * 2
+    assert fit_transforms(x, KakeyaV2Config(bits=3.0, stream="v", center=True)).mean is not None
+
+
+def test_whitening_is_folded_into_the_basis(calib, test_x):
+    """Fitting raw keys in the metric of ``L`` codes as well, measured in that metric, as fitting
+    pre-whitened keys, while the codec takes and returns raw keys and stores no ``L``."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(S, D, D, generator=g) / math.sqrt(D)
+    lower = torch.linalg.cholesky(a @ a.transpose(1, 2) + 0.3 * torch.eye(D))
+    folded = KakeyaV2Codec.calibrate(calib, whiten=lower, bits=3.0)
+    white = KakeyaV2Codec.calibrate(calib @ lower, bits=3.0)
+    assert folded.side_nbytes == white.side_nbytes
+    err_folded = rel_mse(folded.roundtrip(test_x) @ lower, test_x @ lower)
+    err_white = rel_mse(white.roundtrip(test_x @ lower), test_x @ lower)
+    assert err_folded == pytest.approx(err_white, rel=0.1)
+    plain = KakeyaV2Codec.calibrate(calib, bits=3.0)
+    assert rel_mse(plain.roundtrip(test_x) @ lower, test_x @ lower) > err_folded  # the metric matters
+
+
+def test_without_a_gain_every_bit_goes_to_the_codes(calib, test_x):
+    c = KakeyaV2Codec.calibrate(calib, bits=3.0, scale_bits=0)
+    assert c.transforms.log_gain is None and int(c.transforms.bits[0].long().sum()) == 3 * D
+    enc = c.encode(test_x)
+    assert "scale" not in enc.fields and 8 * enc.payload_nbytes == 3 * test_x.numel()
+    assert rel_mse(c.decode(enc), test_x) < 0.2
+
+
+def test_uniform_allocation_splits_the_budget_evenly(calib):
+    t = KakeyaV2Codec.calibrate(calib, bits=3.0, allocation="uniform", rotate_groups=False).transforms
+    widths = t.bits.long()
+    assert bool((widths.sum(1) == 3 * D - 8).all()) and int(widths.max() - widths.min()) <= 1
 
 
 def test_group_rotations_are_orthogonal_and_stay_inside_groups():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from kakeyaturbo.errors import ConfigError, CorruptDataError
 
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
 WHITEN_MODES = ("sigma_q", "lag")
 
 
@@ -27,7 +27,7 @@ class Calibration:
         manifest: model id and config hash, text and split, settings, package version, notes.
         tensors: every tensor of the bundle by ``/``-separated name: ``sigma/{mode}/{layer}``,
             ``chol/{mode}/{layer}``, ``inv_chol/{mode}/{layer}``, ``table/{stream}/{bits}``,
-            ``v2/{bits}/{layer}/{stream}/{whiten}/{field}``.
+            ``v2/{bits}/{layer}/{stream}/{space}/{variant}/{field}``.
     """
 
     manifest: dict[str, Any]
@@ -60,16 +60,19 @@ class Calibration:
         """Layers left unwhitened, with the reason."""
         return {int(k): v for k, v in self.manifest.get("skipped_whitening", {}).items()}
 
-    def v2_tensors(self, layer: int, stream: str, bits: float, whiten: str = "none") -> dict[str, torch.Tensor]:
+    def v2_tensors(self, layer: int, stream: str, bits: float, space: str, variant: str) -> dict[str, torch.Tensor]:
         """The ``kakeya-v2`` transform tensors of one (layer, stream) at a bit budget, fitted on that
-        stream after the pre-transform ``whiten`` ("none", or "sigma_q" for keys)."""
-        prefix = f"v2/{bits:g}/{layer}/{stream}/{whiten}/"
+        stream in key space ``space`` ("none"; for keys also "sigma_q", "lag" or "post_rope") with the
+        fit options ``variant`` (:attr:`KakeyaV2Config.fit_variant`)."""
+        prefix = f"v2/{bits:g}/{layer}/{stream}/{space}/{variant}/"
         out = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
         if not out:
-            fitted = sorted({k.split("/")[1] for k in self.tensors if k.startswith("v2/")}, key=float)
+            fitted = sorted({"/".join(k.split("/")[i] for i in (1, 3, 4, 5)) for k in self.tensors
+                             if k.startswith("v2/") and k.split("/")[2] == str(layer)})
             raise ConfigError(f"calibration bundle has no kakeya-v2 transforms at {bits:g} bits for layer {layer} "
-                              f"stream {stream} after whitening {whiten!r}; fitted budgets: {fitted or 'none'} "
-                              "(recalibrate with that budget)")
+                              f"stream {stream}, key space {space!r}, fit {variant!r}; fitted (bits/stream/space/"
+                              f"fit): {', '.join(fitted) or 'none'} (recalibrate: `kakeya calibrate --v2-bits "
+                              f"{bits:g}`, `--v2-key-space`, `--v2-ablation`)")
         return out
 
     # --- identity checks ------------------------------------------------------------------------

@@ -36,8 +36,15 @@ TABLE_CODEC = {"pca": "randomized", "variance_ratio": 1.0, "block_size": 512}
 """Settings of the ``kakeya`` codec whose residuals the calibrated tables are fitted on (those of
 the seed's recipes that use calibrated tables: randomized PCA, rank D/2, variance ratio 1.0)."""
 
-V2_BITS = (2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0)
+V2_BITS = (1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0)
 """Bit budgets for which ``kakeya-v2`` transforms are fitted (per layer and stream)."""
+V2_KEY_SPACES = ("sigma_q", "lag", "none", "post_rope")
+"""Key spaces v2 key transforms can be fitted in: Σ_q or lag whitening (folded into the basis),
+raw pre-RoPE keys, post-RoPE keys."""
+V2_ABLATIONS: tuple[dict[str, Any], ...] = (
+    {"center": "flip"}, {"scale_bits": 0}, {"rotate_groups": False}, {"allocation": "uniform"},
+)
+"""Single-option departures from the default fit, each fitted at ``v2_ablation_bits``."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,10 @@ class CalibrationSettings:
         sensitivity_ctx, sensitivity_eval: window split for the boundary-layer sensitivity.
         probe_bits: bit width of the sensitivity probe (``kakeya`` codec on one layer at a time).
         v2_bits: bit budgets of the ``kakeya-v2`` transforms.
-        v2_key_whitening: key pre-transforms the v2 key transforms are fitted after ("sigma_q" is what
-            the built-in recipes use; add "none" and "lag" for ablations).
+        v2_key_spaces: key spaces the v2 key transforms are fitted in (:data:`V2_KEY_SPACES`;
+            "sigma_q" is what the built-in recipes use).
+        v2_ablation_bits: if set, also fit at this budget every key space and every fit option of
+            :data:`V2_ABLATIONS` (for the ablation table).
     """
 
     windows: int = 8
@@ -69,7 +78,8 @@ class CalibrationSettings:
     sensitivity_eval: int = 64
     probe_bits: int = 2
     v2_bits: tuple[float, ...] = V2_BITS
-    v2_key_whitening: tuple[str, ...] = ("sigma_q",)
+    v2_key_spaces: tuple[str, ...] = ("sigma_q",)
+    v2_ablation_bits: float | None = None
 
     def __post_init__(self) -> None:
         if self.windows < 1 or self.tokens < 16:
@@ -80,6 +90,9 @@ class CalibrationSettings:
             raise ConfigError(f"cond_cap must be > 1, got {self.cond_cap}")
         if self.sensitivity_ctx + self.sensitivity_eval > self.tokens:
             raise ConfigError("sensitivity_ctx + sensitivity_eval must fit in one calibration window")
+        unknown = sorted(set(self.v2_key_spaces) - set(V2_KEY_SPACES))
+        if unknown:
+            raise ConfigError(f"v2_key_spaces: unknown {unknown}; choose from {list(V2_KEY_SPACES)}")
 
 
 @dataclass
@@ -89,11 +102,17 @@ class _Pooled:
     gram: torch.Tensor  # [n_kv, D, D] float64, sum over windows of per-window Grams
     lag_mass: torch.Tensor  # [n_kv, L] float64
     k_pre: list[torch.Tensor]  # each [n_kv, T, D]
+    k_post: list[torch.Tensor]  # same, post-RoPE (only when a v2 fit needs them)
     v: list[torch.Tensor]
+
+
+def _needs_post_rope(settings: CalibrationSettings) -> bool:
+    return "post_rope" in settings.v2_key_spaces or settings.v2_ablation_bits is not None
 
 
 def _pool(model: Any, ids: torch.Tensor, settings: CalibrationSettings) -> tuple[list[_Pooled], torch.Tensor]:
     f = facts(model)
+    post = _needs_post_rope(settings)
     pooled: list[_Pooled] = []
     lags = torch.zeros(0, dtype=torch.long)
     positions = torch.arange(ids.shape[1])
@@ -106,13 +125,15 @@ def _pool(model: Any, ids: torch.Tensor, settings: CalibrationSettings) -> tuple
             lags, mass = lag_weights(q_post, c.k_post, settings.n_lags, float(scaling))
             g = gram(c.q_pre)
             if w == 0:
-                pooled.append(_Pooled(g, mass, [c.k_pre], [c.v]))
+                pooled.append(_Pooled(g, mass, [], [], []))
             else:
-                p = pooled[layer]
-                p.gram += g
-                p.lag_mass += mass
-                p.k_pre.append(c.k_pre)
-                p.v.append(c.v)
+                pooled[layer].gram += g
+                pooled[layer].lag_mass += mass
+            p = pooled[layer]
+            p.k_pre.append(c.k_pre)
+            p.v.append(c.v)
+            if post:
+                p.k_post.append(c.k_post)
     return pooled, lags
 
 
@@ -167,24 +188,37 @@ def _tables(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibrati
             cal.tensors[f"table/{stream}/{bits}"] = lloyd_max.fit(z, bits)
 
 
-def _v2(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, full: list[int]) -> None:
-    """``kakeya-v2`` static transforms per (budget, layer, stream, key pre-transform)."""
-    from kakeyaturbo.codecs.kakeya_v2 import fit_transforms
+def _v2_fits(settings: CalibrationSettings) -> list[tuple[float, str, str, tuple[tuple[str, Any], ...]]]:
+    """Every (budget, stream, key space, config overrides) the bundle gets transforms for, once each."""
+    fits = [(b, "v", "none", ()) for b in settings.v2_bits]
+    fits += [(b, "k", space, ()) for b in settings.v2_bits for space in settings.v2_key_spaces]
+    ab = settings.v2_ablation_bits
+    if ab is not None:
+        fits += [(ab, "v", "none", ())] + [(ab, "k", space, ()) for space in V2_KEY_SPACES]
+        for stream, space in (("k", "sigma_q"), ("v", "none")):
+            for option in V2_ABLATIONS:
+                fits.append((ab, stream, space, tuple((k, (stream != "k") if v == "flip" else v)
+                                                      for k, v in option.items())))
+    return list(dict.fromkeys(fits))
 
-    jobs = [(b, layer) for b in settings.v2_bits for layer in full]
-    for bits, layer in tqdm(jobs, desc="calibrate: kakeya-v2", unit="fit"):
+
+def _v2(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, full: list[int]) -> None:
+    """``kakeya-v2`` static transforms per (budget, layer, stream, key space, fit variant); the
+    whitening of a key space is folded into the transforms' basis."""
+    from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Config, fit_transforms
+
+    jobs = [(fit, layer) for fit in _v2_fits(settings) for layer in full]
+    for (bits, stream, space, overrides), layer in tqdm(jobs, desc="calibrate: kakeya-v2", unit="fit"):
         p = pooled[layer]
         # position 0 of every window (BOS, the attention sink) is kept exact by the v2 recipes
-        keys = torch.cat([t[:, 1:] for t in p.k_pre], dim=1)
-        values = torch.cat([t[:, 1:] for t in p.v], dim=1)
-        variants = [("v", "none", values)]
-        for mode in settings.v2_key_whitening:
-            white = None if mode == "none" else cal.whitening(layer, mode)
-            variants.append(("k", mode if white is not None else "none", keys if white is None else keys @ white[0]))
-        for stream, whiten, x in variants:
-            t = fit_transforms(x, bits=bits, stream=stream, fitted_tables=True, seed=layer)
-            for name, tensor in t.to_tensors().items():
-                cal.tensors[f"v2/{bits:g}/{layer}/{stream}/{whiten}/{name}"] = tensor
+        source = p.v if stream == "v" else p.k_post if space == "post_rope" else p.k_pre
+        x = torch.cat([t[:, 1:] for t in source], dim=1)
+        white = cal.whitening(layer, space) if space in ("sigma_q", "lag") else None
+        stored = space if white is not None or space == "post_rope" else "none"
+        cfg = KakeyaV2Config(bits=bits, stream=stream, fitted_tables=True, seed=layer, **dict(overrides))
+        t = fit_transforms(x, cfg, whiten=None if white is None else white[0])
+        for name, tensor in t.to_tensors().items():
+            cal.tensors[f"v2/{bits:g}/{layer}/{stream}/{stored}/{cfg.fit_variant}/{name}"] = tensor
 
 
 @torch.no_grad()

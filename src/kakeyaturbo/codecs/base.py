@@ -147,6 +147,9 @@ class Codec(ABC):
     config_class: ClassVar[type[CodecConfig]]
     needs_calibration: ClassVar[bool] = False
     """True for codecs built from per-model calibrated data, through :meth:`from_calibration`."""
+    folds_whitening: ClassVar[bool] = False
+    """True for calibrated codecs whose transforms already include the keys' whitening: the engine
+    hands them raw keys and the whitening's name instead of whitening the keys itself."""
 
     def __init__(self, config: CodecConfig | None = None, **overrides: Any) -> None:
         if config is None:

@@ -3,18 +3,22 @@
 Calibration (:func:`fit_transforms`, offline, once per model) gives each stream ``s`` (a
 (layer, KV head, K-or-V) stream; the ``S`` leading streams of the codec input):
 
-- an orthonormal basis ``B_s [D, D]`` (PCA of the centred covariance for keys, of the second
-  moment for values), optionally with a seeded random rotation mixed into every group of
-  components that got the same bit width;
-- a mean ``mu_s [D]`` (zero for values), per-component scales ``sigma_s [D]`` and integer bit
-  widths ``bits_s [D]`` (0..8) from reverse water-filling under the per-vector budget;
-- the range ``[lo_s, hi_s]`` of the per-vector log-gain, and optionally Lloyd–Max tables
-  fitted per (stream, bit width) to the normalised coefficients.
+- a basis ``B_s [D, D]``: PCA (of the centred covariance for keys, of the second moment for
+  values) in the metric the error is measured in, optionally with a seeded random rotation mixed
+  into every group of components that got the same bit width. When keys are fitted after a
+  whitening ``k -> k·L`` (Σ_q), ``L⁻¹`` is folded into the stored basis (``B_s = L⁻ᵀ·P``), so the
+  codec takes raw keys and no whitening matrix is stored or applied at run time;
+- a mean ``mu_s [D]`` (keys; values have none), per-component scales ``sigma_s [D]`` and integer
+  bit widths ``bits_s [D]`` (0..8) from reverse water-filling (or a uniform split) under the
+  per-vector budget;
+- the range ``[lo_s, hi_s]`` of the per-vector log-gain (absent when ``scale_bits=0``), and
+  optionally Lloyd–Max tables fitted per (stream, bit width) to the normalised coefficients.
 
 Encoding one vector ``x [D]`` of stream ``s``::
 
     c = B_s^{-1} (x - mu_s)                     coefficients
     g = ||c|| / sqrt(D)                          gain, coded as q in [0, 2**scale_bits) on a log grid
+                                                 (g_hat = 1 when scale_bits = 0)
     z_j = c_j / (g_hat * sigma_j)                ~ unit variance
     code_j = nearest level of the bits_j-bit table (N(0,1) Lloyd–Max or fitted)
 
@@ -22,6 +26,9 @@ The payload is the variable-width packed codes (``sum(bits_s)`` bits per vector)
 packed gain codes (``scale_bits`` per vector), nothing else, so a vector costs
 ``round(bits * D)`` bits. The basis is stored int8 with one float16 scale per column; the
 decoder uses the dequantised basis and the encoder its exact inverse.
+
+The fit options (``center``, ``scale_bits``, ``rotate_groups``, ``allocation``) exist so each
+design element can be switched off on its own (the ablation); the shipped recipes use the defaults.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from kakeyaturbo.ops.varpack import pack_varwidth, unpack_varwidth, varwidth_nby
 from kakeyaturbo.packing import narrow, pack_bits, packed_nbytes, unpack_bits
 
 MAX_BITS = 8
+ALLOCATIONS = ("waterfill", "uniform")
 TABLE_SLOTS = sum(2**b for b in range(1, MAX_BITS + 1))  # 510: every width's levels, concatenated
 SIGMA_FLOOR = 1e-4  # normalised units (sum of sigma**2 is ~D): keeps every component codable
 _INT8_MAX = 127.0
@@ -77,9 +85,11 @@ class KakeyaV2Config(CodecConfig):
 
     Attributes:
         bits: average bits per element, the per-vector gain code included.
-        stream: ``"k"`` (keys: static mean subtracted) or ``"v"`` (values: no mean).
-        scale_bits: bits of the per-vector log-gain code, 1..8.
+        stream: ``"k"`` or ``"v"``; picks the default of ``center``.
+        center: subtract a static mean (None: keys yes, values no).
+        scale_bits: bits of the per-vector log-gain code, 0..8 (0: no per-vector gain).
         rotate_groups: mix a seeded random rotation into each group of equal-bit components.
+        allocation: ``"waterfill"`` (bits where the variance is) or ``"uniform"`` (equal bits).
         fitted_tables: Lloyd–Max tables fitted per (stream, bit width) instead of N(0,1) tables.
         seed: seed of the rotations.
         transforms_hash: :meth:`V2Transforms.fingerprint` of the calibrated transforms.
@@ -87,8 +97,10 @@ class KakeyaV2Config(CodecConfig):
 
     bits: float = 3.0
     stream: str = "k"
+    center: bool | None = None
     scale_bits: int = 8
     rotate_groups: bool = True
+    allocation: str = "waterfill"
     fitted_tables: bool = False
     seed: int = 0
     transforms_hash: str = ""
@@ -96,7 +108,9 @@ class KakeyaV2Config(CodecConfig):
     def validate(self) -> None:
         check_float("bits", self.bits, 0.0, float(MAX_BITS), lo_open=True)
         check_choice("stream", self.stream, ("k", "v"))
-        check_int("scale_bits", self.scale_bits, 1, MAX_BITS)
+        check_choice("center", self.center, (None, True, False))
+        check_int("scale_bits", self.scale_bits, 0, MAX_BITS)
+        check_choice("allocation", self.allocation, ALLOCATIONS)
         for name in ("rotate_groups", "fitted_tables"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -105,28 +119,40 @@ class KakeyaV2Config(CodecConfig):
         if not isinstance(h, str) or (h and (len(h) != 16 or any(ch not in "0123456789abcdef" for ch in h))):
             raise ConfigError(f"transforms_hash must be '' or 16 lowercase hex digits, got {h!r}")
 
+    @property
+    def centred(self) -> bool:
+        """Whether a static mean is subtracted (``center``, defaulting by stream)."""
+        return self.stream == "k" if self.center is None else self.center
+
+    @property
+    def fit_variant(self) -> str:
+        """Name of the fit options besides the budget (how a calibration bundle files the transforms)."""
+        return f"m{int(self.centred)}-g{self.scale_bits}-r{int(self.rotate_groups)}-{self.allocation}"
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class V2Transforms:
     """Calibrated per-stream transforms, as stored (their bytes are the codec's side data).
 
     Attributes:
-        basis_q: int8 ``[S, D, D]``; column ``j`` of stream ``s`` is component ``j``.
+        basis_q: int8 ``[S, D, D]``; column ``j`` of stream ``s`` is component ``j`` (in the
+            input's space: any whitening is folded in).
         basis_scale: float16 ``[S, D]``: per-column scale, ``basis = basis_q * basis_scale[:, None, :]``.
-        mean: float16 ``[S, D]`` (zeros for values).
         sigma: float16 ``[S, D]``, ``> 0``: rms of each gain-normalised coefficient.
         bits: uint8 ``[S, D]``, 0..8: bit width of each component.
-        log_gain: float32 ``[S, 2]``: ``(lo, hi)`` of the per-vector log-gain grid, ``lo < hi``.
+        mean: float16 ``[S, D]``, or None (not centred: values).
+        log_gain: float32 ``[S, 2]``: ``(lo, hi)`` of the per-vector log-gain grid, ``lo < hi``;
+            None when there is no per-vector gain.
         tables: float16 ``[S, 510]`` or None: fitted levels (in units of sigma) for widths 1..8,
             concatenated; None means N(0,1) Lloyd–Max tables.
     """
 
     basis_q: torch.Tensor
     basis_scale: torch.Tensor
-    mean: torch.Tensor
     sigma: torch.Tensor
     bits: torch.Tensor
-    log_gain: torch.Tensor
+    mean: torch.Tensor | None = None
+    log_gain: torch.Tensor | None = None
     tables: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -144,7 +170,7 @@ class V2Transforms:
             raise CorruptDataError("transforms sigma must be > 0 everywhere")
         if bool((self.basis_scale <= 0).any()):
             raise CorruptDataError("transforms basis_scale must be > 0 everywhere")
-        if bool((self.log_gain[:, 1] <= self.log_gain[:, 0]).any()):
+        if self.log_gain is not None and bool((self.log_gain[:, 1] <= self.log_gain[:, 0]).any()):
             raise CorruptDataError("transforms log_gain needs lo < hi in every stream")
 
     def _specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -156,14 +182,12 @@ class V2Transforms:
         specs = {
             "basis_q": (torch.int8, (s, d, d)),
             "basis_scale": (torch.float16, (s, d)),
-            "mean": (torch.float16, (s, d)),
             "sigma": (torch.float16, (s, d)),
             "bits": (torch.uint8, (s, d)),
-            "log_gain": (torch.float32, (s, 2)),
         }
-        if self.tables is not None:
-            specs["tables"] = (torch.float16, (s, TABLE_SLOTS))
-        return specs
+        optional = {"mean": (torch.float16, (s, d)), "log_gain": (torch.float32, (s, 2)),
+                    "tables": (torch.float16, (s, TABLE_SLOTS))}
+        return specs | {name: spec for name, spec in optional.items() if getattr(self, name) is not None}
 
     @property
     def streams(self) -> int:
@@ -174,6 +198,13 @@ class V2Transforms:
     def dim(self) -> int:
         """D, the head dim."""
         return self.basis_q.shape[-1]
+
+    @property
+    def centre(self) -> torch.Tensor:
+        """float32 ``[S, D]``: the mean, zeros when not centred."""
+        if self.mean is None:
+            return torch.zeros(self.sigma.shape, device=self.sigma.device)
+        return self.mean.float()
 
     @property
     def basis(self) -> torch.Tensor:
@@ -187,15 +218,15 @@ class V2Transforms:
         return self.tables[:, _table_slice(bits)].float()
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors by name (for safetensors); ``tables`` only when fitted."""
+        """The stored tensors by name (for safetensors); optional ones only when present."""
         return {name: getattr(self, name) for name in self._specs()}
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> V2Transforms:
         """Inverse of :meth:`to_tensors`; missing, unknown or inconsistent tensors raise CorruptDataError."""
-        required = {"basis_q", "basis_scale", "mean", "sigma", "bits", "log_gain"}
+        required = {"basis_q", "basis_scale", "sigma", "bits"}
         missing = sorted(required - set(tensors))
-        unknown = sorted(set(tensors) - required - {"tables"})
+        unknown = sorted(set(tensors) - required - {"mean", "log_gain", "tables"})
         if missing or unknown:
             raise CorruptDataError(f"transforms tensors: missing {missing}, unknown {unknown}")
         return cls(**dict(tensors))
@@ -213,17 +244,27 @@ class V2Transforms:
         """A copy with every tensor on ``device``."""
         return V2Transforms(**{k: v.to(device) for k, v in self.to_tensors().items()})
 
+    def without_tables(self) -> V2Transforms:
+        """The same transforms with N(0,1) Lloyd–Max tables instead of fitted ones."""
+        return dataclasses.replace(self, tables=None)
 
-def _gain_codes(c: torch.Tensor, log_gain: torch.Tensor, scale_bits: int) -> torch.Tensor:
-    """Per-vector gain codes: int64 ``[S, n]`` from coefficients ``c [S, n, D]`` and ``log_gain [S, 2]``."""
+
+def _gain_codes(c: torch.Tensor, log_gain: torch.Tensor | None, scale_bits: int) -> torch.Tensor:
+    """Per-vector gain codes: int64 ``[S, n]`` from coefficients ``c [S, n, D]`` and ``log_gain [S, 2]``
+    (zeros without a gain: ``scale_bits == 0``)."""
+    if log_gain is None:
+        return torch.zeros(c.shape[:2], dtype=torch.int64, device=c.device)
     lo, hi = log_gain[:, :1], log_gain[:, 1:]
     levels = 2**scale_bits - 1
     lg = torch.log(c.norm(dim=-1) / math.sqrt(c.shape[-1]))
     return torch.round((torch.clamp(lg, lo, hi) - lo) * (levels / (hi - lo))).to(torch.int64)
 
 
-def _gain_values(q: torch.Tensor, log_gain: torch.Tensor, scale_bits: int) -> torch.Tensor:
-    """Dequantised gains, float32 ``[S, n]``, from codes ``q [S, n]``."""
+def gain_values(q: torch.Tensor, log_gain: torch.Tensor | None, scale_bits: int) -> torch.Tensor:
+    """Dequantised gains, float32 ``[S, n]``, from codes ``q [S, n]`` (``log_gain [S, 2]``; ones
+    without a gain)."""
+    if log_gain is None:
+        return torch.ones(q.shape, device=q.device)
     lo, hi = log_gain[:, :1], log_gain[:, 1:]
     return torch.exp(lo + q.float() * ((hi - lo) / (2**scale_bits - 1)))
 
@@ -321,56 +362,66 @@ def _fit_tables(
     return out
 
 
-def fit_transforms(
-    x: torch.Tensor,
-    *,
-    bits: float,
-    stream: str,
-    fitted_tables: bool = False,
-    seed: int = 0,
-    scale_bits: int = 8,
-    rotate_groups: bool = True,
-) -> V2Transforms:
+def uniform_widths(s: int, d: int, budget: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 ``[s, d]``: ``budget`` bits split as evenly as possible, the remainder to the leading components."""
+    base, extra = divmod(budget, d)
+    return (base + (torch.arange(d, device=device) < extra).long()).expand(s, d).clone()
+
+
+def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Tensor | None = None) -> V2Transforms:
     """Calibrate the v2 transforms on sample vectors.
 
     Args:
-        x: float tensor ``[S, N, D]``: ``N >= 2`` calibration vectors per stream (keys already
-            whitened and pre-RoPE), finite.
-        bits, stream, fitted_tables, seed, scale_bits, rotate_groups: as in :class:`KakeyaV2Config`.
+        x: float tensor ``[S, N, D]``: ``N >= 2`` calibration vectors per stream (keys pre-RoPE),
+            finite.
+        config: the fit options (``bits``, ``center``, ``scale_bits``, ``rotate_groups``,
+            ``allocation``, ``fitted_tables``, ``seed``; the hash is ignored).
+        whiten: optional float ``[S, D, D]`` lower-triangular ``L`` (e.g. Cholesky of Σ_q): the PCA
+            and bit allocation run on ``x·L``, where squared error is the error that matters, and
+            ``L⁻¹`` is folded into the stored basis, so the codec still takes (and returns) raw ``x``.
 
     Returns:
         :class:`V2Transforms` on the device of ``x``; every stream spends exactly
         ``round(bits * D) - scale_bits`` code bits per vector.
     """
-    cfg = KakeyaV2Config(bits=bits, stream=stream, scale_bits=scale_bits, rotate_groups=rotate_groups,
-                         fitted_tables=fitted_tables, seed=seed)
+    cfg = config
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ShapeError(f"fit_transforms: x must be a tensor [S, N, D], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     x32, s, n, d = check_input(x)
     if n < 2:
         raise ShapeError(f"fit_transforms: need at least 2 calibration vectors per stream, got {n}")
+    if whiten is not None and (not isinstance(whiten, torch.Tensor) or tuple(whiten.shape) != (s, d, d)):
+        raise ShapeError(f"fit_transforms: whiten must be [S={s}, D={d}, D={d}], got "
+                         f"{tuple(whiten.shape) if isinstance(whiten, torch.Tensor) else type(whiten).__name__}")
     budget = code_bits_per_vector(cfg.bits, cfg.scale_bits, d)
     x64 = x32.double()
-    mean = (x64.mean(1) if cfg.stream == "k" else torch.zeros(s, d, dtype=torch.float64, device=x.device))
-    mean16 = narrow(mean, torch.float16, "kakeya-v2 mean")
-    xc = x64 - mean16.double().unsqueeze(1)
-    _, vecs = torch.linalg.eigh(xc.transpose(1, 2) @ xc / n)
+    mean16 = narrow(x64.mean(1), torch.float16, "kakeya-v2 mean") if cfg.centred else None
+    xc = x64 - mean16.double().unsqueeze(1) if mean16 is not None else x64
+    lw = torch.eye(d, dtype=torch.float64, device=x.device).expand(s, d, d) if whiten is None else whiten.double()
+    w = xc @ lw  # the metric space
+    _, vecs = torch.linalg.eigh(w.transpose(1, 2) @ w / n)
     pca = vecs.flip(-1)  # descending variance
-    c = xc @ pca
-    gain = (c.norm(dim=-1, keepdim=True) / math.sqrt(d)).clamp_min(1e-30)
+    c = w @ pca
+    gain = (c.norm(dim=-1, keepdim=True) / math.sqrt(d)).clamp_min(1e-30) if cfg.scale_bits else 1.0
     var = ((c / gain) ** 2).mean(1).clamp_min(SIGMA_FLOOR**2)
-    widths = water_fill(var, budget, MAX_BITS)
-    basis = pca @ group_rotations(widths, cfg.seed) if cfg.rotate_groups else pca
+    if cfg.allocation == "waterfill":
+        widths = water_fill(var, budget, MAX_BITS)
+    else:
+        widths = uniform_widths(s, d, budget, x.device)
+    rotated = pca @ group_rotations(widths, cfg.seed) if cfg.rotate_groups else pca
+    basis = torch.linalg.solve(lw.transpose(1, 2), rotated).contiguous()  # L⁻ᵀ·P: components in the input space
     col_scale = narrow(basis.abs().amax(1) / _INT8_MAX, torch.float16, "kakeya-v2 basis scale")
     basis_q = torch.round(basis / col_scale.double().unsqueeze(1)).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
     dequant = basis_q.double() * col_scale.double().unsqueeze(1)
     c = xc @ torch.linalg.inv(dequant).transpose(1, 2)
-    lg = torch.log((c.norm(dim=-1) / math.sqrt(d)).clamp_min(1e-30))
-    lo, hi = lg.amin(1), lg.amax(1)
-    margin = 0.05 * (hi - lo) + 0.01
-    log_gain = torch.stack([lo - margin, hi + margin], dim=1).float()
-    g_hat = _gain_values(_gain_codes(c.float(), log_gain, cfg.scale_bits), log_gain, cfg.scale_bits)
+    log_gain = None
+    if cfg.scale_bits:
+        lg = torch.log((c.norm(dim=-1) / math.sqrt(d)).clamp_min(1e-30))
+        lo, hi = lg.amin(1), lg.amax(1)
+        margin = 0.05 * (hi - lo) + 0.01
+        log_gain = torch.stack([lo - margin, hi + margin], dim=1).float()
+    g_hat = gain_values(_gain_codes(c.float(), log_gain, cfg.scale_bits), log_gain, cfg.scale_bits)
     normed = c / g_hat.double().unsqueeze(-1)
     sigma = narrow(normed.pow(2).mean(1).sqrt().clamp_min(SIGMA_FLOOR), torch.float16, "kakeya-v2 sigma")
     tables = None
@@ -378,8 +429,8 @@ def fit_transforms(
         z = (normed / sigma.double().unsqueeze(1)).float()
         keep = torch.linspace(0, z.shape[1] - 1, min(z.shape[1], TABLE_FIT_TOKENS), device=z.device).long()
         tables = narrow(_fit_tables(z[:, keep], widths), torch.float16, "kakeya-v2 fitted tables")
-    return V2Transforms(basis_q=basis_q, basis_scale=col_scale, mean=mean16, sigma=sigma,
-                        bits=widths.to(torch.uint8), log_gain=log_gain, tables=tables)
+    return V2Transforms(basis_q=basis_q, basis_scale=col_scale, sigma=sigma, bits=widths.to(torch.uint8),
+                        mean=mean16, log_gain=log_gain, tables=tables)
 
 
 class KakeyaV2Codec(Codec):
@@ -388,6 +439,7 @@ class KakeyaV2Codec(Codec):
     name = "kakeya-v2"
     config_class = KakeyaV2Config
     needs_calibration = True
+    folds_whitening = True
 
     def __init__(self, config: KakeyaV2Config | None = None, *, transforms: V2Transforms | None = None,
                  **overrides: Any) -> None:
@@ -403,9 +455,12 @@ class KakeyaV2Codec(Codec):
         if (transforms.tables is not None) != cfg.fitted_tables:
             raise ConfigError(f"config.fitted_tables={cfg.fitted_tables} but the transforms "
                               f"{'hold' if transforms.tables is not None else 'lack'} fitted tables")
-        if cfg.stream == "v" and bool(transforms.mean.any()):
-            raise ConfigError("config.stream='v' but the transforms have a nonzero mean "
-                              "(calibrated for keys?)")
+        if (transforms.mean is not None) != cfg.centred:
+            raise ConfigError(f"config says centred={cfg.centred} (stream {cfg.stream!r}, center={cfg.center}) "
+                              f"but the transforms {'hold' if transforms.mean is not None else 'lack'} a mean")
+        if (transforms.log_gain is not None) != (cfg.scale_bits > 0):
+            raise ConfigError(f"config.scale_bits={cfg.scale_bits} but the transforms "
+                              f"{'hold' if transforms.log_gain is not None else 'lack'} a gain grid")
         budget = code_bits_per_vector(cfg.bits, cfg.scale_bits, transforms.dim)
         spent = transforms.bits.long().sum(1)
         if bool((spent != budget).any()):
@@ -419,11 +474,11 @@ class KakeyaV2Codec(Codec):
         self._tables = {b: transforms.table(b) for b in used}
 
     @classmethod
-    def calibrate(cls, x: torch.Tensor, **config: Any) -> KakeyaV2Codec:
-        """Fit transforms on ``x [S, N, D]`` with the given config fields and return the codec."""
+    def calibrate(cls, x: torch.Tensor, *, whiten: torch.Tensor | None = None, **config: Any) -> KakeyaV2Codec:
+        """Fit transforms on ``x [S, N, D]`` (optionally in the metric ``whiten [S, D, D]``, see
+        :func:`fit_transforms`) with the given config fields and return the codec."""
         cfg = KakeyaV2Config(**config)
-        t = fit_transforms(x, bits=cfg.bits, stream=cfg.stream, fitted_tables=cfg.fitted_tables,
-                           seed=cfg.seed, scale_bits=cfg.scale_bits, rotate_groups=cfg.rotate_groups)
+        t = fit_transforms(x, cfg, whiten=whiten)
         return cls(dataclasses.replace(cfg, transforms_hash=t.fingerprint()), transforms=t)
 
     @classmethod
@@ -432,13 +487,16 @@ class KakeyaV2Codec(Codec):
         """The codec of one (layer, stream) with the transforms a calibration bundle fitted for it.
 
         Args:
-            config: config fields from a recipe (``stream``, ``fitted_tables`` and ``transforms_hash``
-                are filled in from the bundle).
-            calibration: an object with ``v2_tensors(layer, stream, bits, whiten)``.
-            whiten: the keys' pre-transform the transforms must have been fitted after ("none" for V).
+            config: config fields from a recipe; ``fitted_tables`` defaults to true here (set it
+                false to decode with N(0,1) tables), ``stream`` and ``transforms_hash`` are filled in.
+            calibration: an object with ``v2_tensors(layer, stream, bits, space, variant)``.
+            whiten: the key space the transforms were fitted in: a whitening ("sigma_q", "lag",
+                folded into the basis), "post_rope", or "none" (always "none" for V).
         """
-        cfg = KakeyaV2Config(**{**config, "stream": stream})
-        t = V2Transforms.from_tensors(calibration.v2_tensors(layer, stream, cfg.bits, whiten))
+        cfg = KakeyaV2Config(**{"fitted_tables": True, **config, "stream": stream})
+        t = V2Transforms.from_tensors(calibration.v2_tensors(layer, stream, cfg.bits, whiten, cfg.fit_variant))
+        if not cfg.fitted_tables:
+            t = t.without_tables()
         cfg = dataclasses.replace(cfg, fitted_tables=t.tables is not None, transforms_hash=t.fingerprint())
         return cls(cfg, transforms=t)
 
@@ -457,8 +515,8 @@ class KakeyaV2Codec(Codec):
 
     def _state(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         t = self.transforms
-        return (t.mean.float().to(device), t.sigma.float().to(device), t.bits.long().to(device),
-                t.log_gain.to(device))
+        log_gain = t.log_gain.to(device) if t.log_gain is not None else None
+        return t.centre.to(device), t.sigma.float().to(device), t.bits.long().to(device), log_gain
 
     def _tables_on(self, device: torch.device) -> dict[int, torch.Tensor]:
         return {b: table.to(device) for b, table in self._tables.items()}
@@ -479,10 +537,13 @@ class KakeyaV2Codec(Codec):
         mean, sigma, widths, log_gain = self._state(x.device)
         c = (x - mean.unsqueeze(1)) @ self._enc.to(x.device)
         q = _gain_codes(c, log_gain, self.config.scale_bits)
-        g_hat = _gain_values(q, log_gain, self.config.scale_bits)
+        g_hat = gain_values(q, log_gain, self.config.scale_bits)
         z = c / (g_hat.unsqueeze(-1) * sigma.unsqueeze(1))
         codes = _quantize(z, widths, self._tables_on(x.device))
-        return {"codes": pack_varwidth(codes, widths), "scale": pack_bits(q, self.config.scale_bits)}
+        fields = {"codes": pack_varwidth(codes, widths)}
+        if self.config.scale_bits:
+            fields["scale"] = pack_bits(q, self.config.scale_bits)
+        return fields
 
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         t = self.transforms
@@ -490,11 +551,14 @@ class KakeyaV2Codec(Codec):
         s, n = t.streams, m * n
         sb = self.config.scale_bits
         packed = expect_field(fields, "codes", torch.uint8, (varwidth_nbytes(t.bits, (s, n, d)),))
-        scale = expect_field(fields, "scale", torch.uint8, (packed_nbytes(s * n, sb),))
         device = packed.device
+        q = torch.zeros(s, n, dtype=torch.int64, device=device)
+        if sb:
+            scale = expect_field(fields, "scale", torch.uint8, (packed_nbytes(s * n, sb),))
+            q = unpack_bits(scale, sb, s * n).reshape(s, n)
         mean, sigma, widths, log_gain = self._state(device)
         codes = unpack_varwidth(packed, widths, (s, n, d))
-        g_hat = _gain_values(unpack_bits(scale, sb, s * n).reshape(s, n), log_gain, sb)
+        g_hat = gain_values(q, log_gain, sb)
         z = _dequantize(codes, widths, self._tables_on(device))
         c = z * sigma.unsqueeze(1) * g_hat.unsqueeze(-1)
         y = mean.unsqueeze(1) + c @ self._dec.to(device).transpose(1, 2)  # [S, m*n, D]

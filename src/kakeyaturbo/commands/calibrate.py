@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kakeyaturbo.calibration.run import V2_KEY_SPACES
 from kakeyaturbo.commands.common import add_model_args
 
 
@@ -21,28 +22,38 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cond-cap", type=float, default=None,
                    help="cap on cond(chol Σ_q) by Tikhonov regularisation (default: none)")
     p.add_argument("--v2-bits", type=float, nargs="+", default=None, metavar="B",
-                   help="bit budgets to fit kakeya-v2 transforms for (default: 2 2.25 2.5 2.75 3 3.5 4 5)")
-    p.add_argument("--v2-key-whitening", nargs="+", default=["sigma_q"], choices=["sigma_q", "lag", "none"],
-                   help="key pre-transforms to fit kakeya-v2 key transforms after (default: sigma_q; add "
-                   "'none' and 'lag' for ablations)")
+                   help="bit budgets to fit kakeya-v2 transforms for (default: 1.5 1.75 2 2.25 2.5 2.75 3 3.5 4 5)")
+    p.add_argument("--v2-key-space", nargs="+", default=["sigma_q"], choices=list(V2_KEY_SPACES),
+                   help="key spaces to fit kakeya-v2 key transforms in at every budget: Σ_q or lag whitening "
+                   "(folded into the basis), raw pre-RoPE or post-RoPE keys (default: sigma_q)")
+    p.add_argument("--v2-ablation", type=float, default=None, metavar="B",
+                   help="also fit, at budget B, every key space and each single fit option switched off "
+                   "(no K mean / V mean, no gain, no group rotation, uniform bits): what the ablation "
+                   "recipes in benchmarks/recipes/ablation need (default: off)")
     p.add_argument("--force", action="store_true", help="recalibrate even if the bundle exists")
 
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate and save the bundle."""
-    from kakeyaturbo.calibration import CalibrationSettings, calibrate, default_bundle_dir
+    from kakeyaturbo.calibration import Calibration, CalibrationSettings, calibrate, default_bundle_dir
+    from kakeyaturbo.errors import CorruptDataError
     from kakeyaturbo.evaluation.harness import DTYPES
     from kakeyaturbo.models.loading import load_model
     from kakeyaturbo.models.text import load_corpus
 
     out = args.out or default_bundle_dir(args.model)
     if (out / "manifest.json").is_file() and not args.force:
-        print(f"calibration bundle already at {out} (use --force to redo)")
-        return 0
+        try:
+            Calibration.load(out)
+            print(f"calibration bundle already at {out} (use --force to redo)")
+            return 0
+        except CorruptDataError as exc:
+            print(f"recalibrating: the bundle at {out} cannot be used ({exc})")
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     extra = {"v2_bits": tuple(args.v2_bits)} if args.v2_bits else {}
     settings = CalibrationSettings(windows=args.windows, tokens=args.tokens, ridge=args.ridge, cond_cap=args.cond_cap,
-                                   v2_key_whitening=tuple(args.v2_key_whitening), **extra)
+                                   v2_key_spaces=tuple(args.v2_key_space), v2_ablation_bits=args.v2_ablation,
+                                   **extra)
     bundle = calibrate(model, tokenizer, load_corpus(args.text), settings, model_name=args.model, text=args.text)
     bundle.save(out)
     skipped = bundle.skipped_whitening

@@ -32,15 +32,16 @@ def add_calibration_arg(p: argparse.ArgumentParser) -> None:
 
 
 def load_calibration(path: Path | None, model_name: str, model_config: Any, required: bool) -> Any:
-    """The bundle at ``path`` (or the default one for ``model_name``), checked against the model."""
+    """The bundle at ``path`` (or, when the recipes need one, the default one for ``model_name``),
+    checked against the model; None when no recipe needs one and no path was given."""
     from kakeyaturbo.calibration import Calibration, config_hash, default_bundle_dir
 
+    if path is None and not required:
+        return None
     where = path or default_bundle_dir(model_name)
     if not (where / "manifest.json").is_file():
-        if path is not None or required:
-            raise ConfigError(f"no calibration bundle at {where}; run `kakeya calibrate --model {model_name}"
-                              f"{'' if path is None else f' --out {path}'}` first")
-        return None
+        raise ConfigError(f"no calibration bundle at {where}; run `kakeya calibrate --model {model_name}"
+                          f"{'' if path is None else f' --out {path}'}` first")
     cal = Calibration.load(where)
     cal.check_model(model_name, config_hash(model_config))
     return cal

@@ -17,8 +17,9 @@ coordinates, ``P`` the inverse Hadamard rotation cut to ``D`` columns).
 **Values** are linear, so ``Σ pᵢ v̂ᵢ = (Σ pᵢ) offset + (Σ pᵢ cᵢ) P``: a segment accumulates
 ``Σ pᵢ cᵢ`` in coefficient space and unprojects once when the segment ends.
 
-**Keys** of the engine are stored pre-RoPE and whitened (``k·L``). The un-whitening is folded into
-the unprojection once per head (``P_k = Bᵀ L⁻¹``, ``offset_k = μ L⁻¹``), so a tile's pre-RoPE keys
+**Keys** of the engine are stored pre-RoPE, and whitened (``k·L``) for codecs that do not fold the
+whitening into their own basis (``kakeya-v2`` does). The un-whitening is folded into the
+unprojection once per head (``P_k = Bᵀ L⁻¹``, ``offset_k = μ L⁻¹``), so a tile's pre-RoPE keys
 cost one ``[tile, E] x [E, D]`` product per KV head (shared by its ``g`` query heads); RoPE is then
 applied at the tile's positions and ``scores = q·kᵀ·scale``. Folding into the query instead is not
 possible with RoPE in between (it would need one ``D x D`` product per token and query head).
@@ -38,7 +39,7 @@ from typing import Protocol
 import torch
 
 from kakeyaturbo.codecs.base import expect_field
-from kakeyaturbo.codecs.kakeya_v2 import TABLE_SLOTS, KakeyaV2Codec, code_bits_per_vector
+from kakeyaturbo.codecs.kakeya_v2 import TABLE_SLOTS, KakeyaV2Codec, code_bits_per_vector, gain_values
 from kakeyaturbo.codecs.rotated_int import RotatedIntCodec
 from kakeyaturbo.container import Encoded
 from kakeyaturbo.errors import ConfigError, CorruptDataError, ShapeError
@@ -154,8 +155,9 @@ class V2Segment:
                              f"D={t.dim}")
         widths = t.bits.repeat(chunks * n_kv // t.streams, 1)
         codes = expect_field(enc.fields, "codes", torch.uint8, (varwidth_nbytes(widths, (chunks * n_kv, c, d)),))
-        gains = expect_field(enc.fields, "scale", torch.uint8,
-                             (packed_nbytes(chunks * n_kv * c, codec.config.scale_bits),))
+        sb = codec.config.scale_bits
+        gains = expect_field(enc.fields, "scale", torch.uint8, (packed_nbytes(chunks * n_kv * c, sb),)) if sb \
+            else torch.zeros(0, dtype=torch.uint8, device=codes.device)
         return cls(codes, gains, chunks, c, n_kv, codec)
 
     @property
@@ -195,31 +197,30 @@ class V2Segment:
     def _state(self) -> tuple[torch.Tensor, ...]:
         """Per-head decode state on the payload's device, built once: widths, bit prefix, table
         slot offsets (int64 ``[n_kv, D]``), levels ``[n_kv, 510]``, sigma ``[n_kv, D]``, gain grid
-        ``lo, hi [n_kv, 1]`` (float32)."""
+        ``[n_kv, 2]`` (float32; None without a gain)."""
         t = self.codec.transforms
         widths = self._head(t.bits.long())
         slots = ((1 << widths) - 2).clamp_min(0)
-        lo, hi = (self._head(t.log_gain[:, i : i + 1]) for i in (0, 1))
+        grid = self._head(t.log_gain) if t.log_gain is not None else None
         return (widths, torch.cumsum(widths, 1) - widths, slots, self._head(self._tables()),
-                self._head(t.sigma.float()), lo, hi)
+                self._head(t.sigma.float()), grid)
 
     def coefficients(self, start: int, stop: int) -> torch.Tensor:
         """float32 ``[n_kv, stop - start, D]``: ``c = z ⊙ σ · g`` of tokens ``start..stop-1``."""
         cfg = self.codec.config
-        widths, prefix, slots, tables, sigma, lo, hi = self._state
+        widths, prefix, slots, tables, sigma, grid = self._state
         budget = code_bits_per_vector(cfg.bits, cfg.scale_bits, widths.shape[1])
         vec = self._vectors(start, stop)
         codes = read_bits(self.codes, vec.unsqueeze(-1) * budget + prefix.unsqueeze(1), widths.unsqueeze(1))
         slot = slots.unsqueeze(1) + codes  # [n_kv, n, D]
         z = torch.where(widths.unsqueeze(1) > 0, tables.gather(1, slot.flatten(1)).view(slot.shape), 0.0)
-        q = read_bits(self.gains, vec * cfg.scale_bits, cfg.scale_bits).float()
-        gain = torch.exp(lo + q * ((hi - lo) / (2**cfg.scale_bits - 1)))
-        return z * sigma.unsqueeze(1) * gain.unsqueeze(-1)
+        q = read_bits(self.gains, vec * cfg.scale_bits, cfg.scale_bits)  # zeros without a gain code
+        return z * sigma.unsqueeze(1) * gain_values(q, grid, cfg.scale_bits).unsqueeze(-1)
 
     def unprojection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean [n_kv, D], Bᵀ [n_kv, D, D])``, float32."""
         t = self.codec.transforms
-        return self._head(t.mean.float()), self._head(t.basis.transpose(1, 2).contiguous())
+        return self._head(t.centre), self._head(t.basis.transpose(1, 2).contiguous())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
