@@ -16,6 +16,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="output folder; finished cells in DIR/results.jsonl are skipped on a re-run")
     p.add_argument("--report-only", action="store_true",
                    help="evaluate nothing: rewrite table.md and pareto.png from the cells already finished")
+    p.add_argument("--ablation-reference", metavar="RECIPE", default=None,
+                   help="also write DIR/ablation.md and DIR/ablation.png: each recipe's bytes, KL and top-1 "
+                   "against this recipe's, on the same windows (e.g. kakeya-v2-k3-v3 for "
+                   "benchmarks/sweeps/ablation-ctx1024.json)")
 
 
 def _evaluator() -> Any:
@@ -53,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the sweep."""
     from kakeyaturbo.evaluation.sweep import run_sweep
 
-    records = run_sweep(args.grid, args.out, None if args.report_only else _evaluator())
+    records = run_sweep(args.grid, args.out, None if args.report_only else _evaluator(),
+                        ablation_reference=args.ablation_reference)
     print(f"{len(records)} cells; results in {args.out / 'results.jsonl'}, table in {args.out / 'table.md'}, "
-          f"plot in {args.out / 'pareto.png'}")
+          f"plot in {args.out / 'pareto.png'}" + (f", ablation in {args.out / 'ablation.md'}"
+                                                 if args.ablation_reference else ""))
     return 0

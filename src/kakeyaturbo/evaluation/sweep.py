@@ -27,6 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from kakeyaturbo.errors import ConfigError, CorruptDataError, KakeyaError
+from kakeyaturbo.evaluation.ablation import ablation_plot, ablation_table
 from kakeyaturbo.evaluation.plots import pareto_plot
 from kakeyaturbo.evaluation.report import MODES, check_record, markdown_table
 
@@ -209,6 +210,7 @@ def run_sweep(
     evaluate: Evaluate | None,
     *,
     progress: bool = True,
+    ablation_reference: str | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every cell of a grid file not yet in ``out_dir/results.jsonl``; write the table and plot.
 
@@ -221,6 +223,8 @@ def run_sweep(
             accepted for a one-cell group).
         progress: show a tqdm bar over cells.
         ``evaluate=None`` evaluates nothing: the table and plot are written from the finished cells.
+        ablation_reference: if set, also write ``ablation.md`` and ``ablation.png``: every record
+            against this recipe's (see :mod:`kakeyaturbo.evaluation.ablation`).
 
     Returns:
         The records of this grid's cells, in grid order, each with ``cell_key`` and ``cell`` added.
@@ -243,4 +247,7 @@ def run_sweep(
     records = [done[cell_key(c)] for c in cells if cell_key(c) in done]
     _write_atomic(out / "table.md", markdown_table(records))
     os.replace(pareto_plot(records, out / "pareto.tmp.png"), out / "pareto.png")
+    if ablation_reference is not None:
+        _write_atomic(out / "ablation.md", ablation_table(records, ablation_reference))
+        os.replace(ablation_plot(records, ablation_reference, out / "ablation.tmp.png"), out / "ablation.png")
     return records
