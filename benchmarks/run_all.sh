@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=.venv/bin/kakeya
-$K calibrate --v2-ablation 3   # the ablation recipes need the extra fits
+$K calibrate
 $K sweep --grid benchmarks/sweeps/ablation-ctx1024.json --out benchmarks/results/ablation --ablation-reference kakeya-v2-k3-v3
 $K sweep --grid benchmarks/sweeps/v2-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/windows32.json --out benchmarks/results/windows32

@@ -64,7 +64,7 @@ class CalibrationSettings:
         v2_key_spaces: key spaces the v2 key transforms are fitted in (:data:`V2_KEY_SPACES`;
             "sigma_q" is what the built-in recipes use).
         v2_ablation_bits: if set, also fit at this budget every key space and every fit option of
-            :data:`V2_ABLATIONS` (for the ablation table).
+            :data:`V2_ABLATIONS` (what the ablation recipes use; None skips them).
     """
 
     windows: int = 8
@@ -79,7 +79,7 @@ class CalibrationSettings:
     probe_bits: int = 2
     v2_bits: tuple[float, ...] = V2_BITS
     v2_key_spaces: tuple[str, ...] = ("sigma_q",)
-    v2_ablation_bits: float | None = None
+    v2_ablation_bits: float | None = 3.0
 
     def __post_init__(self) -> None:
         if self.windows < 1 or self.tokens < 16:

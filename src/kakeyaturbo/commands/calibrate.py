@@ -4,7 +4,10 @@ the calibration split of the text, and write a bundle directory."""
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from kakeyaturbo.calibration.run import V2_KEY_SPACES
 from kakeyaturbo.commands.common import add_model_args
@@ -26,34 +29,48 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--v2-key-space", nargs="+", default=["sigma_q"], choices=list(V2_KEY_SPACES),
                    help="key spaces to fit kakeya-v2 key transforms in at every budget: Σ_q or lag whitening "
                    "(folded into the basis), raw pre-RoPE or post-RoPE keys (default: sigma_q)")
-    p.add_argument("--v2-ablation", type=float, default=None, metavar="B",
+    p.add_argument("--v2-ablation", type=float, default=3.0, metavar="B",
                    help="also fit, at budget B, every key space and each single fit option switched off "
                    "(no K mean / V mean, no gain, no group rotation, uniform bits): what the ablation "
-                   "recipes in benchmarks/recipes/ablation need (default: off)")
+                   "recipes in benchmarks/recipes/ablation need; 0 skips them (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="recalibrate even if the bundle exists")
+
+
+def why_recalibrate(out: Path, settings: Any) -> str | None:
+    """None when ``out`` holds a readable bundle made with ``settings`` (a ``CalibrationSettings``),
+    else why it has to be (re)made."""
+    from kakeyaturbo.calibration import Calibration
+    from kakeyaturbo.errors import ConfigError, CorruptDataError
+
+    try:
+        have = Calibration.load(out).manifest.get("settings", {})
+    except ConfigError:
+        return "no bundle there yet"
+    except CorruptDataError as exc:
+        return f"the bundle there cannot be used ({exc})"
+    want = json.loads(json.dumps(asdict(settings)))
+    differ = sorted(k for k in want if have.get(k) != want[k])
+    return f"the bundle there was made with other settings ({', '.join(differ)})" if differ else None
 
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate and save the bundle."""
-    from kakeyaturbo.calibration import Calibration, CalibrationSettings, calibrate, default_bundle_dir
-    from kakeyaturbo.errors import CorruptDataError
+    from kakeyaturbo.calibration import CalibrationSettings, calibrate, default_bundle_dir
     from kakeyaturbo.evaluation.harness import DTYPES
     from kakeyaturbo.models.loading import load_model
     from kakeyaturbo.models.text import load_corpus
 
     out = args.out or default_bundle_dir(args.model)
-    if (out / "manifest.json").is_file() and not args.force:
-        try:
-            Calibration.load(out)
-            print(f"calibration bundle already at {out} (use --force to redo)")
-            return 0
-        except CorruptDataError as exc:
-            print(f"recalibrating: the bundle at {out} cannot be used ({exc})")
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     extra = {"v2_bits": tuple(args.v2_bits)} if args.v2_bits else {}
     settings = CalibrationSettings(windows=args.windows, tokens=args.tokens, ridge=args.ridge, cond_cap=args.cond_cap,
-                                   v2_key_spaces=tuple(args.v2_key_space), v2_ablation_bits=args.v2_ablation,
-                                   **extra)
+                                   v2_key_spaces=tuple(args.v2_key_space),
+                                   v2_ablation_bits=args.v2_ablation or None, **extra)
+    reason = "--force" if args.force else why_recalibrate(out, settings)
+    if reason is None:
+        print(f"calibration bundle already at {out} (use --force to redo)")
+        return 0
+    print(f"calibrating into {out}: {reason}")
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     bundle = calibrate(model, tokenizer, load_corpus(args.text), settings, model_name=args.model, text=args.text)
     bundle.save(out)
     skipped = bundle.skipped_whitening
