@@ -2,7 +2,6 @@
 
 A row is one recipe that switches one design element off (its recipe description says which);
 the report states its bytes and quality and how its KL and top-1 compare with the reference's.
-matplotlib is imported only when the plot is drawn, with the Agg backend.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.evaluation.plots import pyplot, save_figure
 from kakeyaturbo.evaluation.report import check_record, thresholds_note
 
 
@@ -66,11 +66,7 @@ def ablation_table(records: list[dict[str, Any]], reference: str) -> str:
 
 def ablation_plot(records: list[dict[str, Any]], reference: str, path: str | Path) -> Path:
     """Write a PNG: KL (log) and top-1 agreement per ablation row, the reference drawn as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ref, rows = _split(records, reference)
     names = [r["recipe"] for r in rows]
     pos = np.arange(len(rows))
@@ -93,8 +89,4 @@ def ablation_plot(records: list[dict[str, Any]], reference: str, path: str | Pat
     fig.suptitle(f"ablation vs {reference} ({ref['windows']} windows, ctx {ref['ctx']}, {ref['mode']}); "
                  "red: worse than the reference", fontsize=10)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)

@@ -55,6 +55,25 @@ def _positive(y: np.ndarray) -> tuple[np.ndarray, float]:
     return np.where(y > 0, y, floor), floor
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (imported on first use)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Save ``fig`` as a 120-dpi PNG at ``path`` (parents created), close it, return the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    pyplot().close(fig)
+    return out
+
+
 def pareto_plot(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Write a two-panel PNG: ratio (x, log) vs KL (y, log) and vs |Δppl| % (y, log).
 
@@ -67,11 +86,9 @@ def pareto_plot(records: list[dict[str, Any]], path: str | Path) -> Path:
     Raises:
         ConfigError: no records, or a record lacking a contract field.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
+
+    plt = pyplot()
 
     if not records:
         raise ConfigError("pareto_plot needs at least one record, got none")
@@ -110,8 +127,4 @@ def pareto_plot(records: list[dict[str, Any]], path: str | Path) -> Path:
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
