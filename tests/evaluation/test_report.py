@@ -69,7 +69,7 @@ def test_tables_have_one_row_per_record_and_state_thresholds():
     md = markdown_table(records)
     rows = [line for line in md.splitlines() if line.startswith("|")]
     assert len(rows) == 4 and rows[1].startswith("|---|")
-    assert "| kakeya-balanced | snapshot | 1024 | 4.00x | 4.00 | +0.50 [+0.00, +1.00] |" in rows[2]
+    assert "| kakeya-balanced | snapshot | 1024 | 4.00x | 4.00 | 0.00 | +0.50 [+0.00, +1.00] |" in rows[2]
     assert "bootstrap over windows" in md.splitlines()[-1]
 
 

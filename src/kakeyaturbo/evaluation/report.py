@@ -24,9 +24,9 @@ CONTRACT_FIELDS = (
     "ppl_ref", "ppl", "delta_ppl_pct", "delta_ppl_ci95", "kl", "kl_ci95", "top1_pct",
     "verdict", "thresholds", "seconds",
 )
-HEADERS = ("recipe", "mode", "ctx", "ratio", "bits/elem", "Δppl % [95% CI]", "KL [95% CI]", "top-1 %",
-           "verdict")
-_RIGHT = (False, False, True, True, True, True, True, True, False)
+HEADERS = ("recipe", "mode", "ctx", "ratio", "bits/elem", "model MB", "Δppl % [95% CI]", "KL [95% CI]",
+           "top-1 %", "verdict")
+_RIGHT = (False, False, True, True, True, True, True, True, True, False)
 
 
 def _check_str(name: str, value: Any) -> None:
@@ -148,7 +148,7 @@ def _rows(records: list[dict[str, Any]]) -> list[tuple[str, ...]]:
         check_record(r, f"records[{i}]")
         rows.append((
             str(r["recipe"]), str(r["mode"]), str(r["ctx"]),
-            f"{r['ratio']:.2f}x", f"{r['bits_per_element']:.2f}",
+            f"{r['ratio']:.2f}x", f"{r['bits_per_element']:.2f}", f"{r['bytes_model'] / 1e6:.2f}",
             _ci(r["delta_ppl_pct"], r["delta_ppl_ci95"], "+.2f"), _ci(r["kl"], r["kl_ci95"], ".4f"),
             f"{r['top1_pct']:.1f}", str(r["verdict"]),
         ))
@@ -180,7 +180,9 @@ def summary_table(records: list[dict[str, Any]]) -> str:
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
-    """A Markdown table (one row per record) with the verdict thresholds stated under it."""
+    """A Markdown table (one row per record) with the verdict thresholds stated under it. Ratio and
+    bits/elem count the bytes held per sequence; "model MB" is the per-model data the recipe needs
+    (whitening, calibrated transforms), paid once per model and not in the ratio."""
     align = "|" + "|".join("---:" if right else "---" for right in _RIGHT) + "|"
     lines = ["| " + " | ".join(HEADERS) + " |", align]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(records)]
