@@ -85,12 +85,15 @@ class LayerPlan:
     Attributes:
         layer: layer index.
         k_codec, v_codec: the codecs (calibrated tables already substituted).
-        whitening: the K whitening (None: not whitened).
+        whitening: the K whitening the plan applies (None: not whitened here; a codec that folds
+            the whitening into its own transforms gets raw keys).
         exact: the layer stores K and V exactly (the cache keeps them in the model's dtype).
         layout: ``"head"`` or ``"token_major"`` (module docstring).
         n_kv_heads, head_dim: the model's KV geometry.
         chunk_tokens: tokens per chunk.
         whitening_skipped: why the calibration skipped this layer's whitening, if it did.
+        k_space: the space K is coded in: ``"none"`` (pre-RoPE or post-RoPE keys as the recipe
+            stores them), ``"sigma_q"`` or ``"lag"`` (whitened, by the plan or inside the codec).
     """
 
     layer: int
@@ -103,6 +106,7 @@ class LayerPlan:
     head_dim: int
     chunk_tokens: int
     whitening_skipped: str | None = None
+    k_space: str = "none"
 
     @property
     def side_nbytes(self) -> int:
@@ -277,5 +281,5 @@ def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
             whitening = None  # the codec's calibrated basis already contains it
         plans.append(LayerPlan(layer, k_codec, factory.get(v_sr, "v", layer, "none"), whitening,
                                k_sr.is_exact and v_sr.is_exact, recipe.layout, n_kv_heads, head_dim,
-                               recipe.chunk_tokens, skipped))
+                               recipe.chunk_tokens, skipped, "none" if space == "post_rope" else space))
     return plans

@@ -96,6 +96,7 @@ def test_every_ablation_recipe_runs_on_a_bundle_fitted_with_ablations(path, tiny
     recipe = dataclasses.replace(recipes.load(path), chunk_tokens=16)
     cache = KakeyaCache.from_model(model, recipe, cal)
     assert all(p.whitening is None for p in cache.plans)  # v2 folds any whitening into its basis
+    assert {p.k_space for p in cache.plans} == {recipe.k.whiten}
     with torch.no_grad():
         model(torch.randint(0, 100, (1, 40)), cache=cache)
     k, v = cache.layers[1].full()

@@ -56,7 +56,7 @@ def layer_errors(model: Any, ids: torch.Tensor, recipe: Recipe, calibration: Cal
             "metric_lag": _metric(e_pre, cap.k_pre, calibration.tensors[f"sigma/lag/{layer}"]),
             "logit": float((err.double() ** 2).mean() / (ref.double() ** 2).mean()),
             "value": float(((v_hat - cap.v) ** 2).sum() / (cap.v**2).sum()),
-            "whitened": plan_layer.plan.whitening is not None,
+            "whitened": plan_layer.plan.k_space != "none",
         })
     return rows
 
