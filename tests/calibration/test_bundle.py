@@ -29,12 +29,12 @@ def test_bundle_contents(tiny_bundle):
     assert len(table) == 4 and list(table) == sorted(table) and cal.table("k", 3) is None
     assert cal.manifest["settings"]["tokens"] == 96 and cal.manifest["split"] == "all text is calibration"
     variants = {"/".join(k.split("/")[3:6]) for k in cal.tensors if k.startswith("v2/")}
-    default_k, default_v = "m1-g8-r1-waterfill", "m0-g8-r1-waterfill"
-    assert variants == {f"k/{space}/{default_k}" for space in ("sigma_q", "lag", "none", "post_rope")} | {
-        f"{stream}/{space}/{variant}" for stream, space in (("k", "sigma_q"), ("v", "none")) for variant in (
-            default_v, default_k, "m1-g0-r1-waterfill" if stream == "k" else "m0-g0-r1-waterfill",
-            "m1-g8-r0-waterfill" if stream == "k" else "m0-g8-r0-waterfill",
-            "m1-g8-r1-uniform" if stream == "k" else "m0-g8-r1-uniform")}
+    fits = {"waterfill": "g8-r1-waterfill", "no gain": "g0-r1-waterfill", "no rotation": "g8-r0-waterfill",
+            "uniform": "g8-r1-uniform"}
+    keys = {f"k/{space}/m{m}-{fits['waterfill']}" for space in ("sigma_q", "lag", "none", "post_rope") for m in (0, 1)}
+    keys |= {f"k/none/m{m}-{fit}" for fit in fits.values() for m in (0, 1)}
+    values = {f"v/none/m0-{fit}" for fit in fits.values()} | {f"v/none/m1-{fits['waterfill']}"}
+    assert variants == keys | values
     assert "v2/3/0/v/none/m0-g8-r1-waterfill/mean" not in cal.tensors  # values are not centred
 
 

@@ -41,10 +41,9 @@ V2_BITS = (1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0)
 V2_KEY_SPACES = ("sigma_q", "lag", "none", "post_rope")
 """Key spaces v2 key transforms can be fitted in: Σ_q or lag whitening (folded into the basis),
 raw pre-RoPE keys, post-RoPE keys."""
-V2_ABLATIONS: tuple[dict[str, Any], ...] = (
-    {"center": "flip"}, {"scale_bits": 0}, {"rotate_groups": False}, {"allocation": "uniform"},
-)
-"""Single-option departures from the default fit, each fitted at ``v2_ablation_bits``."""
+V2_ABLATIONS: tuple[dict[str, Any], ...] = ({"scale_bits": 0}, {"rotate_groups": False}, {"allocation": "uniform"})
+"""Single-option departures from the default fit, each fitted at ``v2_ablation_bits`` (with the
+mean switched on and off, and the key spaces, they make the ablation's rows)."""
 
 
 @dataclass(frozen=True)
@@ -61,10 +60,13 @@ class CalibrationSettings:
         sensitivity_ctx, sensitivity_eval: window split for the boundary-layer sensitivity.
         probe_bits: bit width of the sensitivity probe (``kakeya`` codec on one layer at a time).
         v2_bits: bit budgets of the ``kakeya-v2`` transforms.
-        v2_key_spaces: key spaces the v2 key transforms are fitted in (:data:`V2_KEY_SPACES`;
-            "sigma_q" is what the built-in recipes use).
-        v2_ablation_bits: if set, also fit at this budget every key space and every fit option of
-            :data:`V2_ABLATIONS` (what the ablation recipes use; None skips them).
+        v2_key_spaces: key spaces the v2 key transforms are fitted in at every budget
+            (:data:`V2_KEY_SPACES`; the built-in recipes code raw pre-RoPE keys, "none": the
+            ablation measured Σ_q and lag whitening as harmful for this codec).
+        v2_key_center: fit the v2 key transforms with (True) and/or without (False) a static mean.
+        v2_ablation_bits: if set, also fit at this budget every key space (with and without the
+            mean), values with a mean, and each option of :data:`V2_ABLATIONS` (what the ablation
+            recipes in ``benchmarks/recipes/ablation`` use; None skips them).
     """
 
     windows: int = 8
@@ -78,7 +80,8 @@ class CalibrationSettings:
     sensitivity_eval: int = 64
     probe_bits: int = 2
     v2_bits: tuple[float, ...] = V2_BITS
-    v2_key_spaces: tuple[str, ...] = ("sigma_q",)
+    v2_key_spaces: tuple[str, ...] = ("none",)
+    v2_key_center: tuple[bool, ...] = (True, False)
     v2_ablation_bits: float | None = 3.0
 
     def __post_init__(self) -> None:
@@ -91,8 +94,11 @@ class CalibrationSettings:
         if self.sensitivity_ctx + self.sensitivity_eval > self.tokens:
             raise ConfigError("sensitivity_ctx + sensitivity_eval must fit in one calibration window")
         unknown = sorted(set(self.v2_key_spaces) - set(V2_KEY_SPACES))
-        if unknown:
-            raise ConfigError(f"v2_key_spaces: unknown {unknown}; choose from {list(V2_KEY_SPACES)}")
+        if unknown or not self.v2_key_spaces:
+            raise ConfigError(f"v2_key_spaces: need one or more of {list(V2_KEY_SPACES)}, got "
+                              f"{list(self.v2_key_spaces)}")
+        if not self.v2_key_center or not set(self.v2_key_center) <= {True, False}:
+            raise ConfigError(f"v2_key_center: need True and/or False, got {list(self.v2_key_center)}")
 
 
 @dataclass
@@ -190,15 +196,20 @@ def _tables(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibrati
 
 def _v2_fits(settings: CalibrationSettings) -> list[tuple[float, str, str, tuple[tuple[str, Any], ...]]]:
     """Every (budget, stream, key space, config overrides) the bundle gets transforms for, once each."""
+
+    def key(center: bool, **options: Any) -> tuple[tuple[str, Any], ...]:
+        return (() if center else (("center", False),)) + tuple(options.items())
+
+    centers = settings.v2_key_center
     fits = [(b, "v", "none", ()) for b in settings.v2_bits]
-    fits += [(b, "k", space, ()) for b in settings.v2_bits for space in settings.v2_key_spaces]
+    fits += [(b, "k", space, key(c)) for b in settings.v2_bits for space in settings.v2_key_spaces for c in centers]
     ab = settings.v2_ablation_bits
     if ab is not None:
-        fits += [(ab, "v", "none", ())] + [(ab, "k", space, ()) for space in V2_KEY_SPACES]
-        for stream, space in (("k", "sigma_q"), ("v", "none")):
-            for option in V2_ABLATIONS:
-                fits.append((ab, stream, space, tuple((k, (stream != "k") if v == "flip" else v)
-                                                      for k, v in option.items())))
+        fits += [(ab, "v", "none", ()), (ab, "v", "none", (("center", True),))]
+        fits += [(ab, "k", space, key(c)) for space in V2_KEY_SPACES for c in (True, False)]
+        for option in V2_ABLATIONS:
+            fits += [(ab, "k", settings.v2_key_spaces[0], key(c, **option)) for c in (True, False)]
+            fits.append((ab, "v", "none", tuple(option.items())))
     return list(dict.fromkeys(fits))
 
 

@@ -26,12 +26,16 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="cap on cond(chol Σ_q) by Tikhonov regularisation (default: none)")
     p.add_argument("--v2-bits", type=float, nargs="+", default=None, metavar="B",
                    help="bit budgets to fit kakeya-v2 transforms for (default: 1.5 1.75 2 2.25 2.5 2.75 3 3.5 4 5)")
-    p.add_argument("--v2-key-space", nargs="+", default=["sigma_q"], choices=list(V2_KEY_SPACES),
+    p.add_argument("--v2-key-space", nargs="+", default=["none"], choices=list(V2_KEY_SPACES),
                    help="key spaces to fit kakeya-v2 key transforms in at every budget: Σ_q or lag whitening "
-                   "(folded into the basis), raw pre-RoPE or post-RoPE keys (default: sigma_q)")
+                   "(folded into the basis), raw pre-RoPE or post-RoPE keys (default: none, what the "
+                   "built-in recipes use)")
+    p.add_argument("--v2-key-mean", nargs="+", default=["with", "without"], choices=["with", "without"],
+                   help="fit the kakeya-v2 key transforms with and/or without a static mean (default: both)")
     p.add_argument("--v2-ablation", type=float, default=3.0, metavar="B",
-                   help="also fit, at budget B, every key space and each single fit option switched off "
-                   "(no K mean / V mean, no gain, no group rotation, uniform bits): what the ablation "
+                   help="also fit, at budget B, every key space with and without a mean, values with a "
+                   "mean, and each single fit option switched off (no gain, no group rotation, uniform "
+                   "bits): what the ablation "
                    "recipes in benchmarks/recipes/ablation need; 0 skips them (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="recalibrate even if the bundle exists")
 
@@ -64,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"v2_bits": tuple(args.v2_bits)} if args.v2_bits else {}
     settings = CalibrationSettings(windows=args.windows, tokens=args.tokens, ridge=args.ridge, cond_cap=args.cond_cap,
                                    v2_key_spaces=tuple(args.v2_key_space),
+                                   v2_key_center=tuple(m == "with" for m in args.v2_key_mean),
                                    v2_ablation_bits=args.v2_ablation or None, **extra)
     reason = "--force" if args.force else why_recalibrate(out, settings)
     if reason is None:
