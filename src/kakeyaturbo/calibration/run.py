@@ -36,7 +36,7 @@ TABLE_CODEC = {"pca": "randomized", "variance_ratio": 1.0, "block_size": 512}
 """Settings of the ``kakeya`` codec whose residuals the calibrated tables are fitted on (those of
 the seed's recipes that use calibrated tables: randomized PCA, rank D/2, variance ratio 1.0)."""
 
-V2_BITS = (1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0)
+V2_BITS = (1.5, 1.625, 1.75, 1.875, 2.0, 2.125, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0)
 """Bit budgets for which ``kakeya-v2`` transforms are fitted (per layer and stream)."""
 V2_KEY_SPACES = ("sigma_q", "lag", "none", "post_rope")
 """Key spaces v2 key transforms can be fitted in: Σ_q or lag whitening (folded into the basis),
