@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kakeyaturbo.calibration.run import V2_KEY_SPACES
+from kakeyaturbo.calibration.run import V2_BITS, V2_KEY_SPACES
 from kakeyaturbo.commands.common import add_model_args
 
 
@@ -25,7 +25,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cond-cap", type=float, default=None,
                    help="cap on cond(chol Σ_q) by Tikhonov regularisation (default: none)")
     p.add_argument("--v2-bits", type=float, nargs="+", default=None, metavar="B",
-                   help="bit budgets to fit kakeya-v2 transforms for (default: 1.5 1.625 1.75 1.875 2 2.125 2.25 2.5 2.75 3 3.5 4 5)")
+                   help="bit budgets to fit kakeya-v2 transforms for (default: "
+                   f"{' '.join(f'{b:g}' for b in V2_BITS)})")
     p.add_argument("--v2-key-space", nargs="+", default=["none"], choices=list(V2_KEY_SPACES),
                    help="key spaces to fit kakeya-v2 key transforms in at every budget: Σ_q or lag whitening "
                    "(folded into the basis), raw pre-RoPE or post-RoPE keys (default: none, what the "
