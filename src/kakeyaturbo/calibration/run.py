@@ -218,18 +218,22 @@ def _v2(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, 
     whitening of a key space is folded into the transforms' basis."""
     from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Config, fit_transforms
 
-    jobs = [(fit, layer) for fit in _v2_fits(settings) for layer in full]
-    for (bits, stream, space, overrides), layer in tqdm(jobs, desc="calibrate: kakeya-v2", unit="fit"):
-        p = pooled[layer]
-        # position 0 of every window (BOS, the attention sink) is kept exact by the v2 recipes
-        source = p.v if stream == "v" else p.k_post if space == "post_rope" else p.k_pre
-        x = torch.cat([t[:, 1:] for t in source], dim=1)
-        white = cal.whitening(layer, space) if space in ("sigma_q", "lag") else None
-        stored = space if white is not None or space == "post_rope" else "none"
-        cfg = KakeyaV2Config(bits=bits, stream=stream, fitted_tables=True, seed=layer, **dict(overrides))
-        t = fit_transforms(x, cfg, whiten=None if white is None else white[0])
-        for name, tensor in t.to_tensors().items():
-            cal.tensors[f"v2/{bits:g}/{layer}/{stream}/{stored}/{cfg.fit_variant}/{name}"] = tensor
+    fits = _v2_fits(settings)
+    with tqdm(total=len(fits) * len(full), desc="calibrate: kakeya-v2", unit="fit") as bar:
+        for layer in full:
+            p = pooled[layer]
+            # position 0 of every window (BOS, the attention sink) is kept exact by the v2 recipes
+            sources = {name: torch.cat([t[:, 1:] for t in windows], dim=1) for name, windows in
+                       (("v", p.v), ("k", p.k_pre), ("post_rope", p.k_post)) if windows}
+            for bits, stream, space, overrides in fits:
+                x = sources["v" if stream == "v" else "post_rope" if space == "post_rope" else "k"]
+                white = cal.whitening(layer, space) if space in ("sigma_q", "lag") else None
+                stored = space if white is not None or space == "post_rope" else "none"
+                cfg = KakeyaV2Config(bits=bits, stream=stream, fitted_tables=True, seed=layer, **dict(overrides))
+                t = fit_transforms(x, cfg, whiten=None if white is None else white[0])
+                for name, tensor in t.to_tensors().items():
+                    cal.tensors[f"v2/{bits:g}/{layer}/{stream}/{stored}/{cfg.fit_variant}/{name}"] = tensor
+                bar.update()
 
 
 @torch.no_grad()
