@@ -211,11 +211,17 @@ class V2Transforms:
         """Dequantised basis, float32 ``[S, D, D]`` (columns are components)."""
         return self.basis_q.float() * self.basis_scale.float().unsqueeze(-2)
 
+    @property
+    def levels(self) -> torch.Tensor:
+        """float32 ``[S, 510]``: every width's levels (fitted, or N(0,1) Lloyd–Max), in units of sigma."""
+        if self.tables is not None:
+            return self.tables.float()
+        gauss = torch.cat([gaussian_table(b) for b in range(1, MAX_BITS + 1)]).to(self.sigma.device)
+        return gauss.expand(self.streams, TABLE_SLOTS)
+
     def table(self, bits: int) -> torch.Tensor:
         """float32 ``[S, 2**bits]``: the levels of width ``bits`` (1..8), in units of sigma."""
-        if self.tables is None:
-            return gaussian_table(bits).to(self.sigma.device).expand(self.streams, -1)
-        return self.tables[:, _table_slice(bits)].float()
+        return self.levels[:, _table_slice(bits)]
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name (for safetensors); optional ones only when present."""

@@ -39,12 +39,11 @@ from typing import Protocol
 import torch
 
 from kakeyaturbo.codecs.base import expect_field
-from kakeyaturbo.codecs.kakeya_v2 import TABLE_SLOTS, KakeyaV2Codec, code_bits_per_vector, gain_values
+from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Codec, code_bits_per_vector, gain_values
 from kakeyaturbo.codecs.rotated_int import RotatedIntCodec
 from kakeyaturbo.container import Encoded
 from kakeyaturbo.errors import ConfigError, CorruptDataError, ShapeError
 from kakeyaturbo.ops.hadamard import random_signs, wht
-from kakeyaturbo.ops.lloyd_max import gaussian_table
 from kakeyaturbo.ops.varpack import varwidth_nbytes
 from kakeyaturbo.packing import packed_nbytes
 
@@ -174,13 +173,6 @@ class V2Segment:
         """Per-transform ``[S, ...]`` -> per-head ``[n_kv, ...]`` on the payload's device."""
         return x.repeat(self.n_kv // x.shape[0], *([1] * (x.dim() - 1))).to(self.codes.device)
 
-    def _tables(self) -> torch.Tensor:
-        """float32 ``[S, 510]``: every width's levels (fitted, or N(0,1) Lloyd–Max)."""
-        t = self.codec.transforms
-        if t.tables is not None:
-            return t.tables.float()
-        return torch.cat([gaussian_table(b) for b in range(1, 9)]).expand(t.streams, TABLE_SLOTS)
-
     def _vectors(self, start: int, stop: int) -> torch.Tensor:
         """Vector index int64 ``[n_kv, stop - start]`` in the payload's order.
 
@@ -202,7 +194,7 @@ class V2Segment:
         widths = self._head(t.bits.long())
         slots = ((1 << widths) - 2).clamp_min(0)
         grid = self._head(t.log_gain) if t.log_gain is not None else None
-        return (widths, torch.cumsum(widths, 1) - widths, slots, self._head(self._tables()),
+        return (widths, torch.cumsum(widths, 1) - widths, slots, self._head(t.levels),
                 self._head(t.sigma.float()), grid)
 
     def coefficients(self, start: int, stop: int) -> torch.Tensor:
