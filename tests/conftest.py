@@ -37,7 +37,8 @@ def lowrank(streams: int, n: int, d: int, rank: int, noise: float = 0.01, seed: 
 
 TEXT = " ".join(f"Sentence {i} tells of the weather, the ball at Netherfield and letters." for i in range(400))
 SETTINGS = CalibrationSettings(windows=2, tokens=96, table_bits=(2,), sensitivity_ctx=48, sensitivity_eval=16,
-                               v2_bits=(3.0,), v2_ablation_bits=3.0)
+                               v2_bits=(2.0, 3.0), v2_ablation_bits=3.0, v2_probe_bits=(2.0, 3.0),
+                               v2_probe_windows=1)
 
 
 @pytest.fixture(scope="session")

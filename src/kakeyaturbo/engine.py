@@ -28,6 +28,7 @@ from kakeyaturbo import codecs
 from kakeyaturbo.codecs.base import Codec
 from kakeyaturbo.container import Encoded
 from kakeyaturbo.errors import ConfigError, ShapeError
+from kakeyaturbo.ops.bitalloc import allocate_budgets
 from kakeyaturbo.recipes.recipe import Recipe, StreamRecipe
 from kakeyaturbo.transforms.whitening import Whitening
 
@@ -55,6 +56,9 @@ class CalibrationLike(Protocol):
 
     def table(self, stream: str, bits: int) -> tuple[float, ...] | None:
         """The calibrated Lloyd–Max table (``2**bits`` increasing floats) of stream ``"k"``/``"v"``."""
+
+    def v2_costs(self, layer: int, stream: str) -> dict[float, float]:
+        """Predicted KL of coding one (layer, stream) alone with ``kakeya-v2`` at each fitted budget."""
 
 
 @dataclasses.dataclass
@@ -250,13 +254,38 @@ def _whitening(layer: int, n_kv: int, d: int, calibration: CalibrationLike | Non
     return w, None
 
 
+def sensitivity_budgets(recipe: Recipe, layers: list[int],
+                        calibration: CalibrationLike | None) -> dict[tuple[int, str], float]:
+    """The ``layer_bits="sensitivity"`` budgets: ``{(layer, "k"|"v"): bits}`` for ``layers``.
+
+    The total is what uniform budgets would spend (``len(layers) * (k bits + v bits)``; K and V
+    rows have the same size); it is spread to minimise the sum of the calibration's predicted KL
+    (:meth:`CalibrationLike.v2_costs`) over the budgets fitted for every one of these streams.
+    """
+    if calibration is None:
+        raise ConfigError(f"recipe {recipe.name!r} has layer_bits='sensitivity'; {CALIBRATE_HINT}")
+    items = [(layer, stream) for layer in layers for stream in ("k", "v")]
+    tables = [calibration.v2_costs(layer, stream) for layer, stream in items]
+    options = sorted(set.intersection(*(set(t) for t in tables))) if tables else []
+    if len(options) < 1:
+        return {}
+    costs = torch.tensor([[t[b] for b in options] for t in tables], dtype=torch.float64)
+    total = len(layers) * (float(recipe.k.config["bits"]) + float(recipe.v.config["bits"]))
+    try:
+        choice = allocate_budgets(costs, torch.tensor(options, dtype=torch.float64), total)
+    except ConfigError as exc:
+        raise ConfigError(f"recipe {recipe.name!r}: {exc} (fitted budgets: {options})") from None
+    return {item: options[int(i)] for item, i in zip(items, choice)}
+
+
 def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
                 calibration: CalibrationLike | None = None) -> list[LayerPlan]:
     """One :class:`LayerPlan` per decoder layer.
 
     Boundary layers (``boundary_layers`` plus the calibration's top ``boundary_top``) use
     ``boundary_k``/``boundary_v``; ``layer_overrides`` then replace streams per layer. A layer
-    is exact when both of its streams are ``identity`` without whitening.
+    is exact when both of its streams are ``identity`` without whitening. With
+    ``layer_bits="sensitivity"`` the remaining layers get the budgets of :func:`sensitivity_budgets`.
 
     Raises:
         ConfigError: bad sizes, out-of-range layers, a codec config its codec rejects, or a recipe
@@ -268,11 +297,16 @@ def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
     boundary = _boundary(recipe, n_layers, calibration)
     overrides = {_resolve_layer("layer_overrides", i, n_layers): s for i, s in recipe.layer_overrides.items()}
     factory = _CodecFactory(recipe, calibration)
+    shared = [i for i in range(n_layers) if i not in boundary and i not in overrides]
+    budgets = sensitivity_budgets(recipe, shared, calibration) if recipe.layer_bits == "sensitivity" else {}
     plans = []
     for layer in range(n_layers):
         k_sr, v_sr = (recipe.boundary_k, recipe.boundary_v) if layer in boundary else (recipe.k, recipe.v)
         k_sr = overrides.get(layer, {}).get("k", k_sr)
         v_sr = overrides.get(layer, {}).get("v", v_sr)
+        if (layer, "k") in budgets:
+            k_sr = dataclasses.replace(k_sr, config={**k_sr.config, "bits": budgets[layer, "k"]})
+            v_sr = dataclasses.replace(v_sr, config={**v_sr.config, "bits": budgets[layer, "v"]})
         whitening, skipped = (None, None) if k_sr.whiten == "none" else _whitening(
             layer, n_kv_heads, head_dim, calibration, recipe, k_sr.whiten)
         space = k_sr.whiten if whitening is not None else "none" if recipe.pre_rope_keys else "post_rope"

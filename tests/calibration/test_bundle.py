@@ -87,6 +87,12 @@ def test_settings_validated():
         CalibrationSettings(ridge=2.0)
     with pytest.raises(ConfigError, match="fit in one calibration window"):
         CalibrationSettings(tokens=64, sensitivity_ctx=60)
+    with pytest.raises(ConfigError, match="v2_probe_bits must be"):
+        CalibrationSettings(v2_bits=(2.0, 3.0), v2_probe_bits=(2.0, 2.5))
+    with pytest.raises(ConfigError, match="key space 'none'"):
+        CalibrationSettings(v2_key_spaces=("sigma_q",))
+    with pytest.raises(ConfigError, match="v2_probe_windows"):
+        CalibrationSettings(windows=2, v2_probe_windows=3)
 
 
 @pytest.mark.model
@@ -101,3 +107,30 @@ def test_every_ablation_recipe_runs_on_a_bundle_fitted_with_ablations(path, tiny
         model(torch.randint(0, 100, (1, 40)), cache=cache)
     k, v = cache.layers[1].full()
     assert torch.isfinite(k).all() and torch.isfinite(v).all() and cache.memory_report()["ratio"] > 1
+
+
+@pytest.mark.model
+def test_v2_sensitivity_drives_layer_budgets(tiny_bundle):
+    model, cal = tiny_bundle
+    probed = cal.manifest["v2_sensitivity"]
+    assert set(probed) == {"k", "v"} and set(probed["k"]) == {"0", "1", "2"}
+    assert all(set(per) == {"2", "3"} and min(per.values()) >= 0 for s in probed.values() for per in s.values())
+    costs = cal.v2_costs(1, "v")
+    assert list(costs) == [2.0, 3.0] and costs[2.0] == pytest.approx(max(probed["v"]["1"]["2"], 1e-9))
+    recipe = recipes.Recipe.from_dict({
+        "name": "spread", "sink_tokens": 1, "chunk_tokens": 16, "layer_bits": "sensitivity",
+        "k": {"codec": "kakeya-v2", "config": {"bits": 2.5}}, "v": {"codec": "kakeya-v2", "config": {"bits": 2.5}},
+    })
+    plans = KakeyaCache.from_model(model, recipe, cal).plans
+    bits = [p.k_codec.config.bits for p in plans] + [p.v_codec.config.bits for p in plans]
+    assert set(bits) <= {2.0, 3.0} and sum(bits) <= 6 * 2.5
+    no_probe = Calibration({**cal.manifest, "v2_sensitivity": {}}, cal.tensors)
+    with pytest.raises(ConfigError, match="no kakeya-v2 sensitivity for layer 0 stream k"):
+        KakeyaCache.from_model(model, recipe, no_probe)
+
+
+def test_v2_costs_interpolate_in_log_kl():
+    cal = Calibration({"settings": {"v2_bits": [1.0, 1.5, 2.0, 3.0, 4.0]},
+                       "v2_sensitivity": {"k": {"0": {"1": 1e-2, "2": 1e-4, "3": 1e-5}}}})
+    costs = cal.v2_costs(0, "k")
+    assert costs[1.5] == pytest.approx(1e-3) and costs[4.0] == pytest.approx(1e-6) and costs[2.0] == pytest.approx(1e-4)

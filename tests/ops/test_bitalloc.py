@@ -1,10 +1,12 @@
+import itertools
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kakeyaturbo.errors import ConfigError, NonFiniteInputError, ShapeError
-from kakeyaturbo.ops.bitalloc import marginal_gains, water_fill
+from kakeyaturbo.ops.bitalloc import allocate_budgets, marginal_gains, water_fill
 
 
 def _greedy_reference(var: list[float], budget: int, max_bits: int) -> list[int]:
@@ -65,3 +67,46 @@ def test_bad_inputs_are_named():
         water_fill(torch.ones(2, 4), 3, max_bits=9)
     with pytest.raises(ConfigError, match="total_bits must be >= 0"):
         water_fill(torch.ones(2, 4), -1)
+
+
+def _cost(costs: list[list[float]], pick: list[int]) -> float:
+    return sum(row[i] for row, i in zip(costs, pick))
+
+
+@given(costs=st.lists(st.lists(st.floats(0, 10, allow_nan=False), min_size=4, max_size=4), min_size=1, max_size=4),
+       spare=st.integers(0, 12))
+def test_allocate_budgets_is_the_optimum(costs, spare):
+    options = [1.0, 1.5, 2.0, 3.0]
+    total = len(costs) * 1.0 + spare * 0.5
+    pick = allocate_budgets(torch.tensor(costs, dtype=torch.float64), torch.tensor(options), total).tolist()
+    assert sum(options[i] for i in pick) <= total + 1e-9
+    monotone = [[min(row[: j + 1]) for j in range(4)] for row in costs]
+    feasible = [p for p in itertools.product(range(4), repeat=len(costs)) if sum(options[i] for i in p) <= total]
+    assert _cost(monotone, pick) == pytest.approx(min(_cost(monotone, p) for p in feasible), abs=1e-9)
+
+
+def test_allocate_budgets_gives_bits_where_they_pay():
+    options = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    sensitive = torch.tensor([8.0, 2.0, 0.5, 0.125])
+    costs = torch.stack([sensitive, sensitive / 100, sensitive / 100])
+    pick = allocate_budgets(costs, options, 3 * 2.0)
+    assert pick.tolist() == [3, 0, 0]  # 4 + 1 + 1 bits: the sensitive item takes them all
+    rising = torch.tensor([[1.0, 2.0, 0.5, 0.6]])  # noise: costs made non-increasing first
+    assert allocate_budgets(rising, options, 4.0).tolist() == [2]
+
+
+@pytest.mark.parametrize(
+    ("costs", "options", "total", "error", "match"),
+    [
+        (torch.ones(2, 3), torch.tensor([1.0, 2.0]), 4.0, ShapeError, "options"),
+        (torch.ones(2, 2, dtype=torch.int64), torch.tensor([1.0, 2.0]), 4.0, ShapeError, "float"),
+        (torch.tensor([[1.0, float("nan")]]), torch.tensor([1.0, 2.0]), 4.0, NonFiniteInputError, "NaN"),
+        (torch.tensor([[1.0, -1.0]]), torch.tensor([1.0, 2.0]), 4.0, ConfigError, ">= 0"),
+        (torch.ones(1, 2), torch.tensor([2.0, 1.0]), 4.0, ConfigError, "increasing"),
+        (torch.ones(1, 2), torch.tensor([1.0, 1.3]), 4.0, ConfigError, "multiples of 0.015625"),
+        (torch.ones(3, 2), torch.tensor([1.0, 2.0]), 2.0, ConfigError, "below 3 items"),
+    ],
+)
+def test_allocate_budgets_errors(costs, options, total, error, match):
+    with pytest.raises(error, match=match):
+        allocate_budgets(costs, options, total)

@@ -68,6 +68,10 @@ def test_seed_recipes_match_the_spec():
         ({"layer_overrides": {3: {"v": {"whiten": "sigma_q"}}}}, "layer_overrides[3].v"),
         ({"layer_overrides": {3: {"k": {"codec": "nope"}}}}, "layer_overrides[3].k"),
         ({"name": ""}, "name"),
+        ({"layer_bits": "greedy"}, "layer_bits"),
+        ({"layer_bits": "sensitivity", "k": StreamRecipe("fp8")}, "layer_bits='sensitivity'.*k is 'fp8'"),
+        ({"layer_bits": "sensitivity", "k": StreamRecipe("kakeya-v2", {"bits": 2}),
+          "v": StreamRecipe("kakeya-v2")}, "v is 'kakeya-v2' with bits=None"),
     ],
 )
 def test_bad_recipe_names_the_field(kwargs, field):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,24 @@ class Calibration:
                               f"{bits:g}`, `--v2-key-space`, `--v2-ablation`)")
         return out
 
+    def v2_costs(self, layer: int, stream: str) -> dict[float, float]:
+        """Predicted KL of coding one (layer, stream) alone with ``kakeya-v2``, at every fitted budget.
+
+        Measured at the calibration's probe budgets (``v2_sensitivity``); in between, interpolated
+        linearly in log KL; beyond them, extrapolated along the nearest measured segment.
+
+        Raises:
+            ConfigError: the bundle has no v2 sensitivity for that layer and stream.
+        """
+        probed = self.manifest.get("v2_sensitivity", {}).get(stream, {}).get(str(layer))
+        if not probed:
+            raise ConfigError(f"calibration bundle has no kakeya-v2 sensitivity for layer {layer} stream {stream} "
+                              "(layer_bits: \"sensitivity\" needs it; recalibrate with `kakeya calibrate --force`)")
+        xs = sorted(float(b) for b in probed)
+        ys = [math.log(max(probed[f"{b:g}"], _KL_FLOOR)) for b in xs]
+        budgets = [float(b) for b in self.manifest["settings"]["v2_bits"]]
+        return {b: math.exp(_log_linear(xs, ys, b)) for b in budgets}
+
     # --- identity checks ------------------------------------------------------------------------
     def check_model(self, model_id: str, config_hash: str) -> None:
         """Raise :class:`ConfigError` if the bundle was made for another model or head layout."""
@@ -122,6 +141,18 @@ class Calibration:
     def nbytes(self) -> int:
         """Bytes of per-model data a recipe may use (reported as ``bytes_model``)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+_KL_FLOOR = 1e-9
+"""Smallest KL the cost interpolation works with (a probe can measure 0)."""
+
+
+def _log_linear(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise-linear ``y(x)`` through ``(xs, ys)`` (``xs`` increasing, two or more points),
+    extended beyond both ends along the end segments."""
+    i = min(max(sum(1 for v in xs if v <= x) - 1, 0), len(xs) - 2)
+    t = (x - xs[i]) / (xs[i + 1] - xs[i])
+    return ys[i] + t * (ys[i + 1] - ys[i])
 
 
 def config_hash(config: Any) -> str:

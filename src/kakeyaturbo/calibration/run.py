@@ -36,8 +36,11 @@ TABLE_CODEC = {"pca": "randomized", "variance_ratio": 1.0, "block_size": 512}
 """Settings of the ``kakeya`` codec whose residuals the calibrated tables are fitted on (those of
 the seed's recipes that use calibrated tables: randomized PCA, rank D/2, variance ratio 1.0)."""
 
-V2_BITS = (1.5, 1.625, 1.75, 1.875, 2.0, 2.125, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0)
+V2_BITS = (1.0, 1.25, 1.5, 1.625, 1.75, 1.875, 2.0, 2.125, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0, 6.0)
 """Bit budgets for which ``kakeya-v2`` transforms are fitted (per layer and stream)."""
+V2_PROBE_BITS = (1.0, 1.5, 2.0, 3.0, 4.0)
+"""Budgets at which each (layer, stream) is probed alone for the sensitivity-driven layer budgets
+(the costs of the other fitted budgets are interpolated from these)."""
 V2_KEY_SPACES = ("sigma_q", "lag", "none", "post_rope")
 """Key spaces v2 key transforms can be fitted in: Σ_q or lag whitening (folded into the basis),
 raw pre-RoPE keys, post-RoPE keys."""
@@ -57,8 +60,8 @@ class CalibrationSettings:
         cond_limit: layers whose cond(L) exceeds this are left unwhitened.
         n_lags: lag bins of the lag-averaged metric.
         table_bits: bit widths of the calibrated Lloyd–Max tables.
-        sensitivity_ctx, sensitivity_eval: window split for the boundary-layer sensitivity.
-        probe_bits: bit width of the sensitivity probe (``kakeya`` codec on one layer at a time).
+        sensitivity_ctx, sensitivity_eval: window split of every sensitivity probe.
+        probe_bits: bit width of the boundary-layer probe (``kakeya`` codec on one layer at a time).
         v2_bits: bit budgets of the ``kakeya-v2`` transforms.
         v2_key_spaces: key spaces the v2 key transforms are fitted in at every budget
             (:data:`V2_KEY_SPACES`; the built-in recipes code raw pre-RoPE keys, "none": the
@@ -67,6 +70,10 @@ class CalibrationSettings:
         v2_ablation_bits: if set, also fit at this budget every key space (with and without the
             mean), values with a mean, and each option of :data:`V2_ABLATIONS` (what the ablation
             recipes in ``benchmarks/recipes/ablation`` use; None skips them).
+        v2_probe_bits: budgets (a subset of ``v2_bits``) at which each (layer, stream) is coded
+            alone with ``kakeya-v2`` and the KL it causes measured, in float32 (what recipes with
+            ``layer_bits: "sensitivity"`` allocate from); empty skips the probe.
+        v2_probe_windows: calibration windows the v2 probe scores (``sensitivity_eval`` tokens each).
     """
 
     windows: int = 8
@@ -83,6 +90,8 @@ class CalibrationSettings:
     v2_key_spaces: tuple[str, ...] = ("none",)
     v2_key_center: tuple[bool, ...] = (True, False)
     v2_ablation_bits: float | None = 3.0
+    v2_probe_bits: tuple[float, ...] = V2_PROBE_BITS
+    v2_probe_windows: int = 2
 
     def __post_init__(self) -> None:
         if self.windows < 1 or self.tokens < 16:
@@ -97,6 +106,14 @@ class CalibrationSettings:
         if unknown or not self.v2_key_spaces:
             raise ConfigError(f"v2_key_spaces: need one or more of {list(V2_KEY_SPACES)}, got "
                               f"{list(self.v2_key_spaces)}")
+        if set(self.v2_probe_bits) - set(self.v2_bits) or len(set(self.v2_probe_bits)) == 1:
+            raise ConfigError(f"v2_probe_bits must be none or two or more of v2_bits {list(self.v2_bits)}, "
+                              f"got {list(self.v2_probe_bits)}")
+        if self.v2_probe_bits and ("none" not in self.v2_key_spaces or True not in self.v2_key_center):
+            raise ConfigError("v2_probe_bits: the probe codes keys with the default fit (key space 'none', with "
+                              "the mean); fit it too or pass v2_probe_bits=()")
+        if not 1 <= self.v2_probe_windows <= self.windows:
+            raise ConfigError(f"v2_probe_windows must be in 1..windows={self.windows}, got {self.v2_probe_windows}")
         if not self.v2_key_center or not set(self.v2_key_center) <= {True, False}:
             raise ConfigError(f"v2_key_center: need True and/or False, got {list(self.v2_key_center)}")
 
@@ -257,6 +274,47 @@ def _sensitivity(model: Any, ids: torch.Tensor, settings: CalibrationSettings, f
     return out
 
 
+@torch.no_grad()
+def _v2_sensitivity(model: Any, ids: torch.Tensor, settings: CalibrationSettings, full: list[int],
+                    cal: Calibration) -> dict[str, dict[str, dict[str, float]]]:
+    """KL(exact ‖ compressed) of the next-token distribution when one (layer, stream) alone is coded
+    with the default ``kakeya-v2`` fit at each probe budget (first token exact, as the recipes).
+
+    Runs a float32 copy of the model: in bf16 any perturbation of the cache moves the logits by
+    about as much as a 4-bit code does (a floor near KL 1e-3 that would drown the differences).
+
+    Returns:
+        ``{stream: {layer: {budget: KL}}}`` (string keys, JSON-ready), KL averaged over
+        ``v2_probe_windows`` x ``sensitivity_eval - 1`` scored tokens.
+    """
+    from kakeyaturbo.cache import KakeyaCache
+    from kakeyaturbo.recipes import Recipe, StreamRecipe
+
+    probe_model = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
+    ctx, n = settings.sensitivity_ctx, settings.sensitivity_eval
+    total: dict[tuple[str, int, float], float] = {}
+    probes = [(layer, stream, bits) for layer in full for stream in ("k", "v") for bits in settings.v2_probe_bits]
+    with tqdm(total=settings.v2_probe_windows * len(probes), desc="calibrate: v2 layer sensitivity",
+              unit="probe") as bar:
+        for w in range(settings.v2_probe_windows):
+            prefix, cont = ids[w : w + 1, :ctx], ids[w : w + 1, ctx : ctx + n]
+            reference = prefill(probe_model, prefix)
+            ref = logits(probe_model, cont, copy.deepcopy(reference))[:-1].log_softmax(-1)
+            for layer, stream, bits in probes:
+                coded = StreamRecipe(codec="kakeya-v2", config={"bits": bits})
+                recipe = Recipe(name="v2-probe", sink_tokens=1, chunk_tokens=64,
+                                layer_overrides={layer: {stream: coded}})
+                cache = KakeyaCache.from_model(probe_model, recipe, cal).ingest(reference)
+                alt = logits(probe_model, cont, cache.to_dynamic())[:-1].log_softmax(-1)
+                kl = float((ref.exp() * (ref - alt)).sum(-1).mean())
+                total[layer, stream, bits] = total.get((layer, stream, bits), 0.0) + kl / settings.v2_probe_windows
+                bar.update()
+    out: dict[str, dict[str, dict[str, float]]] = {"k": {}, "v": {}}
+    for (layer, stream, bits), kl in total.items():
+        out[stream].setdefault(str(layer), {})[f"{bits:g}"] = max(kl, 0.0)
+    return out
+
+
 def calibrate(model: Any, tokenizer: Any, corpus: Corpus, settings: CalibrationSettings | None = None, *,
               model_name: str, text: str) -> Calibration:
     """Measure a calibration bundle for ``model`` on ``corpus.calibration`` (never its evaluation split)."""
@@ -274,6 +332,8 @@ def calibrate(model: Any, tokenizer: Any, corpus: Corpus, settings: CalibrationS
     _whitening(model, pooled, lags, settings, cal)
     _tables(pooled, settings, cal, full)
     _v2(pooled, settings, cal, full)
+    if settings.v2_probe_bits:
+        cal.manifest["v2_sensitivity"] = _v2_sensitivity(model, ids, settings, full, cal)
     sens = _sensitivity(model, ids, settings, full)
     cal.manifest["sensitivity_kl"] = {str(k): v for k, v in sens.items()}
     cal.manifest["boundary_ranking"] = sorted(sens, key=lambda k: -sens[k])

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kakeyaturbo.calibration.run import V2_BITS, V2_KEY_SPACES
+from kakeyaturbo.calibration.run import V2_BITS, V2_KEY_SPACES, V2_PROBE_BITS
 from kakeyaturbo.commands.common import add_model_args
 
 
@@ -38,6 +38,13 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "mean, and each single fit option switched off (no gain, no group rotation, uniform "
                    "bits): what the ablation "
                    "recipes in benchmarks/recipes/ablation need; 0 skips them (default: %(default)s)")
+    p.add_argument("--v2-probe-bits", type=float, nargs="*", default=None, metavar="B",
+                   help="budgets at which each (layer, stream) is coded alone and the KL it causes measured "
+                   "(float32), for recipes with layer_bits \"sensitivity\"; give none to skip (default: "
+                   f"those of {' '.join(f'{b:g}' for b in V2_PROBE_BITS)} that are fitted, when the default "
+                   "key fit is: key space none, with the mean)")
+    p.add_argument("--v2-probe-windows", type=int, default=2, metavar="N",
+                   help="calibration windows the v2 sensitivity probe scores (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="recalibrate even if the bundle exists")
 
 
@@ -66,11 +73,16 @@ def run(args: argparse.Namespace) -> int:
     from kakeyaturbo.models.text import load_corpus
 
     out = args.out or default_bundle_dir(args.model)
-    extra = {"v2_bits": tuple(args.v2_bits)} if args.v2_bits else {}
+    v2_bits = tuple(args.v2_bits) if args.v2_bits else V2_BITS
+    default_fit = "none" in args.v2_key_space and "with" in args.v2_key_mean
+    probe = tuple(b for b in V2_PROBE_BITS if b in v2_bits and default_fit) if args.v2_probe_bits is None \
+        else tuple(args.v2_probe_bits)
+    extra = {"v2_bits": v2_bits, "v2_probe_bits": probe if len(probe) > 1 else ()}
     settings = CalibrationSettings(windows=args.windows, tokens=args.tokens, ridge=args.ridge, cond_cap=args.cond_cap,
                                    v2_key_spaces=tuple(args.v2_key_space),
                                    v2_key_center=tuple(m == "with" for m in args.v2_key_mean),
-                                   v2_ablation_bits=args.v2_ablation or None, **extra)
+                                   v2_ablation_bits=args.v2_ablation or None,
+                                   v2_probe_windows=min(args.v2_probe_windows, args.windows), **extra)
     reason = "--force" if args.force else why_recalibrate(out, settings)
     if reason is None:
         print(f"calibration bundle already at {out} (use --force to redo)")

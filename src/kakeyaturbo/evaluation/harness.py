@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from kakeyaturbo.cache import KakeyaCache
-from kakeyaturbo.engine import CalibrationLike
+from kakeyaturbo.engine import CalibrationLike, LayerPlan
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.evaluation.metrics import TokenMetrics, summarize, token_metrics
 from kakeyaturbo.evaluation.report import MODES, result_record
@@ -117,6 +117,12 @@ class _Tally:
             self.seconds[k] += v
 
 
+def layer_budgets(plans: list[LayerPlan]) -> list[list[float | None]]:
+    """``[[k_bits, v_bits], ...]`` per layer: the ``bits`` of each stream's codec config (None for a
+    codec without one, such as exact storage), so a record shows where the bits went."""
+    return [[getattr(c.config, "bits", None) for c in (p.k_codec, p.v_codec)] for p in plans]
+
+
 def _groups(total: int, chunk: int) -> list[tuple[int, int]]:
     """Continuation offsets ``[0, total)`` in groups of ``chunk`` (the prefill leaves no hot window,
     so these groups end exactly where the cache completes chunks)."""
@@ -143,8 +149,8 @@ def evaluate(
     if session.settings.model_text_dtype() != s.model_text_dtype():
         raise ConfigError("the session was loaded for another model, text or dtype")
     model = session.model
-    for r in recipes:  # fail before the long run on a recipe the model or calibration cannot serve
-        session.new_cache(r, calibration)
+    # fail before the long run on a recipe the model or calibration cannot serve
+    budgets = [layer_budgets(session.new_cache(r, calibration).plans) for r in recipes]
     tallies = [_Tally() for _ in recipes]
     bar = tqdm(total=s.windows * len(recipes), desc=f"eval {s.mode} ctx={s.ctx}", unit="run", disable=not progress)
     for w in range(s.windows):
@@ -173,11 +179,11 @@ def evaluate(
             bar.update()
     bar.close()
     records = []
-    for r, tally in zip(recipes, tallies):
+    for r, tally, bits in zip(recipes, tallies, budgets):
         records.append(result_record(
             model=s.model, text=s.text, recipe=r.name, mode=s.mode, ctx=s.ctx, n_eval=s.n_eval,
             summary=summarize(tally.windows), bytes_compressed=tally.held, bytes_bf16=tally.bf16,
             bytes_model=tally.model_side, seconds=tally.seconds,
-            extra={"settings": asdict(s), "split": session.corpus.split_note},
+            extra={"settings": asdict(s), "split": session.corpus.split_note, "layer_bits": bits},
         ))
     return records

@@ -1,4 +1,10 @@
-"""Reverse water-filling: integer bit allocation across components under a per-stream budget.
+"""Bit allocation, at two levels.
+
+* :func:`water_fill`: integer bits across the components of each stream under a per-stream budget.
+* :func:`allocate_budgets`: one budget per (layer, stream) from a menu, under a whole-model total,
+  given each item's measured cost at every budget (an exact multiple-choice knapsack).
+
+Reverse water-filling:
 
 Component ``j`` of a stream with variance ``v_j`` quantised with a ``b``-bit Lloyd–Max table
 costs ``v_j * gaussian_mse(b)``. The greedy allocator gives bits one at a time to the component
@@ -9,6 +15,8 @@ marginal gains ``v_j * (gaussian_mse(b) - gaussian_mse(b+1))``", which is what
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -61,3 +69,69 @@ def water_fill(variances: torch.Tensor, total_bits: torch.Tensor | int, max_bits
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(d * max_bits, device=dev).expand(s, -1))
     chosen = (rank < budget.unsqueeze(1)) & (flat > 0)
     return chosen.reshape(s, d, max_bits).sum(-1)
+
+
+BUDGET_UNIT = 1 / 64
+"""Granularity of :func:`allocate_budgets`: options must be multiples of this many bits (a budget
+``b`` of a ``D = 64`` vector spends ``64 * b`` whole bits)."""
+
+
+def allocate_budgets(costs: torch.Tensor, options: torch.Tensor, total: float) -> torch.Tensor:
+    """Choose one option per item to minimise the summed cost under a total (exactly).
+
+    Each item's costs are first made non-increasing in bits (a budget is never charged more than
+    a smaller one: rising measurements are noise), then a dynamic programme over the total in
+    units of :data:`BUDGET_UNIT` finds the optimum of this multiple-choice knapsack; among optimal
+    choices, the one spending fewest bits.
+
+    Args:
+        costs: float tensor ``[N, M]``, finite and ``>= 0``: cost of item ``n`` at option ``m``.
+        options: float tensor ``[M]``, strictly increasing multiples of :data:`BUDGET_UNIT`: the
+            bits of each option.
+        total: most bits the ``N`` chosen options may sum to, ``>= N * options[0]``.
+
+    Returns:
+        int64 tensor ``[N]`` (CPU): the chosen option index of each item.
+
+    Raises:
+        ShapeError: shapes or dtypes do not match.
+        NonFiniteInputError: NaN/Inf costs or options.
+        ConfigError: negative costs, options not increasing or off the grid, or a total below the
+            cheapest choice.
+    """
+    if costs.dim() != 2 or options.dim() != 1 or costs.shape[1] != options.shape[0] or costs.shape[1] == 0:
+        raise ShapeError(f"allocate_budgets: costs must be [N, M] and options [M], got {tuple(costs.shape)} "
+                         f"and {tuple(options.shape)}")
+    if not costs.is_floating_point() or not options.is_floating_point():
+        raise ShapeError(f"allocate_budgets: costs and options must be float, got {costs.dtype}, {options.dtype}")
+    if not bool(torch.isfinite(costs).all()) or not bool(torch.isfinite(options).all()):
+        raise NonFiniteInputError("allocate_budgets: costs or options hold NaN/Inf")
+    if bool((costs < 0).any()):
+        raise ConfigError(f"allocate_budgets: costs must be >= 0, min is {float(costs.min()):.6g}")
+    opts = options.detach().to("cpu", torch.float64)
+    if bool((opts[1:] <= opts[:-1]).any()) or bool((opts < 0).any()):
+        raise ConfigError(f"allocate_budgets: options must be >= 0 and strictly increasing, got {opts.tolist()}")
+    units = torch.round(opts / BUDGET_UNIT).to(torch.int64)
+    if not torch.allclose(units.double() * BUDGET_UNIT, opts, rtol=0, atol=1e-9):
+        raise ConfigError(f"allocate_budgets: options must be multiples of {BUDGET_UNIT:g} bits, got {opts.tolist()}")
+    n = costs.shape[0]
+    if float(total) < n * float(opts[0]) - 1e-9:
+        raise ConfigError(f"allocate_budgets: a total of {total:g} bits is below {n} items x {float(opts[0]):g} "
+                          "bits, the cheapest choice")
+    capacity = int(math.floor(float(total) / BUDGET_UNIT + 1e-9))
+    monotone = torch.cummin(costs.detach().to("cpu", torch.float64), dim=1).values
+    best = torch.full((capacity + 1,), math.inf, dtype=torch.float64)  # best[c]: least cost spending c units
+    best[0] = 0.0
+    picks = torch.zeros(n, capacity + 1, dtype=torch.int64)
+    for item in range(n):
+        shifted = torch.full((len(units), capacity + 1), math.inf, dtype=torch.float64)
+        for m, w in enumerate(units.tolist()):
+            if w <= capacity:
+                shifted[m, w:] = best[: capacity + 1 - w] + monotone[item, m]
+        best, picks[item] = shifted.min(dim=0)
+    spent = int(torch.argmin(best))  # first minimum: fewest units among the optimal totals
+    choice = torch.zeros(n, dtype=torch.int64)
+    for item in range(n - 1, -1, -1):
+        choice[item] = picks[item, spent]
+        spent -= int(units[choice[item]])
+    return choice

@@ -22,6 +22,8 @@ WHITEN_CHOICES: tuple[str, ...] = ("none", "sigma_q", "lag")
 CALIBRATED_CODECS: tuple[str, ...] = ("kakeya-v2",)
 """Codecs whose per-model transforms come from the calibration bundle."""
 LAYOUT_CHOICES: tuple[str, ...] = ("head", "token_major")
+LayerBits = Literal["uniform", "sensitivity"]
+LAYER_BITS_CHOICES: tuple[str, ...] = ("uniform", "sensitivity")
 
 
 def _known_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
@@ -121,6 +123,10 @@ class Recipe:
         layout: ``"head"`` (one stream per KV head over tokens) or ``"token_major"`` (one stream per
             sequence, rows token-major with heads interleaved, as the seed's PPL harness).
         layer_overrides: ``{layer: {"k": {...}, "v": {...}}}`` stream recipes replacing the defaults.
+        layer_bits: ``"uniform"``: every layer codes K at ``k.config.bits`` and V at
+            ``v.config.bits``. ``"sensitivity"`` (``kakeya-v2`` K and V only): the layers that use the
+            defaults share the same total bits, spread over (layer, stream) by the calibration's
+            measured KL of each one at each budget (the K/V split is chosen too).
         description: free text.
     """
 
@@ -136,6 +142,7 @@ class Recipe:
     chunk_tokens: int = 64
     layout: Layout = "head"
     layer_overrides: Mapping[int, Mapping[str, StreamRecipe]] = dataclasses.field(default_factory=dict)
+    layer_bits: LayerBits = "uniform"
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -158,6 +165,14 @@ class Recipe:
             raise ConfigError("chunk_tokens must be an integer >= 1, got 0")
         if self.layout not in LAYOUT_CHOICES:
             raise ConfigError(f"layout must be one of {list(LAYOUT_CHOICES)}, got {self.layout!r}")
+        if self.layer_bits not in LAYER_BITS_CHOICES:
+            raise ConfigError(f"layer_bits must be one of {list(LAYER_BITS_CHOICES)}, got {self.layer_bits!r}")
+        if self.layer_bits == "sensitivity":
+            for name, sr in (("k", self.k), ("v", self.v)):
+                bits = sr.config.get("bits")
+                if sr.codec not in CALIBRATED_CODECS or isinstance(bits, bool) or not isinstance(bits, (int, float)):
+                    raise ConfigError(f"layer_bits='sensitivity' spreads the budgets of calibrated codecs "
+                                      f"{list(CALIBRATED_CODECS)}; {name} is {sr.codec!r} with bits={bits!r}")
         if not isinstance(self.description, str):
             raise ConfigError(f"description must be a string, got {self.description!r}")
         object.__setattr__(self, "layer_overrides", self._normalise_overrides(self.layer_overrides))
@@ -186,7 +201,7 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         """True when some stream needs a calibration bundle (or boundary layers come from its ranking)."""
-        return self.boundary_top > 0 or any(sr.needs_calibration for sr in self.streams)
+        return self.boundary_top > 0 or self.layer_bits != "uniform" or any(sr.needs_calibration for sr in self.streams)
 
     @property
     def streams(self) -> list[StreamRecipe]:
@@ -211,6 +226,7 @@ class Recipe:
             "layout": self.layout,
             "layer_overrides": {str(layer): {s: sr.to_dict() for s, sr in streams.items()}
                                 for layer, streams in sorted(self.layer_overrides.items())},
+            "layer_bits": self.layer_bits,
         }
 
     @classmethod
