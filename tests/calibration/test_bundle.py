@@ -91,6 +91,8 @@ def test_settings_validated():
         CalibrationSettings(v2_bits=(2.0, 3.0), v2_probe_bits=(2.0, 2.5))
     with pytest.raises(ConfigError, match="key space 'none'"):
         CalibrationSettings(v2_key_spaces=("sigma_q",))
+    with pytest.raises(ConfigError, match="v2_probe_sink_tokens"):
+        CalibrationSettings(v2_probe_sink_tokens=448)
     with pytest.raises(ConfigError, match="v2_probe_windows"):
         CalibrationSettings(windows=2, v2_probe_windows=3)
 
@@ -134,3 +136,24 @@ def test_v2_costs_interpolate_in_log_kl():
                        "v2_sensitivity": {"k": {"0": {"1": 1e-2, "2": 1e-4, "3": 1e-5}}}})
     costs = cal.v2_costs(0, "k")
     assert costs[1.5] == pytest.approx(1e-3) and costs[4.0] == pytest.approx(1e-6) and costs[2.0] == pytest.approx(1e-4)
+
+
+@pytest.mark.model
+def test_recipes_layers_command(tmp_path, tiny_bundle, capsys):
+    from kakeyaturbo.cli import main
+
+    _, cal = tiny_bundle
+    cal.save(tmp_path / "b")
+    recipe = tmp_path / "spread.json"
+    recipe.write_text(json.dumps({
+        "name": "spread", "sink_tokens": 2, "layer_bits": "sensitivity",
+        "k": {"codec": "kakeya-v2", "config": {"bits": 2.5}}, "v": {"codec": "kakeya-v2", "config": {"bits": 2.5}},
+    }))
+    args = ["recipes", str(recipe), "--layers", "--calibration", str(tmp_path / "b"), "--plot", str(tmp_path / "p.png"),
+            "--json", str(tmp_path / "bits.json")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    bits = json.loads((tmp_path / "bits.json").read_text())["layer_bits"]
+    assert len(bits) == 3 and "mean over coded streams" in out and (tmp_path / "p.png").is_file()
+    assert main(["recipes", "--plot", str(tmp_path / "q.png")]) == 1
+    assert "--layers needs a recipe name" in capsys.readouterr().err

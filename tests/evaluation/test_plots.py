@@ -5,7 +5,7 @@ import math
 import pytest
 
 from kakeyaturbo.errors import ConfigError
-from kakeyaturbo.evaluation.plots import is_kakeya, pareto_front, pareto_plot
+from kakeyaturbo.evaluation.plots import is_kakeya, layer_bits_plot, pareto_front, pareto_plot
 from kakeyaturbo.evaluation.report import result_record
 from tests.evaluation.conftest import fake_summary
 
@@ -48,3 +48,10 @@ def test_pareto_plot_writes_a_png(tmp_path):
 def test_pareto_plot_needs_records(tmp_path):
     with pytest.raises(ConfigError, match="at least one record"):
         pareto_plot([], tmp_path / "p.png")
+
+
+def test_layer_bits_plot(tmp_path):
+    out = layer_bits_plot([[1.0, 2.5], [3.0, None], [2.0, 1.5]], "r", tmp_path / "bits.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="per layer"):
+        layer_bits_plot([], "r", tmp_path / "none.png")

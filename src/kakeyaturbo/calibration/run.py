@@ -74,6 +74,7 @@ class CalibrationSettings:
             alone with ``kakeya-v2`` and the KL it causes measured, in float32 (what recipes with
             ``layer_bits: "sensitivity"`` allocate from); empty skips the probe.
         v2_probe_windows: calibration windows the v2 probe scores (``sensitivity_eval`` tokens each).
+        v2_probe_sink_tokens: leading tokens the v2 probe keeps exact (as the recipes it serves).
     """
 
     windows: int = 8
@@ -91,7 +92,8 @@ class CalibrationSettings:
     v2_key_center: tuple[bool, ...] = (True, False)
     v2_ablation_bits: float | None = 3.0
     v2_probe_bits: tuple[float, ...] = V2_PROBE_BITS
-    v2_probe_windows: int = 2
+    v2_probe_windows: int = 6
+    v2_probe_sink_tokens: int = 2
 
     def __post_init__(self) -> None:
         if self.windows < 1 or self.tokens < 16:
@@ -112,6 +114,8 @@ class CalibrationSettings:
         if self.v2_probe_bits and ("none" not in self.v2_key_spaces or True not in self.v2_key_center):
             raise ConfigError("v2_probe_bits: the probe codes keys with the default fit (key space 'none', with "
                               "the mean); fit it too or pass v2_probe_bits=()")
+        if isinstance(self.v2_probe_sink_tokens, bool) or not 0 <= self.v2_probe_sink_tokens < self.sensitivity_ctx:
+            raise ConfigError(f"v2_probe_sink_tokens must be in 0..sensitivity_ctx-1, got {self.v2_probe_sink_tokens}")
         if not 1 <= self.v2_probe_windows <= self.windows:
             raise ConfigError(f"v2_probe_windows must be in 1..windows={self.windows}, got {self.v2_probe_windows}")
         if not self.v2_key_center or not set(self.v2_key_center) <= {True, False}:
@@ -278,7 +282,8 @@ def _sensitivity(model: Any, ids: torch.Tensor, settings: CalibrationSettings, f
 def _v2_sensitivity(model: Any, ids: torch.Tensor, settings: CalibrationSettings, full: list[int],
                     cal: Calibration) -> dict[str, dict[str, dict[str, float]]]:
     """KL(exact ‖ compressed) of the next-token distribution when one (layer, stream) alone is coded
-    with the default ``kakeya-v2`` fit at each probe budget (first token exact, as the recipes).
+    with the default ``kakeya-v2`` fit at each probe budget (the first ``v2_probe_sink_tokens``
+    exact, as in the recipes the costs serve).
 
     Runs a float32 copy of the model: in bf16 any perturbation of the cache moves the logits by
     about as much as a 4-bit code does (a floor near KL 1e-3 that would drown the differences).
@@ -302,7 +307,7 @@ def _v2_sensitivity(model: Any, ids: torch.Tensor, settings: CalibrationSettings
             ref = logits(probe_model, cont, copy.deepcopy(reference))[:-1].log_softmax(-1)
             for layer, stream, bits in probes:
                 coded = StreamRecipe(codec="kakeya-v2", config={"bits": bits})
-                recipe = Recipe(name="v2-probe", sink_tokens=1, chunk_tokens=64,
+                recipe = Recipe(name="v2-probe", sink_tokens=settings.v2_probe_sink_tokens, chunk_tokens=64,
                                 layer_overrides={layer: {stream: coded}})
                 cache = KakeyaCache.from_model(probe_model, recipe, cal).ingest(reference)
                 alt = logits(probe_model, cont, cache.to_dynamic())[:-1].log_softmax(-1)

@@ -43,7 +43,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "(float32), for recipes with layer_bits \"sensitivity\"; give none to skip (default: "
                    f"those of {' '.join(f'{b:g}' for b in V2_PROBE_BITS)} that are fitted, when the default "
                    "key fit is: key space none, with the mean)")
-    p.add_argument("--v2-probe-windows", type=int, default=2, metavar="N",
+    p.add_argument("--v2-probe-windows", type=int, default=6, metavar="N",
                    help="calibration windows the v2 sensitivity probe scores (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="recalibrate even if the bundle exists")
 

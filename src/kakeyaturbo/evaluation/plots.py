@@ -128,3 +128,25 @@ def pareto_plot(records: list[dict[str, Any]], path: str | Path) -> Path:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def layer_bits_plot(bits: list[list[float | None]], title: str, path: str | Path) -> Path:
+    """Write a PNG: the K and V bits of every layer (``[[k, v], ...]``, None for streams without a
+    ``bits`` setting, drawn as gaps), as grouped bars with each stream's mean as a line."""
+    plt = pyplot()
+    arr = np.array([[np.nan if b is None else float(b) for b in layer] for layer in bits], dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2 or not len(arr):
+        raise ConfigError(f"layer_bits_plot: need [[k_bits, v_bits], ...] per layer, got {bits!r}")
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    x = np.arange(len(arr))
+    for col, (name, colour) in enumerate((("K", "tab:blue"), ("V", "tab:orange"))):
+        ax.bar(x + (col - 0.5) * 0.4, arr[:, col], width=0.4, label=f"{name} (mean {np.nanmean(arr[:, col]):.2f})",
+               color=colour)
+    ax.axhline(float(np.nanmean(arr)), color="black", linestyle="--", linewidth=1,
+               label=f"mean {np.nanmean(arr):.3f} bits/elem")
+    ax.set_xticks(x)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("bits per element")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    return save_figure(fig, path)
