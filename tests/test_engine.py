@@ -9,7 +9,7 @@ import torch
 
 from kakeyaturbo import codecs
 from kakeyaturbo.codecs.base import Codec, CodecConfig, check_codebook, check_int, expect_field
-from kakeyaturbo.engine import build_plans
+from kakeyaturbo.engine import build_plans, sensitivity_budgets
 from kakeyaturbo.errors import ConfigError, ShapeError
 from kakeyaturbo.recipes import Recipe, StreamRecipe
 from tests.transforms.test_whitening import spd_whitening
@@ -193,3 +193,28 @@ def test_bad_arguments():
         plan.encode(k[:, :1], v[:, :1])
     with pytest.raises(ShapeError, match="differ"):
         plan.encode(k, v[:1])
+
+
+class CostCalibration(FakeCalibration):
+    def __init__(self, costs: dict) -> None:
+        super().__init__()
+        self.costs = costs
+
+    def v2_costs(self, layer, stream):
+        return self.costs[layer, stream]
+
+
+def test_sensitivity_budgets_follow_the_costs():
+    v2 = StreamRecipe("kakeya-v2", {"bits": 2.0})
+    recipe = Recipe("s", v2, v2, layer_bits="sensitivity")
+    flat = {1.0: 1.0, 2.0: 0.5, 3.0: 0.25}
+    steep = {1.0: 100.0, 2.0: 10.0, 3.0: 1.0}
+    cal = CostCalibration({(0, "k"): steep, (0, "v"): flat, (1, "k"): flat, (1, "v"): flat})
+    budgets = sensitivity_budgets(recipe, [0, 1], cal)
+    assert budgets[0, "k"] == 3.0 and sum(budgets.values()) <= 4 * 2.0
+    assert sensitivity_budgets(recipe, [], cal) == {}
+    with pytest.raises(ConfigError, match="kakeya calibrate"):
+        sensitivity_budgets(recipe, [0], None)
+    disjoint = CostCalibration({(0, "k"): {1.0: 1.0}, (0, "v"): {2.0: 1.0}})
+    with pytest.raises(ConfigError, match="no v2 budget fitted for every layer"):
+        sensitivity_budgets(recipe, [0], disjoint)

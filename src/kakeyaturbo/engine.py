@@ -265,10 +265,12 @@ def sensitivity_budgets(recipe: Recipe, layers: list[int],
     if calibration is None:
         raise ConfigError(f"recipe {recipe.name!r} has layer_bits='sensitivity'; {CALIBRATE_HINT}")
     items = [(layer, stream) for layer in layers for stream in ("k", "v")]
-    tables = [calibration.v2_costs(layer, stream) for layer, stream in items]
-    options = sorted(set.intersection(*(set(t) for t in tables))) if tables else []
-    if len(options) < 1:
+    if not items:
         return {}
+    tables = [calibration.v2_costs(layer, stream) for layer, stream in items]
+    options = sorted(set.intersection(*(set(t) for t in tables)))
+    if not options:
+        raise ConfigError(f"recipe {recipe.name!r}: the calibration has no v2 budget fitted for every layer")
     costs = torch.tensor([[t[b] for b in options] for t in tables], dtype=torch.float64)
     total = len(layers) * (float(recipe.k.config["bits"]) + float(recipe.v.config["bits"]))
     try:
@@ -276,6 +278,12 @@ def sensitivity_budgets(recipe: Recipe, layers: list[int],
     except ConfigError as exc:
         raise ConfigError(f"recipe {recipe.name!r}: {exc} (fitted budgets: {options})") from None
     return {item: options[int(i)] for item, i in zip(items, choice)}
+
+
+def plan_bits(plans: list[LayerPlan]) -> list[list[float | None]]:
+    """``[[k_bits, v_bits], ...]`` per layer: the ``bits`` of each stream's codec config (None for a
+    codec without one, such as exact storage), so a record shows where the bits went."""
+    return [[getattr(c.config, "bits", None) for c in (p.k_codec, p.v_codec)] for p in plans]
 
 
 def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,

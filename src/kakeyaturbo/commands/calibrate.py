@@ -44,7 +44,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    f"those of {' '.join(f'{b:g}' for b in V2_PROBE_BITS)} that are fitted, when the default "
                    "key fit is: key space none, with the mean)")
     p.add_argument("--v2-probe-windows", type=int, default=6, metavar="N",
-                   help="calibration windows the v2 sensitivity probe scores (default: %(default)s)")
+                   help="calibration windows the v2 sensitivity probe scores, at most --windows (default: "
+                   "%(default)s)")
     p.add_argument("--force", action="store_true", help="recalibrate even if the bundle exists")
 
 

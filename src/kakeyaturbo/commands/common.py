@@ -33,7 +33,8 @@ def add_calibration_arg(p: argparse.ArgumentParser) -> None:
 
 def load_calibration(path: Path | None, model_name: str, model_config: Any, required: bool) -> Any:
     """The bundle at ``path`` (or, when the recipes need one, the default one for ``model_name``),
-    checked against the model; None when no recipe needs one and no path was given."""
+    checked against the model's config (unless ``model_config`` is None); None when no recipe needs
+    one and no path was given."""
     from kakeyaturbo.calibration import Calibration, config_hash, default_bundle_dir
 
     if path is None and not required:
@@ -43,7 +44,8 @@ def load_calibration(path: Path | None, model_name: str, model_config: Any, requ
         raise ConfigError(f"no calibration bundle at {where}; run `kakeya calibrate --model {model_name}"
                           f"{'' if path is None else f' --out {path}'}` first")
     cal = Calibration.load(where)
-    cal.check_model(model_name, config_hash(model_config))
+    if model_config is not None:
+        cal.check_model(model_name, config_hash(model_config))
     return cal
 
 

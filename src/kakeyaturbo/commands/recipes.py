@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kakeyaturbo.commands.common import write_json
+from kakeyaturbo.commands.common import load_calibration, write_json
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -25,21 +25,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _layers(args: argparse.Namespace) -> int:
     from kakeyaturbo import recipes
-    from kakeyaturbo.calibration import Calibration, default_bundle_dir
-    from kakeyaturbo.engine import build_plans
-    from kakeyaturbo.errors import ConfigError
-    from kakeyaturbo.evaluation.harness import layer_budgets
+    from kakeyaturbo.engine import build_plans, plan_bits
     from kakeyaturbo.evaluation.plots import layer_bits_plot
 
     recipe = recipes.load(args.name)
-    where = args.calibration or default_bundle_dir(args.model)
-    if not (where / "manifest.json").is_file():
-        raise ConfigError(f"no calibration bundle at {where}; run `kakeya calibrate --model {args.model}` first")
-    cal = Calibration.load(where)
+    cal = load_calibration(args.calibration, args.model, None, required=True)
     m = cal.manifest
-    plans = build_plans(recipe, m["n_layers"], m["n_kv_heads"], m["head_dim"], cal)
-    bits = layer_budgets(plans)
-    print(f"{recipe.name} on {m['model']} (bundle {where}):")
+    bits = plan_bits(build_plans(recipe, m["n_layers"], m["n_kv_heads"], m["head_dim"], cal))
+    print(f"{recipe.name} on {m['model']}:")
     print("layer  K bits  V bits   ('-': a codec without a bits setting, e.g. exact storage)")
     for layer, (k, v) in enumerate(bits):
         print(f"{layer:5d}  {'-' if k is None else f'{k:g}':>6s}  {'-' if v is None else f'{v:g}':>6s}")

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from kakeyaturbo.cache import KakeyaCache
-from kakeyaturbo.engine import CalibrationLike, LayerPlan
+from kakeyaturbo.engine import CalibrationLike, plan_bits
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.evaluation.metrics import TokenMetrics, summarize, token_metrics
 from kakeyaturbo.evaluation.report import MODES, result_record
@@ -117,12 +117,6 @@ class _Tally:
             self.seconds[k] += v
 
 
-def layer_budgets(plans: list[LayerPlan]) -> list[list[float | None]]:
-    """``[[k_bits, v_bits], ...]`` per layer: the ``bits`` of each stream's codec config (None for a
-    codec without one, such as exact storage), so a record shows where the bits went."""
-    return [[getattr(c.config, "bits", None) for c in (p.k_codec, p.v_codec)] for p in plans]
-
-
 def _groups(total: int, chunk: int) -> list[tuple[int, int]]:
     """Continuation offsets ``[0, total)`` in groups of ``chunk`` (the prefill leaves no hot window,
     so these groups end exactly where the cache completes chunks)."""
@@ -150,7 +144,7 @@ def evaluate(
         raise ConfigError("the session was loaded for another model, text or dtype")
     model = session.model
     # fail before the long run on a recipe the model or calibration cannot serve
-    budgets = [layer_budgets(session.new_cache(r, calibration).plans) for r in recipes]
+    budgets = [plan_bits(session.new_cache(r, calibration).plans) for r in recipes]
     tallies = [_Tally() for _ in recipes]
     bar = tqdm(total=s.windows * len(recipes), desc=f"eval {s.mode} ctx={s.ctx}", unit="run", disable=not progress)
     for w in range(s.windows):
