@@ -32,7 +32,7 @@ USUAL: dict[str, list[dict[str, Any]]] = {
     "turboquant-prod": [{"bits": b} for b in (3, 4)],
     "besicovitch": [{"direction_bits": 3, "magnitude_bits": 4}, {"direction_bits": 5, "magnitude_bits": 4}],
     "kakeya": [{"bits": b} for b in (2, 3, 4)],
-    "kakeya-v2": [{"bits": b, "stream": "k"} for b in (2.0, 3.0, 4.0)],
+    "kakeya-v2": [{"bits": b, "stream": "k", "coding": c} for c in ("fixed", "entropy") for b in (2.0, 3.0, 4.0)],
 }
 
 

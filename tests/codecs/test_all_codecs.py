@@ -21,6 +21,7 @@ SETTINGS: dict[str, dict] = {
     "besicovitch": {},
     "kakeya": {"bits": 3, "block_size": 64},
     "kakeya-v2": {"bits": 3.0, "stream": "k"},
+    "kakeya-v2/entropy": {"bits": 3.0, "stream": "k", "coding": "entropy"},
 }
 LADDERS: dict[str, tuple[str, list[int]]] = {
     "rotated-int": ("bits", [2, 3, 4, 8]),
@@ -30,14 +31,17 @@ LADDERS: dict[str, tuple[str, list[int]]] = {
     "besicovitch": ("magnitude_bits", [2, 3, 4]),
     "kakeya": ("bits", [1, 2, 3, 4]),
     "kakeya-v2": ("bits", [2.0, 3.0, 4.0]),
+    "kakeya-v2/entropy": ("bits", [2.0, 3.0, 4.0]),
 }
-ALL = kt.codecs.names()
+VARIANTS = ("kakeya-v2/entropy",)
+"""Codec variants (``name/variant``) that take their own code path and get the whole contract too."""
+ALL = kt.codecs.names() + list(VARIANTS)
 
 
 def make(name: str, **overrides) -> kt.codecs.Codec:
     """A codec with the test settings; calibrated codecs get transforms fitted on low-rank data
     (one stream, D = 64: every stream of every test input uses them)."""
-    cls = kt.codecs.codec_class(name)
+    cls = kt.codecs.codec_class(name.split("/")[0])
     cfg = {**SETTINGS.get(name, {}), **overrides}
     if cls.needs_calibration:
         return cls.calibrate(lowrank(1, 2048, 64, rank=8, noise=0.05, seed=5), **cfg)
@@ -51,7 +55,7 @@ def redecode(codec: kt.codecs.Codec, enc: kt.Encoded) -> torch.Tensor:
 
 
 def test_registry_has_the_contract_names():
-    assert set(SETTINGS) <= set(ALL)
+    assert set(SETTINGS) <= set(ALL) and {v.split("/")[0] for v in VARIANTS} <= set(kt.codecs.names())
 
 
 @pytest.fixture(params=ALL, scope="module")

@@ -10,6 +10,8 @@ import torch
 
 import kakeyaturbo as kt
 from kakeyaturbo.codecs.kakeya_v2 import (
+    AUTO_ENTROPY_BITS,
+    CODINGS,
     TABLE_SLOTS,
     KakeyaV2Codec,
     KakeyaV2Config,
@@ -50,9 +52,9 @@ def calib() -> torch.Tensor:
     return synth(S, 2048, D, 1)
 
 
-@pytest.fixture(scope="module")
-def codec(calib) -> KakeyaV2Codec:
-    return KakeyaV2Codec.calibrate(calib, bits=3.0, stream="k")
+@pytest.fixture(scope="module", params=CODINGS)
+def codec(calib, request) -> KakeyaV2Codec:
+    return KakeyaV2Codec.calibrate(calib, bits=3.0, stream="k", coding=request.param)
 
 
 def _x(device, dtype=torch.float32, n: int = 100) -> torch.Tensor:
@@ -129,7 +131,7 @@ def test_codec_refuses_transforms_that_do_not_match_its_config(codec):
         KakeyaV2Codec(dataclasses.replace(codec.config, fitted_tables=True), transforms=t)
     with pytest.raises(kt.ConfigError, match="centred=False.*hold a mean"):
         KakeyaV2Codec(dataclasses.replace(codec.config, stream="v"), transforms=t)
-    with pytest.raises(kt.ConfigError, match="scale_bits=0 but the transforms hold a gain grid"):
+    with pytest.raises(kt.ConfigError, match="scale_bits=0"):
         KakeyaV2Codec(dataclasses.replace(codec.config, scale_bits=0), transforms=t)
     with pytest.raises(kt.ConfigError, match="code bits per vector"):
         KakeyaV2Codec(dataclasses.replace(codec.config, bits=4.0), transforms=t)
@@ -304,9 +306,53 @@ def test_fitted_tables_beat_gaussian_tables_on_heavy_tails(calib, test_x):
     assert rel_mse(fitted.roundtrip(test_x), test_x) < 0.95 * rel_mse(gauss.roundtrip(test_x), test_x)
 
 
-def test_values_error_scales_with_vector_norm():
+@pytest.mark.parametrize("coding", CODINGS)
+def test_values_error_scales_with_vector_norm(coding):
     x = synth(2, 1024, D, 5, values=True)
-    c = KakeyaV2Codec.calibrate(x, bits=3.0, stream="v")
+    c = KakeyaV2Codec.calibrate(x, bits=3.0, stream="v", coding=coding)
     err = (c.roundtrip(x) - x).norm(dim=-1) / x.norm(dim=-1)
     small, large = x.norm(dim=-1) < x.norm(dim=-1).median(), x.norm(dim=-1) >= x.norm(dim=-1).median()
     assert float(err[small].mean()) == pytest.approx(float(err[large].mean()), rel=0.3)
+
+
+@pytest.mark.parametrize("heavy", [False, True])
+@pytest.mark.parametrize("bits", [2.5, 3.0, 4.0])
+def test_entropy_coding_beats_fixed_widths_in_the_same_bytes(calib, heavy, bits):
+    x = synth(S, 1024, D, 3, heavy=heavy)
+    fit = calib if heavy else synth(S, 2048, D, 1, heavy=False)
+    fixed = KakeyaV2Codec.calibrate(fit, bits=bits, stream="k")
+    entropy = KakeyaV2Codec.calibrate(fit, bits=bits, stream="k", coding="entropy")
+    ef, ee = fixed.encode(x), entropy.encode(x)
+    assert ee.payload_nbytes == ef.payload_nbytes
+    assert rel_mse(entropy.decode(ee), x) < 0.9 * rel_mse(fixed.decode(ef), x)
+
+
+def test_entropy_coding_config_rules():
+    with pytest.raises(kt.ConfigError, match="coding='entropy' needs scale_bits >= 1"):
+        KakeyaV2Config(coding="entropy", scale_bits=0)
+    with pytest.raises(kt.ConfigError, match="fitted_tables=false"):
+        KakeyaV2Config(coding="entropy", fitted_tables=True)
+    with pytest.raises(kt.ConfigError, match="coding must be one of"):
+        KakeyaV2Config(coding="huffman")
+
+
+@pytest.mark.parametrize("bits,entropy", [(1.5, False), (2.0, False), (AUTO_ENTROPY_BITS, True), (3.0, True)])
+def test_auto_coding_picks_entropy_from_its_threshold(bits, entropy):
+    assert KakeyaV2Config(bits=bits, coding="auto").entropy_coded is entropy
+    assert not KakeyaV2Config(bits=bits, coding="auto", scale_bits=0).entropy_coded
+    assert not KakeyaV2Config(bits=bits, coding="auto", fitted_tables=True).entropy_coded
+
+
+def test_entropy_coding_from_a_bundle_drops_the_fitted_tables(calib):
+    t = fit_transforms(calib, KakeyaV2Config(bits=3.0, stream="k", fitted_tables=True))
+
+    class Bundle:
+        def v2_tensors(self, *args):
+            return t.to_tensors()
+
+    fixed = KakeyaV2Codec.from_calibration({"bits": 3.0}, Bundle(), 0, "k", "none")
+    entropy = KakeyaV2Codec.from_calibration({"bits": 3.0, "coding": "entropy"}, Bundle(), 0, "k", "none")
+    auto = KakeyaV2Codec.from_calibration({"bits": 3.0, "coding": "auto"}, Bundle(), 0, "k", "none")
+    assert fixed.transforms.tables is not None and entropy.transforms.tables is None
+    assert auto.config.entropy_coded and auto.transforms.tables is None
+    assert entropy.side_nbytes == fixed.side_nbytes - t.tables.numel() * 2

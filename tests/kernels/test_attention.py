@@ -188,3 +188,11 @@ def test_segment_errors() -> None:
     other = _plan("kakeya-v2", False, False, seed=5).k_codec
     with pytest.raises(CorruptDataError, match="transforms"):
         segment_from_encoded(v2.chunks[0].k, other, N_KV)
+
+
+def test_entropy_coded_v2_payloads_are_refused_by_name() -> None:
+    k, _ = _keys_values(128, 0)
+    codec = KakeyaV2Codec.calibrate(k[0], bits=3.0, stream="k", coding="entropy")
+    enc = codec.encode(k[0].reshape(N_KV, 1, 128, -1).transpose(0, 1).reshape(N_KV, 128, -1))
+    with pytest.raises(ConfigError, match="coding='entropy'"):
+        segment_from_encoded(enc, codec, N_KV)

@@ -291,6 +291,9 @@ def segment_from_encoded(enc: Encoded, codec: object, n_kv: int) -> Segment:
         if enc.config.get("transforms_hash") != codec.config.transforms_hash:
             raise CorruptDataError(f"payload was encoded with transforms {enc.config.get('transforms_hash')!r}; "
                                    f"the codec holds {codec.config.transforms_hash!r}")
+        if codec.config.coding != "fixed":
+            raise ConfigError(f"compressed decode attention reads fixed-width kakeya-v2 codes; coding="
+                              f"{codec.config.coding!r} payloads decode with the codec (KakeyaCache does)")
         return V2Segment.from_encoded(enc, codec, n_kv)
     if isinstance(codec, RotatedIntCodec):
         return RotatedIntSegment.from_encoded(enc, codec, n_kv)
