@@ -82,9 +82,12 @@ def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.erfc(-x / math.sqrt(2.0))
 
 
-@functools.lru_cache(maxsize=1)
-def gaussian_classes() -> EcsqTables:
-    """The ECSQ tables of every class, for N(0, r²) coefficients (CPU; built once)."""
+@functools.lru_cache(maxsize=4)
+def gaussian_classes(device: str = "cpu") -> EcsqTables:
+    """The ECSQ tables of every class, for N(0, r²) coefficients, on ``device`` (built once per
+    process and device)."""
+    if device != "cpu":
+        return gaussian_classes("cpu").to(device)
     k = torch.arange(N_CLASSES)
     r = class_spread(k)
     m = torch.clamp(torch.ceil(torch.log2(r / HI_SPREAD)), min=0).to(torch.int64)
@@ -190,7 +193,7 @@ class SlotCoder:
         """Code coefficients ``c [S, N, D]`` (float32): returns step codes int64 ``[S, N]`` and the
         packed slots (uint8, ``S * N * slot_bits`` bits)."""
         s, n, d = c.shape
-        tables = gaussian_classes().to(c.device)
+        tables = gaussian_classes(str(c.device))
         classes = self.classes.to(c.device)
         raw_bits = tables.raw_bits[classes.clamp_min(0)].unsqueeze(1)  # [S, 1, D]
         rows = classes.unsqueeze(1).expand(s, n, d).reshape(s * n, d)
@@ -228,7 +231,7 @@ class SlotCoder:
         """Inverse of :meth:`encode`: coefficients float32 ``[S, N, D]`` from step codes ``[S, N]``."""
         s, n = codes.shape
         d = self.classes.shape[1]
-        tables = gaussian_classes().to(packed.device)
+        tables = gaussian_classes(str(packed.device))
         classes = self.classes.to(packed.device)
         safe = classes.clamp_min(0)
         raw_bits = tables.raw_bits[safe]  # [S, D]
