@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-runs every committed evaluation (resumable: finished cells are skipped). About 3 hours on the
+# Re-runs every committed evaluation (resumable: finished cells are skipped). About 4 hours on the
 # 2-core development machine. Needs `kakeya calibrate` first (the ladder and v2 recipes use it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,9 +11,12 @@ done
 $K sweep --grid benchmarks/sweeps/ablation-layer-bits-ctx1024.json --out benchmarks/results/ablation-layer-bits \
   --ablation-reference kakeya-v2-s3
 $K sweep --grid benchmarks/sweeps/v2-sensitivity-ctx1024.json --out benchmarks/results/ctx1024
+$K sweep --grid benchmarks/sweeps/v2e-ctx1024.json --out benchmarks/results/ctx1024
+$K sweep --grid benchmarks/sweeps/v2a-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/ablation-ctx1024.json --out benchmarks/results/ablation --ablation-reference kakeya-v2-k3-v3
 $K sweep --grid benchmarks/sweeps/v2-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/windows32.json --out benchmarks/results/windows32
+$K sweep --grid benchmarks/sweeps/windows32-streaming.json --out benchmarks/results/windows32
 $K sweep --grid benchmarks/sweeps/ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/ctx2048.json --out benchmarks/results/ctx2048
 $K sweep --grid benchmarks/sweeps/all-ctx1024.json --out benchmarks/results/ctx1024 --report-only
