@@ -39,7 +39,8 @@ def test_bundle_contents(tiny_bundle):
 
 
 @pytest.mark.model
-def test_bundle_round_trip_and_use(tmp_path, tiny_bundle):
+@pytest.mark.parametrize("coding", ["fixed", "entropy"])
+def test_bundle_round_trip_and_use(tmp_path, tiny_bundle, coding):
     model, cal = tiny_bundle
     cal.save(tmp_path / "b")
     back = Calibration.load(tmp_path / "b")
@@ -48,10 +49,11 @@ def test_bundle_round_trip_and_use(tmp_path, tiny_bundle):
     back.check_model("tiny", config_hash(model.config))
     recipe = recipes.Recipe.from_dict({
         "name": "v2", "sink_tokens": 1, "chunk_tokens": 16,
-        "k": {"codec": "kakeya-v2", "config": {"bits": 3.0}, "whiten": "sigma_q"},
-        "v": {"codec": "kakeya-v2", "config": {"bits": 3.0}},
+        "k": {"codec": "kakeya-v2", "config": {"bits": 3.0, "coding": coding}, "whiten": "sigma_q"},
+        "v": {"codec": "kakeya-v2", "config": {"bits": 3.0, "coding": coding}},
     })
     cache = KakeyaCache.from_model(model, recipe, back)
+    assert all(p.k_codec.config.entropy_coded == (coding == "entropy") for p in cache.plans)
     with torch.no_grad():
         model(torch.randint(0, 100, (1, 40)), cache=cache)
     report = cache.memory_report()
