@@ -510,7 +510,7 @@ class KakeyaV2Codec(Codec):
         self._dec = dec.float()
         self._enc = torch.linalg.inv(dec).transpose(1, 2).float()
         used = sorted(set(transforms.bits.unique().tolist()) - {0})
-        self._tables = {b: transforms.table(b) for b in used}
+        self._tables = {} if cfg.entropy_coded else {b: transforms.table(b) for b in used}
         self._slots = None
         if cfg.entropy_coded:
             self._slots = SlotCoder.build(transforms.sigma.float(), transforms.bits > 0, transforms.log_gain,
