@@ -29,3 +29,14 @@ def test_kakeya_grid_and_synthetic_draws():
     assert len(kakeya_grid(64)) == 12 and {c["pca"] for c in kakeya_grid(64)} == {"exact", "randomized"}
     a, b = synthetic_kv(2, 64, 16), synthetic_kv(2, 64, 16, sample_seed=9)
     assert a.shape == (2, 64, 16) and not a.equal(b)
+
+
+@pytest.mark.model
+def test_bench_captured_fits_calibrated_codecs_on_calibration_text(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--codec", "kakeya-v2", "--data", "captured", "--tokens", "64", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["settings"]["stream"], r["settings"]["coding"]) for r in rows} == {
+        (s, c) for s in ("k", "v") for c in ("fixed", "entropy")}
+    assert all(r["shape"] == [90, 64, 64] and r["rel_mse"] < 1.0 for r in rows)

@@ -142,7 +142,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="codec to run (repeatable); 'all' runs every registered codec at its usual "
                    "settings; 'kakeya' alone runs the full KakeyaTurbo grid (default: kakeya)")
     p.add_argument("--data", choices=["synthetic", "captured"], default="synthetic",
-                   help="synthetic KV-like data, or K/V captured from the default model (needs the model extra)")
+                   help="synthetic KV-like data, or K/V captured from the default model on evaluation text "
+                   "(calibrated codecs are then fitted on its K/V over calibration text)")
     p.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="head dims to test (synthetic data)")
     p.add_argument("--streams", type=int, default=8, help="independent streams (layers x heads) per tensor")
     p.add_argument("--tokens", type=int, default=2048, help="tokens per stream")
@@ -152,12 +153,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", type=Path, metavar="P", help="write a Markdown table here")
 
 
-def _inputs(args: argparse.Namespace) -> list[torch.Tensor]:
+def _inputs(args: argparse.Namespace, fits: bool) -> list[tuple[str | None, torch.Tensor, torch.Tensor | None]]:
+    """``(stream, x, fit)`` per input: ``stream`` "k"/"v" for captured K/V (None for synthetic data),
+    ``x [S, n, D]`` what is measured, ``fit`` what calibrated codecs are fitted on when ``fits``:
+    another draw of the synthetic distribution, or the same model's K/V on calibration text."""
     if args.data == "captured":
         from kakeyaturbo.models.capture import captured_kv_for_bench
 
-        return captured_kv_for_bench(tokens=args.tokens)
-    return [synthetic_kv(args.streams, args.tokens, d) for d in args.dims]
+        measured = captured_kv_for_bench(tokens=args.tokens)
+        fitted = captured_kv_for_bench(tokens=args.tokens, split="calibration") if fits else [None, None]
+        return list(zip(("k", "v"), measured, fitted))
+    shapes = [(args.streams, args.tokens, d) for d in args.dims]
+    return [(None, synthetic_kv(*s), synthetic_kv(*s, sample_seed=1) if fits else None) for s in shapes]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,15 +178,13 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda requested but no CUDA device is available")
     rows: list[dict[str, Any]] = []
-    inputs = _inputs(args)
-    jobs = [(x, name, cfg) for x in inputs for name, cfg in cells(names, x.shape[-1])
-            if args.data == "synthetic" or not codecs.codec_class(name).needs_calibration]
-    if args.data == "captured" and any(codecs.codec_class(n).needs_calibration for n in names):
-        print("calibrated codecs (kakeya-v2) are left out on captured data: evaluate them with `kakeya eval`")
-    for x, name, cfg in tqdm(jobs, desc="bench", unit="cell"):
+    inputs = _inputs(args, fits=any(codecs.codec_class(n).needs_calibration for n in names))
+    jobs = [(stream, x, fit, name, cfg) for stream, x, fit in inputs for name, cfg in cells(names, x.shape[-1])]
+    for stream, x, fit, name, cfg in tqdm(jobs, desc="bench", unit="cell"):
         cls = codecs.codec_class(name)
-        if cls.needs_calibration:  # fitted on another draw of the same distribution
-            codec = cls.calibrate(synthetic_kv(x.shape[0], x.shape[1], x.shape[2], sample_seed=1), **cfg)
+        if cls.needs_calibration:  # fitted on other data (see _inputs), per stream of x
+            cfg = {**cfg, "stream": stream} if stream and "stream" in cfg else cfg
+            codec = cls.calibrate(fit, **cfg)
         else:
             codec = cls(**cfg)
         row = measure(codec, x.to(device), repeats=args.repeats)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from kakeyaturbo.errors import ShapeError
+from kakeyaturbo.errors import ConfigError, ShapeError
 from kakeyaturbo.models.arch import decoder_layers, facts
 from kakeyaturbo.models.capture import LayerCapture, capture, captured_kv_for_bench
 from kakeyaturbo.transforms.rope import Rope
@@ -110,6 +110,10 @@ def test_captured_kv_for_bench() -> None:
     k, v = captured_kv_for_bench(tokens=32)
     assert k.shape == v.shape == (30 * 3, 32, 64) and k.dtype == torch.float32
     assert torch.isfinite(k).all() and torch.isfinite(v).all() and k.std() > 0
+    k_cal, _ = captured_kv_for_bench(tokens=32, split="calibration")
+    assert k_cal.shape == k.shape and not torch.equal(k_cal, k)
+    with pytest.raises(ConfigError, match="split must be"):
+        captured_kv_for_bench(tokens=32, split="train")
 
 
 def test_gemma3_multimodal_checkpoint_uses_its_text_decoder() -> None:

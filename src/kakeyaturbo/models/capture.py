@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kakeyaturbo.errors import ShapeError
+from kakeyaturbo.errors import ConfigError, ShapeError
 from kakeyaturbo.models.arch import ModelFacts, decoder_layers, facts
 from kakeyaturbo.transforms.rope import Rope
 
@@ -123,16 +123,21 @@ def capture(model: nn.Module, input_ids: torch.Tensor) -> list[LayerCapture]:
     return out
 
 
-def captured_kv_for_bench(tokens: int) -> list[torch.Tensor]:
-    """K and V of the default model on the start of the Austen evaluation text (BOS + ``tokens - 1``).
+def captured_kv_for_bench(tokens: int, split: str = "evaluation") -> list[torch.Tensor]:
+    """K and V of the default model on the start of one part of the Austen text (BOS + ``tokens - 1``).
 
-    Returns ``[K, V]``, each float32 ``[layers * n_kv, tokens, D]`` (layer-major). K is pre-RoPE
-    (after k-norm where present): what the codecs see once the cache stores pre-RoPE keys.
+    ``split`` is ``"evaluation"`` (the five novels) or ``"calibration"`` (*Pride and Prejudice*,
+    what calibrated codecs are fitted on). Returns ``[K, V]``, each float32
+    ``[layers * n_kv, tokens, D]`` (layer-major). K is pre-RoPE (after k-norm where present): what
+    the codecs see once the cache stores pre-RoPE keys.
     """
     from kakeyaturbo.models.loading import load_model
     from kakeyaturbo.models.text import load_corpus, token_windows
 
+    if split not in ("evaluation", "calibration"):
+        raise ConfigError(f"split must be 'evaluation' or 'calibration', got {split!r}")
     model, tokenizer = load_model()
-    ids = token_windows(tokenizer, load_corpus("austen").evaluation[: 8 * tokens + 10_000], 1, tokens)
+    text = getattr(load_corpus("austen"), split)
+    ids = token_windows(tokenizer, text[: 8 * tokens + 10_000], 1, tokens)
     layers = capture(model, ids)
     return [torch.cat([c.k_pre for c in layers]), torch.cat([c.v for c in layers])]
