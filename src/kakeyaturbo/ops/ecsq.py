@@ -199,18 +199,17 @@ class SlotCoder:
         rows = classes.unsqueeze(1).expand(s, n, d).reshape(s * n, d)
         rb_rows = raw_bits.expand(s, n, d).reshape(s * n, d)
 
-        def bits_at(codes: torch.Tensor) -> torch.Tensor:
-            sym, _ = self._symbols(c, codes, raw_bits)
+        def bits_of(sym: torch.Tensor) -> torch.Tensor:
             return slot_lengths(tables.code, sym.reshape(s * n, d), rows, rb_rows).reshape(s, n, d)
 
         lo = torch.zeros(s, n, dtype=torch.int64, device=c.device)
         hi = torch.full_like(lo, 2**self.step_bits - 1)
         for _ in range(self.step_bits):  # finest step that fits (bits fall as the step grows)
             mid = (lo + hi) // 2
-            fits = bits_at(mid).sum(-1) <= self.slot_bits
+            fits = bits_of(self._symbols(c, mid, raw_bits)[0]).sum(-1) <= self.slot_bits
             lo, hi = torch.where(fits, lo, mid + 1), torch.where(fits, mid, hi)
         sym, raw = self._symbols(c, hi, raw_bits)
-        sym, raw = self._fit(sym, raw, bits_at(hi), classes)
+        sym, raw = self._fit(sym, raw, bits_of(sym), classes)
         packed = write_slots(tables.code, sym.reshape(s * n, d), rows, raw.reshape(s * n, d), rb_rows,
                              self.slot_bits)
         return hi, packed
