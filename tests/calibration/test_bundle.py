@@ -34,7 +34,9 @@ def test_bundle_contents(tiny_bundle):
     keys = {f"k/{space}/m{m}-{fits['waterfill']}" for space in ("sigma_q", "lag", "none", "post_rope") for m in (0, 1)}
     keys |= {f"k/none/m{m}-{fit}" for fit in fits.values() for m in (0, 1)}
     values = {f"v/none/m0-{fit}" for fit in fits.values()} | {f"v/none/m1-{fits['waterfill']}"}
-    assert variants == keys | values
+    joint = {"k/none/m1-g8-r1-waterfill-joint", "v/none/m0-g8-r1-waterfill-joint"}
+    assert variants == keys | values | joint
+    assert cal.tensors["v2/3/0/k/none/m1-g8-r1-waterfill-joint/basis_q"].shape == (1, 32, 32)  # 2 heads x D=16
     assert "v2/3/0/v/none/m0-g8-r1-waterfill/mean" not in cal.tensors  # values are not centred
 
 
@@ -62,6 +64,28 @@ def test_bundle_round_trip_and_use(tmp_path, tiny_bundle, coding):
     elements = 3 * 2 * 2 * 39 * 16  # layers x (K, V) x heads x post-sink tokens x D
     assert payload_bits / elements == pytest.approx(3.0, abs=0.05)  # per-token bytes at the budget
     assert report["ratio"] > 1.5 and report["model_side"] > 0  # (tiny chunks: headers weigh a lot)
+
+
+@pytest.mark.model
+def test_joint_layout_codes_the_heads_of_a_layer_together(tiny_bundle):
+    model, cal = tiny_bundle
+    spec = {"codec": "kakeya-v2", "config": {"bits": 3.0, "coding": "auto"}}
+    recipe = recipes.Recipe.from_dict({"name": "joint", "sink_tokens": 1, "chunk_tokens": 16, "layout": "joint",
+                                       "k": spec, "v": spec})
+    cache = KakeyaCache.from_model(model, recipe, cal)
+    assert all(p.k_codec.transforms.dim == 32 and p.v_codec.transforms.streams == 1 for p in cache.plans)
+    ids = torch.randint(0, 100, (1, 40))
+    with torch.no_grad():
+        model(ids, cache=cache)
+    chunk = cache.layers[1].chunks[0]
+    assert tuple(chunk.k.shape) == (1, 2, 16, 32)  # [B, chunks, C, n_kv * D]
+    payload_bits = 8 * (chunk.k.payload_nbytes + chunk.v.payload_nbytes)
+    assert payload_bits == 2 * 2 * 16 * round(3.0 * 32)  # K and V, 2 chunks x 16 tokens, 3 bits x 32 features
+    k, v = cache.layers[1].full()
+    assert k.shape == (1, 2, 40, 16) and torch.isfinite(k).all() and torch.isfinite(v).all()
+    tokenmajor = recipes.Recipe.from_dict({**recipe.to_dict(), "layout": "token_major"})
+    with pytest.raises(ConfigError, match="layout must be one of"):
+        KakeyaCache.from_model(model, tokenmajor, cal)
 
 
 @pytest.mark.model
@@ -97,6 +121,8 @@ def test_settings_validated():
         CalibrationSettings(v2_probe_sink_tokens=448)
     with pytest.raises(ConfigError, match="v2_probe_windows"):
         CalibrationSettings(windows=2, v2_probe_windows=3)
+    with pytest.raises(ConfigError, match="v2_layouts"):
+        CalibrationSettings(v2_layouts=("joint",))
 
 
 @pytest.mark.model

@@ -24,6 +24,7 @@ from kakeyaturbo.calibration.metric import (
     rope_matrices,
     whitening_hazard,
 )
+from kakeyaturbo.codecs.kakeya_v2 import LAYOUTS
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.models.arch import decoder_layers, facts
 from kakeyaturbo.models.capture import capture
@@ -67,6 +68,9 @@ class CalibrationSettings:
             (:data:`V2_KEY_SPACES`; the built-in recipes code raw pre-RoPE keys, "none": the
             ablation measured Σ_q and lag whitening as harmful for this codec).
         v2_key_center: fit the v2 key transforms with (True) and/or without (False) a static mean.
+        v2_layouts: engine layouts the default v2 fits (key space "none") are made for at every
+            budget: "head" (one transform per KV head) and/or "joint" (one per layer over the
+            KV heads concatenated; :data:`kakeyaturbo.codecs.kakeya_v2.LAYOUTS`).
         v2_ablation_bits: if set, also fit at this budget every key space (with and without the
             mean), values with a mean, and each option of :data:`V2_ABLATIONS` (what the ablation
             recipes in ``benchmarks/recipes/ablation`` use; None skips them).
@@ -90,6 +94,7 @@ class CalibrationSettings:
     v2_bits: tuple[float, ...] = V2_BITS
     v2_key_spaces: tuple[str, ...] = ("none",)
     v2_key_center: tuple[bool, ...] = (True, False)
+    v2_layouts: tuple[str, ...] = ("head", "joint")
     v2_ablation_bits: float | None = 3.0
     v2_probe_bits: tuple[float, ...] = V2_PROBE_BITS
     v2_probe_windows: int = 6
@@ -120,6 +125,8 @@ class CalibrationSettings:
             raise ConfigError(f"v2_probe_windows must be in 1..windows={self.windows}, got {self.v2_probe_windows}")
         if not self.v2_key_center or not set(self.v2_key_center) <= {True, False}:
             raise ConfigError(f"v2_key_center: need True and/or False, got {list(self.v2_key_center)}")
+        if "head" not in self.v2_layouts or not set(self.v2_layouts) <= set(LAYOUTS):
+            raise ConfigError(f"v2_layouts: need 'head' and optionally 'joint', got {list(self.v2_layouts)}")
 
 
 @dataclass
@@ -215,29 +222,32 @@ def _tables(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibrati
             cal.tensors[f"table/{stream}/{bits}"] = lloyd_max.fit(z, bits)
 
 
-def _v2_fits(settings: CalibrationSettings) -> list[tuple[float, str, str, tuple[tuple[str, Any], ...]]]:
-    """Every (budget, stream, key space, config overrides) the bundle gets transforms for, once each."""
+def _v2_fits(settings: CalibrationSettings) -> list[tuple[float, str, str, tuple[tuple[str, Any], ...], str]]:
+    """Every (budget, stream, key space, config overrides, layout) the bundle gets transforms for, once each."""
 
     def key(center: bool, **options: Any) -> tuple[tuple[str, Any], ...]:
         return (() if center else (("center", False),)) + tuple(options.items())
 
     centers = settings.v2_key_center
-    fits = [(b, "v", "none", ()) for b in settings.v2_bits]
-    fits += [(b, "k", space, key(c)) for b in settings.v2_bits for space in settings.v2_key_spaces for c in centers]
+    fits = [(b, "v", "none", (), "head") for b in settings.v2_bits]
+    fits += [(b, "k", space, key(c), "head") for b in settings.v2_bits for space in settings.v2_key_spaces
+             for c in centers]
+    fits += [(b, stream, "none", (), layout) for layout in settings.v2_layouts if layout != "head"
+             for b in settings.v2_bits for stream in ("k", "v")]
     ab = settings.v2_ablation_bits
     if ab is not None:
-        fits += [(ab, "v", "none", ()), (ab, "v", "none", (("center", True),))]
-        fits += [(ab, "k", space, key(c)) for space in V2_KEY_SPACES for c in (True, False)]
+        fits += [(ab, "v", "none", (), "head"), (ab, "v", "none", (("center", True),), "head")]
+        fits += [(ab, "k", space, key(c), "head") for space in V2_KEY_SPACES for c in (True, False)]
         for option in V2_ABLATIONS:
-            fits += [(ab, "k", settings.v2_key_spaces[0], key(c, **option)) for c in (True, False)]
-            fits.append((ab, "v", "none", tuple(option.items())))
+            fits += [(ab, "k", settings.v2_key_spaces[0], key(c, **option), "head") for c in (True, False)]
+            fits.append((ab, "v", "none", tuple(option.items()), "head"))
     return list(dict.fromkeys(fits))
 
 
 def _v2(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, full: list[int]) -> None:
     """``kakeya-v2`` static transforms per (budget, layer, stream, key space, fit variant); the
     whitening of a key space is folded into the transforms' basis."""
-    from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Config, fit_transforms
+    from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Config, fit_transforms, transform_variant
 
     fits = _v2_fits(settings)
     with tqdm(total=len(fits) * len(full), desc="calibrate: kakeya-v2", unit="fit") as bar:
@@ -246,14 +256,17 @@ def _v2(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, 
             # position 0 of every window (BOS, the attention sink) is kept exact by the v2 recipes
             sources = {name: torch.cat([t[:, 1:] for t in windows], dim=1) for name, windows in
                        (("v", p.v), ("k", p.k_pre), ("post_rope", p.k_post)) if windows}
-            for bits, stream, space, overrides in fits:
+            for bits, stream, space, overrides, layout in fits:
                 x = sources["v" if stream == "v" else "post_rope" if space == "post_rope" else "k"]
+                if layout == "joint":  # [n_kv, N, D] -> [1, N, n_kv * D], heads concatenated per token
+                    x = x.transpose(0, 1).reshape(1, x.shape[1], -1)
                 white = cal.whitening(layer, space) if space in ("sigma_q", "lag") else None
                 stored = space if white is not None or space == "post_rope" else "none"
                 cfg = KakeyaV2Config(bits=bits, stream=stream, fitted_tables=True, seed=layer, **dict(overrides))
                 t = fit_transforms(x, cfg, whiten=None if white is None else white[0])
+                prefix = f"v2/{bits:g}/{layer}/{stream}/{stored}/{transform_variant(cfg, layout)}"
                 for name, tensor in t.to_tensors().items():
-                    cal.tensors[f"v2/{bits:g}/{layer}/{stream}/{stored}/{cfg.fit_variant}/{name}"] = tensor
+                    cal.tensors[f"{prefix}/{name}"] = tensor
                 bar.update()
 
 

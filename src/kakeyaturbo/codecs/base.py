@@ -165,8 +165,9 @@ class Codec(ABC):
 
     @classmethod
     def from_calibration(cls, config: Mapping[str, Any], calibration: Any, layer: int, stream: str,
-                         whiten: str) -> Codec:
-        """Build the codec of one (layer, stream) from a calibration bundle (codecs that need one)."""
+                         whiten: str, layout: str = "head") -> Codec:
+        """Build the codec of one (layer, stream) from a calibration bundle (codecs that need one),
+        for the engine ``layout`` its input comes in."""
         raise ConfigError(f"codec {cls.name!r} is not built from a calibration bundle")
 
     @property

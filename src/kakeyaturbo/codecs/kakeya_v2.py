@@ -72,6 +72,9 @@ from kakeyaturbo.packing import narrow, pack_bits, packed_nbytes, unpack_bits
 MAX_BITS = 8
 ALLOCATIONS = ("waterfill", "uniform")
 CODINGS = ("fixed", "entropy", "auto")
+LAYOUTS = ("head", "joint")
+"""Engine layouts calibrated transforms exist for: one transform per KV head (``D = head_dim``) or
+one per layer over the KV heads concatenated (``D = n_kv * head_dim``)."""
 AUTO_ENTROPY_BITS = 2.125
 """``coding="auto"`` codes with entropy from this budget up (measured on SmolLM2 K/V: entropy
 coding has 3-10 % less error at 2 bits, 30-45 % more at 1.25-1.5 bits, 15-40 % less from 2.5 up)."""
@@ -83,6 +86,12 @@ _INT8_MAX = 127.0
 def _table_slice(bits: int) -> slice:
     """Where the ``2**bits`` levels of width ``bits`` sit in a ``[..., TABLE_SLOTS]`` tensor."""
     return slice(2**bits - 2, 2 ** (bits + 1) - 2)
+
+
+def transform_variant(config: KakeyaV2Config, layout: str) -> str:
+    """How a calibration bundle files the transforms of ``config`` for an engine ``layout``."""
+    check_choice("layout", layout, LAYOUTS)
+    return config.fit_variant if layout == "head" else f"{config.fit_variant}-{layout}"
 
 
 def code_bits_per_vector(bits: float, scale_bits: int, d: int) -> int:
@@ -526,7 +535,7 @@ class KakeyaV2Codec(Codec):
 
     @classmethod
     def from_calibration(cls, config: Mapping[str, Any], calibration: Any, layer: int, stream: str,
-                         whiten: str) -> KakeyaV2Codec:
+                         whiten: str, layout: str = "head") -> KakeyaV2Codec:
         """The codec of one (layer, stream) with the transforms a calibration bundle fitted for it.
 
         Args:
@@ -536,10 +545,12 @@ class KakeyaV2Codec(Codec):
             calibration: an object with ``v2_tensors(layer, stream, bits, space, variant)``.
             whiten: the key space the transforms were fitted in: a whitening ("sigma_q", "lag",
                 folded into the basis), "post_rope", or "none" (always "none" for V).
+            layout: the engine layout of the input, one of :data:`LAYOUTS` (per-head or joint transforms).
         """
         probe = KakeyaV2Config(**{**config, "stream": stream})
         cfg = KakeyaV2Config(**{"fitted_tables": not probe.entropy_coded, **config, "stream": stream})
-        t = V2Transforms.from_tensors(calibration.v2_tensors(layer, stream, cfg.bits, whiten, cfg.fit_variant))
+        t = V2Transforms.from_tensors(calibration.v2_tensors(layer, stream, cfg.bits, whiten,
+                                                                 transform_variant(cfg, layout)))
         if not cfg.fitted_tables:
             t = t.without_tables()
         cfg = dataclasses.replace(cfg, fitted_tables=t.tables is not None, transforms_hash=t.fingerprint())

@@ -33,6 +33,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "built-in recipes use)")
     p.add_argument("--v2-key-mean", nargs="+", default=["with", "without"], choices=["with", "without"],
                    help="fit the kakeya-v2 key transforms with and/or without a static mean (default: both)")
+    p.add_argument("--v2-layouts", nargs="+", default=["head", "joint"], choices=["head", "joint"],
+                   help="engine layouts to fit the default kakeya-v2 transforms for: 'head' (one per KV head) "
+                        "and 'joint' (one per layer over its KV heads concatenated, for recipes with "
+                        "\"layout\": \"joint\"; default: both)")
     p.add_argument("--v2-ablation", type=float, default=3.0, metavar="B",
                    help="also fit, at budget B, every key space with and without a mean, values with a "
                    "mean, and each single fit option switched off (no gain, no group rotation, uniform "
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(windows=args.windows, tokens=args.tokens, ridge=args.ridge, cond_cap=args.cond_cap,
                                    v2_key_spaces=tuple(args.v2_key_space),
                                    v2_key_center=tuple(m == "with" for m in args.v2_key_mean),
+                                   v2_layouts=tuple(dict.fromkeys(args.v2_layouts)),
                                    v2_ablation_bits=args.v2_ablation or None,
                                    v2_probe_windows=min(args.v2_probe_windows, args.windows), **extra)
     reason = "--force" if args.force else why_recalibrate(out, settings)
