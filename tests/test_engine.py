@@ -92,7 +92,7 @@ def test_plans_boundary_overrides_and_exact():
     assert plans[1].k_codec is plans[3].k_codec  # one instance per distinct stream recipe
 
 
-@pytest.mark.parametrize("layout", ["head", "token_major"])
+@pytest.mark.parametrize("layout", ["head", "token_major", "joint"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_encode_decode_roundtrip(layout, dtype):
     plan = build_plans(Recipe("r", StreamRecipe("identity"), StreamRecipe("fp8"), chunk_tokens=8,
@@ -114,6 +114,11 @@ def test_layouts_as_the_codec_sees_them():
         assert enc.shape == shape
     rows = enc.fields["values"].float().reshape(shape)  # [B, chunk, t * n_kv + h, D]
     assert torch.allclose(rows[1, 1, 3 * N_KV + 1], k[1, 1, 8 + 3].bfloat16().float())
+    joint = build_plans(Recipe("r", StreamRecipe("identity"), StreamRecipe("fp8"), chunk_tokens=8,
+                               layout="joint"), 1, N_KV, D)[0].encode(k, v).k
+    assert joint.shape == (2, 2, 8, N_KV * D)  # [B, chunk, t, n_kv * D]: a token's heads side by side
+    rows = joint.fields["values"].float().reshape(joint.shape)
+    assert torch.allclose(rows[1, 1, 3, D : 2 * D], k[1, 1, 8 + 3].bfloat16().float())
 
 
 def test_span_equals_chunk_by_chunk():
