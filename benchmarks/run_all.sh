@@ -18,6 +18,7 @@ $K sweep --grid benchmarks/sweeps/ablation-ctx1024.json --out benchmarks/results
 $K sweep --grid benchmarks/sweeps/v2-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/windows32.json --out benchmarks/results/windows32
 $K sweep --grid benchmarks/sweeps/windows32-streaming.json --out benchmarks/results/windows32
+$K sweep --grid benchmarks/sweeps/windows32-all.json --out benchmarks/results/windows32 --report-only
 $K sweep --grid benchmarks/sweeps/ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/ctx2048.json --out benchmarks/results/ctx2048
 $K sweep --grid benchmarks/sweeps/all-ctx1024.json --out benchmarks/results/ctx1024 --report-only
