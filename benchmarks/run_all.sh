@@ -25,3 +25,4 @@ $K sweep --grid benchmarks/sweeps/all-ctx1024.json --out benchmarks/results/ctx1
 $K diagnose --recipe v1.3-l2-whiten --tokens 256 --json benchmarks/diagnose/v1.3-l2-whiten.json
 $K bench --codec all --streams 4 --tokens 2048 --repeats 3 --json benchmarks/codecs.json --markdown benchmarks/codecs.md
 $K bench --codec kakeya-v2 --codec turboquant --codec kivi --codec rotated-int --data captured --tokens 2048 --repeats 1 --json benchmarks/codecs-captured.json --markdown benchmarks/codecs-captured.md
+$K bench --codec kakeya-v2 --data captured --layout joint --tokens 2048 --repeats 1 --json benchmarks/codecs-captured-joint.json --markdown benchmarks/codecs-captured-joint.md

@@ -40,3 +40,6 @@ def test_bench_captured_fits_calibrated_codecs_on_calibration_text(tmp_path):
     assert {(r["settings"]["stream"], r["settings"]["coding"]) for r in rows} == {
         (s, c) for s in ("k", "v") for c in ("fixed", "entropy")}
     assert all(r["shape"] == [90, 64, 64] and r["rel_mse"] < 1.0 for r in rows)
+    assert main(["bench", "--codec", "kakeya-v2", "--data", "captured", "--layout", "joint", "--tokens", "64",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    assert all(r["shape"] == [30, 64, 192] and r["rel_mse"] < 1.0 for r in json.loads(out.read_text()))

@@ -144,6 +144,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", choices=["synthetic", "captured"], default="synthetic",
                    help="synthetic KV-like data, or K/V captured from the default model on evaluation text "
                    "(calibrated codecs are then fitted on its K/V over calibration text)")
+    p.add_argument("--layout", choices=["head", "joint"], default="head",
+                   help="captured data: one vector per (layer, KV head, token), or per (layer, token) with the "
+                   "layer's KV heads side by side (the engine's joint layout; calibrated codecs fitted so too)")
     p.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="head dims to test (synthetic data)")
     p.add_argument("--streams", type=int, default=8, help="independent streams (layers x heads) per tensor")
     p.add_argument("--tokens", type=int, default=2048, help="tokens per stream")
@@ -160,8 +163,9 @@ def _inputs(args: argparse.Namespace, fits: bool) -> list[tuple[str | None, torc
     if args.data == "captured":
         from kakeyaturbo.models.capture import captured_kv_for_bench
 
-        measured = captured_kv_for_bench(tokens=args.tokens)
-        fitted = captured_kv_for_bench(tokens=args.tokens, split="calibration") if fits else [None, None]
+        measured = captured_kv_for_bench(tokens=args.tokens, layout=args.layout)
+        fitted = (captured_kv_for_bench(tokens=args.tokens, split="calibration", layout=args.layout) if fits
+                  else [None, None])
         return list(zip(("k", "v"), measured, fitted))
     shapes = [(args.streams, args.tokens, d) for d in args.dims]
     return [(None, synthetic_kv(*s), synthetic_kv(*s, sample_seed=1) if fits else None) for s in shapes]

@@ -114,6 +114,11 @@ def test_captured_kv_for_bench() -> None:
     assert k_cal.shape == k.shape and not torch.equal(k_cal, k)
     with pytest.raises(ConfigError, match="split must be"):
         captured_kv_for_bench(tokens=32, split="train")
+    kj, vj = captured_kv_for_bench(tokens=32, layout="joint")
+    assert kj.shape == vj.shape == (30, 32, 3 * 64)
+    assert torch.equal(kj[4, 7, 64:128], k[4 * 3 + 1, 7]) and torch.equal(vj[29, 31, :64], v[29 * 3, 31])
+    with pytest.raises(ConfigError, match="layout must be"):
+        captured_kv_for_bench(tokens=32, layout="token_major")
 
 
 def test_gemma3_multimodal_checkpoint_uses_its_text_decoder() -> None:

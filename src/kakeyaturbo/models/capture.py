@@ -123,21 +123,27 @@ def capture(model: nn.Module, input_ids: torch.Tensor) -> list[LayerCapture]:
     return out
 
 
-def captured_kv_for_bench(tokens: int, split: str = "evaluation") -> list[torch.Tensor]:
+def captured_kv_for_bench(tokens: int, split: str = "evaluation", layout: str = "head") -> list[torch.Tensor]:
     """K and V of the default model on the start of one part of the Austen text (BOS + ``tokens - 1``).
 
     ``split`` is ``"evaluation"`` (the five novels) or ``"calibration"`` (*Pride and Prejudice*,
-    what calibrated codecs are fitted on). Returns ``[K, V]``, each float32
-    ``[layers * n_kv, tokens, D]`` (layer-major). K is pre-RoPE (after k-norm where present): what
-    the codecs see once the cache stores pre-RoPE keys.
+    what calibrated codecs are fitted on). Returns ``[K, V]``, each float32: with ``layout="head"``
+    ``[layers * n_kv, tokens, D]`` (layer-major), with ``layout="joint"`` ``[layers, tokens,
+    n_kv * D]`` (a token's KV heads side by side, as the engine's joint layout). K is pre-RoPE
+    (after k-norm where present): what the codecs see once the cache stores pre-RoPE keys.
     """
     from kakeyaturbo.models.loading import load_model
     from kakeyaturbo.models.text import load_corpus, token_windows
 
     if split not in ("evaluation", "calibration"):
         raise ConfigError(f"split must be 'evaluation' or 'calibration', got {split!r}")
+    if layout not in ("head", "joint"):
+        raise ConfigError(f"layout must be 'head' or 'joint', got {layout!r}")
     model, tokenizer = load_model()
     text = getattr(load_corpus("austen"), split)
     ids = token_windows(tokenizer, text[: 8 * tokens + 10_000], 1, tokens)
     layers = capture(model, ids)
+    if layout == "joint":
+        return [torch.stack([t.transpose(0, 1).reshape(tokens, -1) for t in ts]) for ts in
+                ([c.k_pre for c in layers], [c.v for c in layers])]
     return [torch.cat([c.k_pre for c in layers]), torch.cat([c.v for c in layers])]
