@@ -39,6 +39,12 @@ from kakeyaturbo.transforms.whitening import Whitening
 CALIBRATE_HINT = "run `kakeya calibrate --out DIR` and pass calibration=kt.Calibration.load(DIR)"
 
 
+def join_heads(x: torch.Tensor) -> torch.Tensor:
+    """The ``"joint"`` layout's rows: ``[..., n_kv, T, D] -> [..., T, n_kv * D]`` (heads side by side,
+    head-major), shared by the engine, the calibration fits and the captured-K/V bench."""
+    return x.transpose(-3, -2).flatten(-2)
+
+
 class CalibrationLike(Protocol):
     """What the engine needs from a calibration bundle (``kakeyaturbo.Calibration`` provides it).
 
@@ -140,10 +146,9 @@ class LayerPlan:
         c = min(self.chunk_tokens, t)
         if self.layout == "head":
             return x.reshape(b, h, t // c, c, d).transpose(1, 2)
-        rows = x.reshape(b, h, t // c, c, d).permute(0, 2, 3, 1, 4)  # [B, n_chunks, C, n_kv, D]
         if self.layout == "joint":
-            return rows.reshape(b, t // c, c, h * d)
-        return rows.reshape(b, t // c, c * h, d)
+            return join_heads(x.reshape(b, h, t // c, c, d).transpose(1, 2))
+        return x.reshape(b, h, t // c, c, d).permute(0, 2, 3, 1, 4).reshape(b, t // c, c * h, d)
 
     def _from_rows(self, y: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
         h, d, c = self.n_kv_heads, self.head_dim, min(self.chunk_tokens, tokens)

@@ -25,6 +25,7 @@ from kakeyaturbo.calibration.metric import (
     whitening_hazard,
 )
 from kakeyaturbo.codecs.kakeya_v2 import LAYOUTS
+from kakeyaturbo.engine import join_heads
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.models.arch import decoder_layers, facts
 from kakeyaturbo.models.capture import capture
@@ -258,8 +259,8 @@ def _v2(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, 
                        (("v", p.v), ("k", p.k_pre), ("post_rope", p.k_post)) if windows}
             for bits, stream, space, overrides, layout in fits:
                 x = sources["v" if stream == "v" else "post_rope" if space == "post_rope" else "k"]
-                if layout == "joint":  # [n_kv, N, D] -> [1, N, n_kv * D], heads concatenated per token
-                    x = x.transpose(0, 1).reshape(1, x.shape[1], -1)
+                if layout == "joint":  # [n_kv, N, D] -> [1, N, n_kv * D], the engine's joint rows
+                    x = join_heads(x).unsqueeze(0)
                 white = cal.whitening(layer, space) if space in ("sigma_q", "lag") else None
                 stored = space if white is not None or space == "post_rope" else "none"
                 cfg = KakeyaV2Config(bits=bits, stream=stream, fitted_tables=True, seed=layer, **dict(overrides))

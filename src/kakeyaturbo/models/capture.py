@@ -144,6 +144,7 @@ def captured_kv_for_bench(tokens: int, split: str = "evaluation", layout: str = 
     ids = token_windows(tokenizer, text[: 8 * tokens + 10_000], 1, tokens)
     layers = capture(model, ids)
     if layout == "joint":
-        return [torch.stack([t.transpose(0, 1).reshape(tokens, -1) for t in ts]) for ts in
-                ([c.k_pre for c in layers], [c.v for c in layers])]
+        from kakeyaturbo.engine import join_heads
+
+        return [torch.stack([join_heads(t) for t in ts]) for ts in ([c.k_pre for c in layers], [c.v for c in layers])]
     return [torch.cat([c.k_pre for c in layers]), torch.cat([c.v for c in layers])]
