@@ -52,9 +52,15 @@ def calib() -> torch.Tensor:
     return synth(S, 2048, D, 1)
 
 
-@pytest.fixture(scope="module", params=CODINGS)
+CODEC_PARAMS = [(coding, 0) for coding in CODINGS] + [("fixed", 4), ("entropy", 4)]
+"""(coding, head_gain_bits) of the contract tests; head gains split each row into 2 heads."""
+
+
+@pytest.fixture(scope="module", params=CODEC_PARAMS, ids=lambda p: f"{p[0]}-h{p[1]}")
 def codec(calib, request) -> KakeyaV2Codec:
-    return KakeyaV2Codec.calibrate(calib, bits=3.0, stream="k", coding=request.param)
+    coding, head_gain_bits = request.param
+    return KakeyaV2Codec.calibrate(calib, bits=3.0, stream="k", coding=coding, head_gain_bits=head_gain_bits,
+                                   heads=2)
 
 
 def _x(device, dtype=torch.float32, n: int = 100) -> torch.Tensor:
@@ -135,12 +141,15 @@ def test_codec_refuses_transforms_that_do_not_match_its_config(codec):
         KakeyaV2Codec(dataclasses.replace(codec.config, scale_bits=0), transforms=t)
     with pytest.raises(kt.ConfigError, match="code bits per vector"):
         KakeyaV2Codec(dataclasses.replace(codec.config, bits=4.0), transforms=t)
+    flipped = 4 - codec.config.head_gain_bits
+    with pytest.raises(kt.ConfigError, match=f"head_gain_bits={flipped} but the transforms"):
+        KakeyaV2Codec(dataclasses.replace(codec.config, head_gain_bits=flipped), transforms=t)
 
 
 @pytest.mark.parametrize("field,value,match", [
     ("bits", 0.0, "bits"), ("bits", 8.5, "bits"), ("stream", "q", "stream"),
     ("scale_bits", 9, "scale_bits"), ("rotate_groups", 1, "rotate_groups"), ("seed", -1, "seed"),
-    ("center", "yes", "center"), ("allocation", "greedy", "allocation"),
+    ("center", "yes", "center"), ("allocation", "greedy", "allocation"), ("head_gain_bits", 9, "head_gain_bits"),
     ("transforms_hash", "XYZ", "transforms_hash"),
 ])
 def test_config_validation_names_the_field(field, value, match):
@@ -165,6 +174,9 @@ def test_fit_rejects_bad_input():
         fit_transforms(x, KakeyaV2Config(bits=3.0))
     with pytest.raises(kt.ShapeError, match="whiten must be"):
         fit_transforms(torch.randn(1, 50, 8), KakeyaV2Config(bits=3.0), whiten=torch.eye(4)[None])
+    for heads in (0, 3, True):
+        with pytest.raises(kt.ShapeError, match="heads must be a positive divisor of D=8"):
+            fit_transforms(torch.randn(1, 50, 8), KakeyaV2Config(bits=3.0, head_gain_bits=4), heads=heads)
 
 
 # ---- transforms ------------------------------------------------------------------------------
@@ -175,8 +187,9 @@ def test_transforms_roundtrip_and_honest_nbytes(codec, tmp_path):
 
     t = codec.transforms
     tensors = t.to_tensors()
-    assert set(tensors) == {"basis_q", "basis_scale", "mean", "sigma", "bits", "log_gain"}  # keys: centred
-    assert t.nbytes == S * D * D + 3 * 2 * S * D + S * D + 4 * 2 * S
+    heads = {"head_log_gain"} if codec.config.head_gain_bits else set()
+    assert set(tensors) == {"basis_q", "basis_scale", "mean", "sigma", "bits", "log_gain"} | heads  # keys: centred
+    assert t.nbytes == S * D * D + 3 * 2 * S * D + S * D + 4 * 2 * S + len(heads) * 4 * 2 * S * 2
     assert codec.side_nbytes == t.nbytes
     save_file(tensors, str(tmp_path / "t.safetensors"))
     back = V2Transforms.from_tensors(load_file(str(tmp_path / "t.safetensors")))
@@ -215,6 +228,11 @@ def test_bad_transforms_tensors_raise_corrupt_data(codec):
         V2Transforms.from_tensors({**tensors, "basis_q": torch.zeros(0, 0, 0, dtype=torch.int8)})
     with pytest.raises(kt.CorruptDataError, match="lo < hi"):
         V2Transforms.from_tensors({**tensors, "log_gain": tensors["log_gain"].flip(1)})
+    grid = torch.tensor([[-1.0, 1.0]]).expand(S, 3, 2).contiguous()
+    with pytest.raises(kt.CorruptDataError, match="head_log_gain must be .S, G, 2. with G dividing D=32"):
+        V2Transforms.from_tensors({**tensors, "head_log_gain": grid})
+    with pytest.raises(kt.CorruptDataError, match="head_log_gain needs lo < hi"):
+        V2Transforms.from_tensors({**tensors, "head_log_gain": grid[:, :2].flip(-1)})
 
 
 def test_value_transforms_store_no_mean_unless_asked():
@@ -356,3 +374,42 @@ def test_entropy_coding_from_a_bundle_drops_the_fitted_tables(calib):
     assert fixed.transforms.tables is not None and entropy.transforms.tables is None
     assert auto.config.entropy_coded and auto.transforms.tables is None
     assert entropy.side_nbytes == fixed.side_nbytes - t.tables.numel() * 2
+
+
+# ---- head gains (rows holding several heads: the joint layout) ---------------------------------
+
+
+def heads_apart(n: int, sample_seed: int, heads: int = 4) -> torch.Tensor:
+    """Value-like rows ``[2, n, D]`` of ``heads`` heads whose norms vary independently (log-normal, σ = 1)."""
+    x = synth(2, n, D, sample_seed, values=True)
+    g = torch.Generator().manual_seed(sample_seed + 1)
+    scale = torch.exp(torch.randn(2, n, heads, generator=g)).repeat_interleave(D // heads, dim=-1)
+    return x * scale
+
+
+def head_errors(y: torch.Tensor, x: torch.Tensor, heads: int = 4) -> torch.Tensor:
+    """Each head's error relative to its own norm, ``[2, n, heads]``."""
+    split = (2, x.shape[1], heads, D // heads)
+    return (y - x).reshape(split).norm(dim=-1) / x.reshape(split).norm(dim=-1)
+
+
+@pytest.mark.parametrize("coding", ["fixed", "entropy"])
+def test_head_gains_bound_each_heads_error_by_its_own_norm(coding):
+    fit, x = heads_apart(2048, 11), heads_apart(512, 12)
+    plain = KakeyaV2Codec.calibrate(fit, bits=3.0, stream="v", coding=coding)
+    gains = KakeyaV2Codec.calibrate(fit, bits=3.0, stream="v", coding=coding, head_gain_bits=4, heads=4)
+    assert gains.transforms.heads == 4 and gains.config.fit_variant == "m0-g8-h4-r1-waterfill"
+    enc = gains.encode(x)
+    assert 8 * enc.payload_nbytes == 3 * x.numel() and enc.fields["head_scale"].numel() == 2 * 512 * 4 * 4 // 8
+    worst_plain = torch.quantile(head_errors(plain.roundtrip(x), x), 0.99)
+    worst_gains = torch.quantile(head_errors(gains.decode(enc), x), 0.99)
+    assert float(worst_gains) < 0.5 * float(worst_plain)
+
+
+def test_head_gain_codes_are_part_of_the_payload():
+    x = heads_apart(64, 12, heads=2)
+    c = KakeyaV2Codec.calibrate(heads_apart(1024, 11, heads=2), bits=3.0, stream="v", head_gain_bits=4, heads=2)
+    enc = c.encode(x)
+    enc.fields["head_scale"] = enc.fields["head_scale"][:-1]
+    with pytest.raises(kt.CorruptDataError, match="head_scale"):
+        c.decode(enc)

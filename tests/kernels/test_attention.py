@@ -196,3 +196,7 @@ def test_entropy_coded_v2_payloads_are_refused_by_name() -> None:
     enc = codec.encode(k[0].reshape(N_KV, 1, 128, -1).transpose(0, 1).reshape(N_KV, 128, -1))
     with pytest.raises(ConfigError, match="coding='entropy'"):
         segment_from_encoded(enc, codec, N_KV)
+    gains = KakeyaV2Codec.calibrate(k[0], bits=3.0, stream="k", head_gain_bits=4, heads=2)
+    with pytest.raises(ConfigError, match="head_gain_bits=4"):
+        segment_from_encoded(gains.encode(k[0].reshape(N_KV, 1, 128, -1).transpose(0, 1).reshape(N_KV, 128, -1)),
+                             gains, N_KV)

@@ -72,6 +72,8 @@ class CalibrationSettings:
         v2_layouts: engine layouts the default v2 fits (key space "none") are made for at every
             budget: "head" (one transform per KV head) and/or "joint" (one per layer over the
             KV heads concatenated; :data:`kakeyaturbo.codecs.kakeya_v2.LAYOUTS`).
+        v2_joint_head_gain_bits: widths of per-head gain codes (``head_gain_bits``) with which the
+            joint-layout fits are made too, at every budget and for both streams (empty: none).
         v2_ablation_bits: if set, also fit at this budget every key space (with and without the
             mean), values with a mean, and each option of :data:`V2_ABLATIONS` (what the ablation
             recipes in ``benchmarks/recipes/ablation`` use; None skips them).
@@ -96,6 +98,7 @@ class CalibrationSettings:
     v2_key_spaces: tuple[str, ...] = ("none",)
     v2_key_center: tuple[bool, ...] = (True, False)
     v2_layouts: tuple[str, ...] = ("head", "joint")
+    v2_joint_head_gain_bits: tuple[int, ...] = (4,)
     v2_ablation_bits: float | None = 3.0
     v2_probe_bits: tuple[float, ...] = V2_PROBE_BITS
     v2_probe_windows: int = 6
@@ -128,6 +131,11 @@ class CalibrationSettings:
             raise ConfigError(f"v2_key_center: need True and/or False, got {list(self.v2_key_center)}")
         if "head" not in self.v2_layouts or not set(self.v2_layouts) <= set(LAYOUTS):
             raise ConfigError(f"v2_layouts: need 'head' and optionally 'joint', got {list(self.v2_layouts)}")
+        hg = self.v2_joint_head_gain_bits
+        if any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8 for b in hg) or len(set(hg)) < len(hg):
+            raise ConfigError(f"v2_joint_head_gain_bits: need distinct widths in 1..8, got {list(hg)}")
+        if hg and "joint" not in self.v2_layouts:
+            raise ConfigError("v2_joint_head_gain_bits needs the 'joint' layout in v2_layouts (or pass none)")
 
 
 @dataclass
@@ -233,8 +241,9 @@ def _v2_fits(settings: CalibrationSettings) -> list[tuple[float, str, str, tuple
     fits = [(b, "v", "none", (), "head") for b in settings.v2_bits]
     fits += [(b, "k", space, key(c), "head") for b in settings.v2_bits for space in settings.v2_key_spaces
              for c in centers]
-    fits += [(b, stream, "none", (), layout) for layout in settings.v2_layouts if layout != "head"
-             for b in settings.v2_bits for stream in ("k", "v")]
+    joint = [()] + [(("head_gain_bits", hb),) for hb in settings.v2_joint_head_gain_bits]
+    fits += [(b, stream, "none", options, layout) for layout in settings.v2_layouts if layout != "head"
+             for options in joint for b in settings.v2_bits for stream in ("k", "v")]
     ab = settings.v2_ablation_bits
     if ab is not None:
         fits += [(ab, "v", "none", (), "head"), (ab, "v", "none", (("center", True),), "head")]
@@ -259,12 +268,13 @@ def _v2(pooled: list[_Pooled], settings: CalibrationSettings, cal: Calibration, 
                        (("v", p.v), ("k", p.k_pre), ("post_rope", p.k_post)) if windows}
             for bits, stream, space, overrides, layout in fits:
                 x = sources["v" if stream == "v" else "post_rope" if space == "post_rope" else "k"]
+                heads = 1
                 if layout == "joint":  # [n_kv, N, D] -> [1, N, n_kv * D], the engine's joint rows
-                    x = join_heads(x).unsqueeze(0)
+                    x, heads = join_heads(x).unsqueeze(0), x.shape[0]
                 white = cal.whitening(layer, space) if space in ("sigma_q", "lag") else None
                 stored = space if white is not None or space == "post_rope" else "none"
                 cfg = KakeyaV2Config(bits=bits, stream=stream, fitted_tables=True, seed=layer, **dict(overrides))
-                t = fit_transforms(x, cfg, whiten=None if white is None else white[0])
+                t = fit_transforms(x, cfg, whiten=None if white is None else white[0], heads=heads)
                 prefix = f"v2/{bits:g}/{layer}/{stream}/{stored}/{transform_variant(cfg, layout)}"
                 for name, tensor in t.to_tensors().items():
                     cal.tensors[f"{prefix}/{name}"] = tensor

@@ -12,19 +12,25 @@ Calibration (:func:`fit_transforms`, offline, once per model) gives each stream 
   bit widths ``bits_s [D]`` (0..8) from reverse water-filling (or a uniform split) under the
   per-vector budget;
 - the range ``[lo_s, hi_s]`` of the per-vector log-gain (absent when ``scale_bits=0``), and
-  optionally Lloyd–Max tables fitted per (stream, bit width) to the normalised coefficients.
+  optionally Lloyd–Max tables fitted per (stream, bit width) to the normalised coefficients;
+- with ``head_gain_bits > 0`` (rows that concatenate ``G`` heads, the engine's joint layout), the
+  range of each head's log-gain ``[lo_sh, hi_sh]``: every head of a row is divided by its own
+  coded rms before the basis, so one joint gain does not leave small-norm heads with errors far
+  above their norm.
 
 Encoding one vector ``x [D]`` of stream ``s``::
 
-    c = B_s^{-1} (x - mu_s)                     coefficients
+    x_h <- (x_h - mu_sh) / h_hat_h               per head h, only with head gains: h_hat_h is the
+                                                 coded rms of the head (``head_gain_bits`` each)
+    c = B_s^{-1} x                               coefficients (without head gains: B_s^{-1} (x - mu_s))
     g = ||c|| / sqrt(D)                          gain, coded as q in [0, 2**scale_bits) on a log grid
                                                  (g_hat = 1 when scale_bits = 0)
     z_j = c_j / (g_hat * sigma_j)                ~ unit variance
     code_j = nearest level of the bits_j-bit table (N(0,1) Lloyd–Max or fitted)
 
 The payload is the variable-width packed codes (``sum(bits_s)`` bits per vector) plus the
-packed gain codes (``scale_bits`` per vector), nothing else, so a vector costs
-``round(bits * D)`` bits.
+packed gain codes (``scale_bits`` per vector, and ``head_gain_bits`` per head), nothing else, so a
+vector costs ``round(bits * D)`` bits.
 
 With ``coding="entropy"`` the same transforms are used differently (no extra side data): the
 components with ``bits_j > 0`` are quantised with one uniform step per vector and prefix-coded
@@ -94,12 +100,12 @@ def transform_variant(config: KakeyaV2Config, layout: str) -> str:
     return config.fit_variant if layout == "head" else f"{config.fit_variant}-{layout}"
 
 
-def code_bits_per_vector(bits: float, scale_bits: int, d: int) -> int:
-    """Code bits per vector for an average of ``bits`` per element including the gain code."""
-    budget = math.floor(bits * d + 0.5) - scale_bits
+def code_bits_per_vector(bits: float, side_bits: int, d: int) -> int:
+    """Code bits per vector for an average of ``bits`` per element including ``side_bits`` of gain codes."""
+    budget = math.floor(bits * d + 0.5) - side_bits
     if not 0 <= budget <= MAX_BITS * d:
-        raise ConfigError(f"bits={bits} at D={d} leaves {budget} code bits per vector after the "
-                          f"{scale_bits}-bit gain; need 0..{MAX_BITS * d}")
+        raise ConfigError(f"bits={bits} at D={d} leaves {budget} code bits per vector after "
+                          f"{side_bits} bits of gain codes; need 0..{MAX_BITS * d}")
     return budget
 
 
@@ -112,6 +118,8 @@ class KakeyaV2Config(CodecConfig):
         stream: ``"k"`` or ``"v"``; picks the default of ``center``.
         center: subtract a static mean (None: keys yes, values no).
         scale_bits: bits of the per-vector log-gain code, 0..8 (0: no per-vector gain).
+        head_gain_bits: bits of each head's log-gain code, 0..8 (0: none), for rows that hold
+            several heads (the joint layout; the head count comes from the transforms).
         rotate_groups: mix a seeded random rotation into each group of equal-bit components.
         allocation: ``"waterfill"`` (bits where the variance is) or ``"uniform"`` (equal bits).
         fitted_tables: Lloyd–Max tables fitted per (stream, bit width) instead of N(0,1) tables.
@@ -129,6 +137,7 @@ class KakeyaV2Config(CodecConfig):
     stream: str = "k"
     center: bool | None = None
     scale_bits: int = 8
+    head_gain_bits: int = 0
     rotate_groups: bool = True
     allocation: str = "waterfill"
     fitted_tables: bool = False
@@ -141,6 +150,7 @@ class KakeyaV2Config(CodecConfig):
         check_choice("stream", self.stream, ("k", "v"))
         check_choice("center", self.center, (None, True, False))
         check_int("scale_bits", self.scale_bits, 0, MAX_BITS)
+        check_int("head_gain_bits", self.head_gain_bits, 0, MAX_BITS)
         check_choice("allocation", self.allocation, ALLOCATIONS)
         check_choice("coding", self.coding, CODINGS)
         if self.entropy_coded and (self.scale_bits < 1 or self.fitted_tables):
@@ -169,7 +179,8 @@ class KakeyaV2Config(CodecConfig):
     @property
     def fit_variant(self) -> str:
         """Name of the fit options besides the budget (how a calibration bundle files the transforms)."""
-        return f"m{int(self.centred)}-g{self.scale_bits}-r{int(self.rotate_groups)}-{self.allocation}"
+        heads = f"-h{self.head_gain_bits}" if self.head_gain_bits else ""
+        return f"m{int(self.centred)}-g{self.scale_bits}{heads}-r{int(self.rotate_groups)}-{self.allocation}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -185,6 +196,8 @@ class V2Transforms:
         mean: float16 ``[S, D]``, or None (not centred: values).
         log_gain: float32 ``[S, 2]``: ``(lo, hi)`` of the per-vector log-gain grid, ``lo < hi``;
             None when there is no per-vector gain.
+        head_log_gain: float32 ``[S, G, 2]``: the log-gain grid of each of the ``G`` heads a row
+            holds (``G`` divides ``D``); None without head gains.
         tables: float16 ``[S, 510]`` or None: fitted levels (in units of sigma) for widths 1..8,
             concatenated; None means N(0,1) Lloyd–Max tables.
     """
@@ -195,6 +208,7 @@ class V2Transforms:
     bits: torch.Tensor
     mean: torch.Tensor | None = None
     log_gain: torch.Tensor | None = None
+    head_log_gain: torch.Tensor | None = None
     tables: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -212,8 +226,10 @@ class V2Transforms:
             raise CorruptDataError("transforms sigma must be > 0 everywhere")
         if bool((self.basis_scale <= 0).any()):
             raise CorruptDataError("transforms basis_scale must be > 0 everywhere")
-        if self.log_gain is not None and bool((self.log_gain[:, 1] <= self.log_gain[:, 0]).any()):
-            raise CorruptDataError("transforms log_gain needs lo < hi in every stream")
+        for name in ("log_gain", "head_log_gain"):
+            grid = getattr(self, name)
+            if grid is not None and bool((grid[..., 1] <= grid[..., 0]).any()):
+                raise CorruptDataError(f"transforms {name} needs lo < hi in every stream")
 
     def _specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         if not isinstance(self.basis_q, torch.Tensor) or self.basis_q.dim() != 3:
@@ -229,6 +245,12 @@ class V2Transforms:
         }
         optional = {"mean": (torch.float16, (s, d)), "log_gain": (torch.float32, (s, 2)),
                     "tables": (torch.float16, (s, TABLE_SLOTS))}
+        if isinstance(self.head_log_gain, torch.Tensor):
+            g = self.head_log_gain.shape[1] if self.head_log_gain.dim() == 3 else 0
+            if g == 0 or d % g:
+                raise CorruptDataError(f"transforms head_log_gain must be [S, G, 2] with G dividing D={d}, "
+                                       f"got {tuple(self.head_log_gain.shape)}")
+            optional["head_log_gain"] = (torch.float32, (s, g, 2))
         return specs | {name: spec for name, spec in optional.items() if getattr(self, name) is not None}
 
     @property
@@ -240,6 +262,11 @@ class V2Transforms:
     def dim(self) -> int:
         """D, the head dim."""
         return self.basis_q.shape[-1]
+
+    @property
+    def heads(self) -> int:
+        """G, the heads each row holds for the head gains (1 without head gains)."""
+        return 1 if self.head_log_gain is None else self.head_log_gain.shape[1]
 
     @property
     def centre(self) -> torch.Tensor:
@@ -274,7 +301,7 @@ class V2Transforms:
         """Inverse of :meth:`to_tensors`; missing, unknown or inconsistent tensors raise CorruptDataError."""
         required = {"basis_q", "basis_scale", "sigma", "bits"}
         missing = sorted(required - set(tensors))
-        unknown = sorted(set(tensors) - required - {"mean", "log_gain", "tables"})
+        unknown = sorted(set(tensors) - required - {"mean", "log_gain", "head_log_gain", "tables"})
         if missing or unknown:
             raise CorruptDataError(f"transforms tensors: missing {missing}, unknown {unknown}")
         return cls(**dict(tensors))
@@ -297,24 +324,44 @@ class V2Transforms:
         return dataclasses.replace(self, tables=None)
 
 
-def _gain_codes(c: torch.Tensor, log_gain: torch.Tensor | None, scale_bits: int) -> torch.Tensor:
-    """Per-vector gain codes: int64 ``[S, n]`` from coefficients ``c [S, n, D]`` and ``log_gain [S, 2]``
-    (zeros without a gain: ``scale_bits == 0``)."""
+def rms(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Root mean square of each of ``groups`` equal slices of the last dim: ``[S, n, D] -> [S, n]``
+    (``groups == 1``) or ``[S, n, groups]``."""
+    s, n, d = x.shape
+    out = x.reshape(s, n, groups, d // groups).norm(dim=-1) / math.sqrt(d // groups)
+    return out.squeeze(-1) if groups == 1 else out
+
+
+def _log_grid(r: torch.Tensor) -> torch.Tensor:
+    """float32 log-gain grid ``[S, ..., 2]`` spanning the calibration rms ``r [S, N, ...]`` with a margin."""
+    lg = torch.log(r.clamp_min(1e-30))
+    lo, hi = lg.amin(1), lg.amax(1)
+    margin = 0.05 * (hi - lo) + 0.01
+    return torch.stack([lo - margin, hi + margin], dim=-1).float()
+
+
+def _gain_codes(r: torch.Tensor, log_gain: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Log-gain codes, int64 of the shape of ``r``, of the rms ``r [S, n]`` (grid ``log_gain [S, 2]``)
+    or ``r [S, n, G]`` (grid ``[S, G, 2]``); zeros without a grid."""
     if log_gain is None:
-        return torch.zeros(c.shape[:2], dtype=torch.int64, device=c.device)
-    lo, hi = log_gain[:, :1], log_gain[:, 1:]
-    levels = 2**scale_bits - 1
-    lg = torch.log(c.norm(dim=-1) / math.sqrt(c.shape[-1]))
-    return torch.round((torch.clamp(lg, lo, hi) - lo) * (levels / (hi - lo))).to(torch.int64)
+        return torch.zeros(r.shape, dtype=torch.int64, device=r.device)
+    lo, hi = log_gain[..., 0].unsqueeze(1), log_gain[..., 1].unsqueeze(1)
+    levels = 2**bits - 1
+    return torch.round((torch.clamp(torch.log(r), lo, hi) - lo) * (levels / (hi - lo))).to(torch.int64)
 
 
-def gain_values(q: torch.Tensor, log_gain: torch.Tensor | None, scale_bits: int) -> torch.Tensor:
-    """Dequantised gains, float32 ``[S, n]``, from codes ``q [S, n]`` (``log_gain [S, 2]``; ones
-    without a gain)."""
+def gain_values(q: torch.Tensor, log_gain: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Dequantised gains, float32 of the shape of ``q``, from codes ``q [S, n]`` (``log_gain [S, 2]``)
+    or ``q [S, n, G]`` (``log_gain [S, G, 2]``); ones without a grid."""
     if log_gain is None:
         return torch.ones(q.shape, device=q.device)
-    lo, hi = log_gain[:, :1], log_gain[:, 1:]
-    return torch.exp(lo + q.float() * ((hi - lo) / (2**scale_bits - 1)))
+    lo, hi = log_gain[..., 0].unsqueeze(1), log_gain[..., 1].unsqueeze(1)
+    return torch.exp(lo + q.float() * ((hi - lo) / (2**bits - 1)))
+
+
+def _per_element(head_gains: torch.Tensor, d: int) -> torch.Tensor:
+    """``[S, n, G] -> [S, n, D]``: each head's gain repeated over its ``D / G`` elements."""
+    return head_gains.repeat_interleave(d // head_gains.shape[-1], dim=-1)
 
 
 def _quantize(z: torch.Tensor, widths: torch.Tensor, tables: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -416,7 +463,8 @@ def uniform_widths(s: int, d: int, budget: int, device: torch.device | str = "cp
     return (base + (torch.arange(d, device=device) < extra).long()).expand(s, d).clone()
 
 
-def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Tensor | None = None) -> V2Transforms:
+def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Tensor | None = None,
+                   heads: int = 1) -> V2Transforms:
     """Calibrate the v2 transforms on sample vectors.
 
     Args:
@@ -427,10 +475,13 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
         whiten: optional float ``[S, D, D]`` lower-triangular ``L`` (e.g. Cholesky of Σ_q): the PCA
             and bit allocation run on ``x·L``, where squared error is the error that matters, and
             ``L⁻¹`` is folded into the stored basis, so the codec still takes (and returns) raw ``x``.
+        heads: ``G``, the heads each row holds side by side (``G`` divides ``D``); with
+            ``config.head_gain_bits`` each gets its own gain, and the basis is fitted on rows whose
+            heads are divided by their coded gains.
 
     Returns:
         :class:`V2Transforms` on the device of ``x``; every stream spends exactly
-        ``round(bits * D) - scale_bits`` code bits per vector.
+        ``round(bits * D) - scale_bits - G * head_gain_bits`` code bits per vector.
     """
     cfg = config
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
@@ -442,10 +493,18 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
     if whiten is not None and (not isinstance(whiten, torch.Tensor) or tuple(whiten.shape) != (s, d, d)):
         raise ShapeError(f"fit_transforms: whiten must be [S={s}, D={d}, D={d}], got "
                          f"{tuple(whiten.shape) if isinstance(whiten, torch.Tensor) else type(whiten).__name__}")
-    budget = code_bits_per_vector(cfg.bits, cfg.scale_bits, d)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or d % heads:
+        raise ShapeError(f"fit_transforms: heads must be a positive divisor of D={d}, got {heads!r}")
+    hb = cfg.head_gain_bits
+    budget = code_bits_per_vector(cfg.bits, cfg.scale_bits + heads * hb, d)
     x64 = x32.double()
     mean16 = narrow(x64.mean(1), torch.float16, "kakeya-v2 mean") if cfg.centred else None
     xc = x64 - mean16.double().unsqueeze(1) if mean16 is not None else x64
+    head_log_gain = None
+    if hb:
+        r = rms(xc, heads).reshape(s, n, heads)
+        head_log_gain = _log_grid(r)
+        xc = xc / _per_element(gain_values(_gain_codes(r.float(), head_log_gain, hb), head_log_gain, hb), d).double()
     lw = torch.eye(d, dtype=torch.float64, device=x.device).expand(s, d, d) if whiten is None else whiten.double()
     w = xc @ lw  # the metric space
     _, vecs = torch.linalg.eigh(w.transpose(1, 2) @ w / n)
@@ -463,13 +522,8 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
     basis_q = torch.round(basis / col_scale.double().unsqueeze(1)).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
     dequant = basis_q.double() * col_scale.double().unsqueeze(1)
     c = xc @ torch.linalg.inv(dequant).transpose(1, 2)
-    log_gain = None
-    if cfg.scale_bits:
-        lg = torch.log((c.norm(dim=-1) / math.sqrt(d)).clamp_min(1e-30))
-        lo, hi = lg.amin(1), lg.amax(1)
-        margin = 0.05 * (hi - lo) + 0.01
-        log_gain = torch.stack([lo - margin, hi + margin], dim=1).float()
-    g_hat = gain_values(_gain_codes(c.float(), log_gain, cfg.scale_bits), log_gain, cfg.scale_bits)
+    log_gain = _log_grid(rms(c)) if cfg.scale_bits else None
+    g_hat = gain_values(_gain_codes(rms(c.float()), log_gain, cfg.scale_bits), log_gain, cfg.scale_bits)
     normed = c / g_hat.double().unsqueeze(-1)
     sigma = narrow(normed.pow(2).mean(1).sqrt().clamp_min(SIGMA_FLOOR), torch.float16, "kakeya-v2 sigma")
     tables = None
@@ -478,7 +532,7 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
         keep = torch.linspace(0, z.shape[1] - 1, min(z.shape[1], TABLE_FIT_TOKENS), device=z.device).long()
         tables = narrow(_fit_tables(z[:, keep], widths), torch.float16, "kakeya-v2 fitted tables")
     return V2Transforms(basis_q=basis_q, basis_scale=col_scale, sigma=sigma, bits=widths.to(torch.uint8),
-                        mean=mean16, log_gain=log_gain, tables=tables)
+                        mean=mean16, log_gain=log_gain, head_log_gain=head_log_gain, tables=tables)
 
 
 class KakeyaV2Codec(Codec):
@@ -509,7 +563,10 @@ class KakeyaV2Codec(Codec):
         if (transforms.log_gain is not None) != (cfg.scale_bits > 0):
             raise ConfigError(f"config.scale_bits={cfg.scale_bits} but the transforms "
                               f"{'hold' if transforms.log_gain is not None else 'lack'} a gain grid")
-        budget = code_bits_per_vector(cfg.bits, cfg.scale_bits, transforms.dim)
+        if (transforms.head_log_gain is not None) != (cfg.head_gain_bits > 0):
+            raise ConfigError(f"config.head_gain_bits={cfg.head_gain_bits} but the transforms "
+                              f"{'hold' if transforms.head_log_gain is not None else 'lack'} head gain grids")
+        budget = code_bits_per_vector(cfg.bits, self.side_bits(transforms), transforms.dim)
         spent = transforms.bits.long().sum(1)
         if bool((spent != budget).any()):
             raise ConfigError(f"transforms spend {sorted(set(spent.tolist()))} code bits per vector; "
@@ -525,12 +582,18 @@ class KakeyaV2Codec(Codec):
             self._slots = SlotCoder.build(transforms.sigma.float(), transforms.bits > 0, transforms.log_gain,
                                           cfg.scale_bits, budget)
 
+    def side_bits(self, transforms: V2Transforms) -> int:
+        """Gain-code bits per vector: ``scale_bits`` plus ``G * head_gain_bits``."""
+        return self.config.scale_bits + transforms.heads * self.config.head_gain_bits
+
     @classmethod
-    def calibrate(cls, x: torch.Tensor, *, whiten: torch.Tensor | None = None, **config: Any) -> KakeyaV2Codec:
-        """Fit transforms on ``x [S, N, D]`` (optionally in the metric ``whiten [S, D, D]``, see
-        :func:`fit_transforms`) with the given config fields and return the codec."""
+    def calibrate(cls, x: torch.Tensor, *, whiten: torch.Tensor | None = None, heads: int = 1,
+                  **config: Any) -> KakeyaV2Codec:
+        """Fit transforms on ``x [S, N, D]`` (optionally in the metric ``whiten [S, D, D]``, with
+        ``heads`` head gains per row, see :func:`fit_transforms`) with the given config fields and
+        return the codec."""
         cfg = KakeyaV2Config(**config)
-        t = fit_transforms(x, cfg, whiten=whiten)
+        t = fit_transforms(x, cfg, whiten=whiten, heads=heads)
         return cls(dataclasses.replace(cfg, transforms_hash=t.fingerprint()), transforms=t)
 
     @classmethod
@@ -591,15 +654,23 @@ class KakeyaV2Codec(Codec):
         m = self._streams(s, d, ShapeError)
         x = x.reshape(m, t.streams, n, d).transpose(0, 1).reshape(t.streams, m * n, d)  # per-transform rows
         mean, sigma, widths, log_gain = self._state(x.device)
-        c = (x - mean.unsqueeze(1)) @ self._enc.to(x.device)
+        x = x - mean.unsqueeze(1)
+        fields = {}
+        hb = self.config.head_gain_bits
+        if hb:
+            grid = t.head_log_gain.to(x.device)
+            qh = _gain_codes(rms(x, t.heads).reshape(t.streams, m * n, t.heads), grid, hb)
+            x = x / _per_element(gain_values(qh, grid, hb), d)
+            fields["head_scale"] = pack_bits(qh, hb)
+        c = x @ self._enc.to(x.device)
         if self._slots is not None:
             q, packed = self._slots.encode(c)
-            return {"codes": packed, "scale": pack_bits(q, self.config.scale_bits)}
-        q = _gain_codes(c, log_gain, self.config.scale_bits)
+            return fields | {"codes": packed, "scale": pack_bits(q, self.config.scale_bits)}
+        q = _gain_codes(rms(c), log_gain, self.config.scale_bits)
         g_hat = gain_values(q, log_gain, self.config.scale_bits)
         z = c / (g_hat.unsqueeze(-1) * sigma.unsqueeze(1))
         codes = _quantize(z, widths, self._tables_on(x.device))
-        fields = {"codes": pack_varwidth(codes, widths)}
+        fields["codes"] = pack_varwidth(codes, widths)
         if self.config.scale_bits:
             fields["scale"] = pack_bits(q, self.config.scale_bits)
         return fields
@@ -624,5 +695,11 @@ class KakeyaV2Codec(Codec):
             codes = unpack_varwidth(packed, widths, (s, n, d))
             z = _dequantize(codes, widths, self._tables_on(device))
             c = z * sigma.unsqueeze(1) * gain_values(q, log_gain, sb).unsqueeze(-1)
-        y = mean.unsqueeze(1) + c @ self._dec.to(device).transpose(1, 2)  # [S, m*n, D]
+        y = c @ self._dec.to(device).transpose(1, 2)  # [S, m*n, D]
+        hb = self.config.head_gain_bits
+        if hb:
+            head = expect_field(fields, "head_scale", torch.uint8, (packed_nbytes(s * n * t.heads, hb),))
+            qh = unpack_bits(head, hb, s * n * t.heads).reshape(s, n, t.heads)
+            y = y * _per_element(gain_values(qh, t.head_log_gain.to(device), hb), d)
+        y = mean.unsqueeze(1) + y
         return y.reshape(s, m, n // m, d).transpose(0, 1).reshape(m * s, n // m, d)

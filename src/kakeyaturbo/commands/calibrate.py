@@ -37,6 +37,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="engine layouts to fit the default kakeya-v2 transforms for: 'head' (one per KV head) "
                         "and 'joint' (one per layer over its KV heads concatenated, for recipes with "
                         "\"layout\": \"joint\"; default: both)")
+    p.add_argument("--v2-joint-head-gain-bits", type=int, nargs="*", default=[4], metavar="B",
+                   help="also fit the joint-layout transforms with a B-bit gain per KV head (recipes with "
+                   "\"head_gain_bits\": B), at every budget; none skips them (default: %(default)s)")
     p.add_argument("--v2-ablation", type=float, default=3.0, metavar="B",
                    help="also fit, at budget B, every key space with and without a mean, values with a "
                    "mean, and each single fit option switched off (no gain, no group rotation, uniform "
@@ -87,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
                                    v2_key_spaces=tuple(args.v2_key_space),
                                    v2_key_center=tuple(m == "with" for m in args.v2_key_mean),
                                    v2_layouts=tuple(dict.fromkeys(args.v2_layouts)),
+                                   v2_joint_head_gain_bits=tuple(args.v2_joint_head_gain_bits)
+                                   if "joint" in args.v2_layouts else (),
                                    v2_ablation_bits=args.v2_ablation or None,
                                    v2_probe_windows=min(args.v2_probe_windows, args.windows), **extra)
     reason = "--force" if args.force else why_recalibrate(out, settings)

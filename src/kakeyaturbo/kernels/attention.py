@@ -294,6 +294,9 @@ def segment_from_encoded(enc: Encoded, codec: object, n_kv: int) -> Segment:
         if codec.config.coding != "fixed":
             raise ConfigError(f"compressed decode attention reads fixed-width kakeya-v2 codes; coding="
                               f"{codec.config.coding!r} payloads decode with the codec (KakeyaCache does)")
+        if codec.config.head_gain_bits:
+            raise ConfigError("compressed decode attention reads per-head kakeya-v2 codes; head_gain_bits="
+                              f"{codec.config.head_gain_bits} (joint-layout rows) decode with the codec")
         return V2Segment.from_encoded(enc, codec, n_kv)
     if isinstance(codec, RotatedIntCodec):
         return RotatedIntSegment.from_encoded(enc, codec, n_kv)
