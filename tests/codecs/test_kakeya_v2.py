@@ -413,3 +413,9 @@ def test_head_gain_codes_are_part_of_the_payload():
     enc.fields["head_scale"] = enc.fields["head_scale"][:-1]
     with pytest.raises(kt.CorruptDataError, match="head_scale"):
         c.decode(enc)
+
+
+def test_head_gain_bits_is_left_out_of_headers_that_do_not_use_it():
+    plain, gains = KakeyaV2Config(bits=3.0), KakeyaV2Config(bits=3.0, head_gain_bits=4)
+    assert "head_gain_bits" not in plain.to_dict() and gains.to_dict()["head_gain_bits"] == 4
+    assert KakeyaV2Config.from_dict(plain.to_dict()) == plain and KakeyaV2Config.from_dict(gains.to_dict()) == gains

@@ -33,6 +33,10 @@ class CodecConfig:
     """
 
     version: ClassVar[int] = 1
+    added_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields added after payloads were first serialized: left out of :meth:`to_dict` while they
+    hold their default, so the headers of payloads that do not use them stay byte-identical to
+    (and decodable with) those written before the field existed."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -41,10 +45,13 @@ class CodecConfig:
         """Check every field; raise :class:`ConfigError` on the first bad one."""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible dict of every field (tuples become lists)."""
+        """JSON-compatible dict of every field (tuples become lists), except :attr:`added_fields`
+        at their default."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name in self.added_fields and v == f.default:
+                continue
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -144,6 +144,7 @@ class KakeyaV2Config(CodecConfig):
     coding: str = "fixed"
     seed: int = 0
     transforms_hash: str = ""
+    added_fields: ClassVar[tuple[str, ...]] = ("head_gain_bits",)
 
     def validate(self) -> None:
         check_float("bits", self.bits, 0.0, float(MAX_BITS), lo_open=True)
