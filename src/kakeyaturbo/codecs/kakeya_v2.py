@@ -172,6 +172,10 @@ class KakeyaV2Config(CodecConfig):
             return self.bits >= AUTO_ENTROPY_BITS and self.scale_bits > 0 and not self.fitted_tables
         return self.coding == "entropy"
 
+    def side_bits(self, heads: int) -> int:
+        """Gain-code bits per vector of rows holding ``heads`` heads: ``scale_bits + heads * head_gain_bits``."""
+        return self.scale_bits + heads * self.head_gain_bits
+
     @property
     def centred(self) -> bool:
         """Whether a static mean is subtracted (``center``, defaulting by stream)."""
@@ -497,7 +501,7 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or d % heads:
         raise ShapeError(f"fit_transforms: heads must be a positive divisor of D={d}, got {heads!r}")
     hb = cfg.head_gain_bits
-    budget = code_bits_per_vector(cfg.bits, cfg.scale_bits + heads * hb, d)
+    budget = code_bits_per_vector(cfg.bits, cfg.side_bits(heads), d)
     x64 = x32.double()
     mean16 = narrow(x64.mean(1), torch.float16, "kakeya-v2 mean") if cfg.centred else None
     xc = x64 - mean16.double().unsqueeze(1) if mean16 is not None else x64
@@ -567,7 +571,7 @@ class KakeyaV2Codec(Codec):
         if (transforms.head_log_gain is not None) != (cfg.head_gain_bits > 0):
             raise ConfigError(f"config.head_gain_bits={cfg.head_gain_bits} but the transforms "
                               f"{'hold' if transforms.head_log_gain is not None else 'lack'} head gain grids")
-        budget = code_bits_per_vector(cfg.bits, self.side_bits(transforms), transforms.dim)
+        budget = code_bits_per_vector(cfg.bits, cfg.side_bits(transforms.heads), transforms.dim)
         spent = transforms.bits.long().sum(1)
         if bool((spent != budget).any()):
             raise ConfigError(f"transforms spend {sorted(set(spent.tolist()))} code bits per vector; "
@@ -582,10 +586,6 @@ class KakeyaV2Codec(Codec):
         if cfg.entropy_coded:
             self._slots = SlotCoder.build(transforms.sigma.float(), transforms.bits > 0, transforms.log_gain,
                                           cfg.scale_bits, budget)
-
-    def side_bits(self, transforms: V2Transforms) -> int:
-        """Gain-code bits per vector: ``scale_bits`` plus ``G * head_gain_bits``."""
-        return self.config.scale_bits + transforms.heads * self.config.head_gain_bits
 
     @classmethod
     def calibrate(cls, x: torch.Tensor, *, whiten: torch.Tensor | None = None, heads: int = 1,
