@@ -329,12 +329,13 @@ class V2Transforms:
         return dataclasses.replace(self, tables=None)
 
 
-def rms(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """Root mean square of each of ``groups`` equal slices of the last dim: ``[S, n, D] -> [S, n]``
-    (``groups == 1``) or ``[S, n, groups]``."""
+def rms(x: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+    """Root mean square over the last dim, ``[S, n, D] -> [S, n]``, or of each of ``groups`` equal
+    slices of it, ``-> [S, n, groups]``."""
     s, n, d = x.shape
-    out = x.reshape(s, n, groups, d // groups).norm(dim=-1) / math.sqrt(d // groups)
-    return out.squeeze(-1) if groups == 1 else out
+    if groups is None:
+        return x.norm(dim=-1) / math.sqrt(d)
+    return x.reshape(s, n, groups, d // groups).norm(dim=-1) / math.sqrt(d // groups)
 
 
 def _log_grid(r: torch.Tensor) -> torch.Tensor:
@@ -507,7 +508,7 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
     xc = x64 - mean16.double().unsqueeze(1) if mean16 is not None else x64
     head_log_gain = None
     if hb:
-        r = rms(xc, heads).reshape(s, n, heads)
+        r = rms(xc, heads)
         head_log_gain = _log_grid(r)
         xc = xc / _per_element(gain_values(_gain_codes(r.float(), head_log_gain, hb), head_log_gain, hb), d).double()
     lw = torch.eye(d, dtype=torch.float64, device=x.device).expand(s, d, d) if whiten is None else whiten.double()
@@ -660,7 +661,7 @@ class KakeyaV2Codec(Codec):
         hb = self.config.head_gain_bits
         if hb:
             grid = t.head_log_gain.to(x.device)
-            qh = _gain_codes(rms(x, t.heads).reshape(t.streams, m * n, t.heads), grid, hb)
+            qh = _gain_codes(rms(x, t.heads), grid, hb)
             x = x / _per_element(gain_values(qh, grid, hb), d)
             fields["head_scale"] = pack_bits(qh, hb)
         c = x @ self._enc.to(x.device)

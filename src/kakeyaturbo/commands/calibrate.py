@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kakeyaturbo.calibration.run import V2_BITS, V2_KEY_SPACES, V2_PROBE_BITS
+from kakeyaturbo.codecs.kakeya_v2 import LAYOUTS
 from kakeyaturbo.commands.common import add_model_args
 
 
@@ -33,7 +34,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "built-in recipes use)")
     p.add_argument("--v2-key-mean", nargs="+", default=["with", "without"], choices=["with", "without"],
                    help="fit the kakeya-v2 key transforms with and/or without a static mean (default: both)")
-    p.add_argument("--v2-layouts", nargs="+", default=["head", "joint"], choices=["head", "joint"],
+    p.add_argument("--v2-layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
                    help="engine layouts to fit the default kakeya-v2 transforms for: 'head' (one per KV head) "
                         "and 'joint' (one per layer over its KV heads concatenated, for recipes with "
                         "\"layout\": \"joint\"; default: both)")

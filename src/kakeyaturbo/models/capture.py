@@ -132,13 +132,14 @@ def captured_kv_for_bench(tokens: int, split: str = "evaluation", layout: str = 
     n_kv * D]`` (a token's KV heads side by side, as the engine's joint layout). K is pre-RoPE
     (after k-norm where present): what the codecs see once the cache stores pre-RoPE keys.
     """
+    from kakeyaturbo.codecs.base import check_choice
+    from kakeyaturbo.codecs.kakeya_v2 import LAYOUTS
     from kakeyaturbo.models.loading import load_model
     from kakeyaturbo.models.text import load_corpus, token_windows
 
     if split not in ("evaluation", "calibration"):
         raise ConfigError(f"split must be 'evaluation' or 'calibration', got {split!r}")
-    if layout not in ("head", "joint"):
-        raise ConfigError(f"layout must be 'head' or 'joint', got {layout!r}")
+    check_choice("layout", layout, LAYOUTS)
     model, tokenizer = load_model()
     text = getattr(load_corpus("austen"), split)
     ids = token_windows(tokenizer, text[: 8 * tokens + 10_000], 1, tokens)
