@@ -1,0 +1,100 @@
+"""Orthogonal matrices stored as quantised Householder reflectors.
+
+An orthogonal ``Q [D, D]`` is the product ``H_0 H_1 ... H_{D-1}`` of reflectors
+``H_j = I - tau_j v_j v_jᵀ`` whose vectors ``v_j`` have ``v_j[j] = 1`` and zeros above ``j``
+(LAPACK's ``geqrf`` form; the signs of ``R``'s diagonal are dropped, so a column may come back
+negated). Only the ``D - 1 - j`` entries of ``v_j`` below the diagonal are stored, each
+quantised to ``widths[j]`` bits with one float16 scale per reflector, and ``tau_j = 2 / (v_jᵀ v_j)``
+is recomputed from the quantised vector: whatever the quantisation error, the decoded matrix is
+exactly orthogonal (to float64 rounding), so an encoder may use its transpose as the inverse.
+
+Column ``j`` of the product depends on ``v_0 .. v_j`` only; a reflector of width 0 is not stored
+(``tau = 0``, the identity), which is allowed only for a suffix of the reflectors: the leading
+columns then match ``Q`` and the others complete them to an orthogonal basis. The entries are
+roughly half of a dense matrix's (``D (D - 1) / 2``), fewer when a suffix is not stored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kakeyaturbo.errors import NumericRangeError, ShapeError
+from kakeyaturbo.ops.varpack import pack_varwidth, unpack_varwidth, varwidth_nbytes
+from kakeyaturbo.packing import narrow
+
+MIN_WIDTH = 2
+"""Narrowest stored reflector: a signed code needs at least the levels -1, 0, +1."""
+MAX_WIDTH = 8
+
+
+def _entry_widths(widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check ``widths [S, D]``; return (rows, cols) of the strictly lower entries and each one's width ``[S, T]``."""
+    if widths.dim() != 2 or widths.is_floating_point() or widths.dtype == torch.bool:
+        raise ShapeError(f"reflector widths must be an integer tensor [S, D], got {widths.dtype} "
+                         f"{tuple(widths.shape)}")
+    w = widths.long()
+    stored = w > 0
+    if bool(((w < 0) | (w > MAX_WIDTH) | (stored & (w < MIN_WIDTH))).any()):
+        raise NumericRangeError(f"reflector widths must be 0 or {MIN_WIDTH}..{MAX_WIDTH}, got "
+                                f"{sorted(set(w.flatten().tolist()))}")
+    if bool((stored[:, 1:] & ~stored[:, :-1]).any()):
+        raise NumericRangeError("reflector widths: only a suffix of the reflectors may be left out (width 0)")
+    d = w.shape[1]
+    rows, cols = torch.tril_indices(d, d, -1, device=w.device)
+    return rows, cols, w[:, cols]
+
+
+def reflectors_nbytes(widths: torch.Tensor) -> int:
+    """Bytes of the packed reflector entries for ``widths [S, D]``."""
+    _, _, ew = _entry_widths(widths)
+    return varwidth_nbytes(ew, (ew.shape[0], 1, ew.shape[1]))
+
+
+def quantize_orthogonal(q: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise orthogonal matrices to packed Householder reflectors.
+
+    Args:
+        q: float ``[S, D, D]``, each orthogonal (columns are the basis vectors).
+        widths: integer ``[S, D]``: bits of reflector ``j`` (0, or 2..8; zeros only as a suffix).
+
+    Returns:
+        ``(packed, scale)``: uint8 ``[reflectors_nbytes(widths)]`` (the entries, offset-binary,
+        LSB-first in :func:`torch.tril_indices` order) and float16 ``[S, D]`` per-reflector scales.
+    """
+    if q.dim() != 3 or q.shape[-1] != q.shape[-2] or tuple(widths.shape) != tuple(q.shape[:2]):
+        raise ShapeError(f"quantize_orthogonal: q must be [S, D, D] and widths [S, D], got "
+                         f"{tuple(q.shape)} and {tuple(widths.shape)}")
+    rows, cols, ew = _entry_widths(widths)
+    a, _ = torch.geqrf(q.double())
+    low = a[:, rows, cols]  # [S, T]; |entries| <= 1 (LAPACK scales v so that v[j] = 1)
+    w = widths.long().to(q.device)
+    levels = (2 ** (w - 1) - 1).clamp_min(1).double()
+    peak = torch.zeros_like(w, dtype=torch.float64).scatter_reduce(1, cols.expand_as(low), low.abs(), "amax")
+    scale = narrow((peak / levels).clamp_min(2.0**-24), torch.float16, "reflector scale")
+    half = levels[:, cols]
+    codes = torch.round(low / scale.double()[:, cols]).clamp(-half, half) + half
+    codes = torch.where(ew.to(q.device) > 0, codes, 0).long()
+    return pack_varwidth(codes.unsqueeze(1), ew.to(q.device)), scale
+
+
+def dequantize_orthogonal(packed: torch.Tensor, scale: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_orthogonal`: float64 ``[S, D, D]``, exactly orthogonal.
+
+    Args:
+        packed: uint8 ``[reflectors_nbytes(widths)]``.
+        scale: float16 ``[S, D]``.
+        widths: integer ``[S, D]``, as given to :func:`quantize_orthogonal`.
+    """
+    rows, cols, ew = _entry_widths(widths)
+    s, d = widths.shape
+    dev = packed.device
+    ew = ew.to(dev)
+    codes = unpack_varwidth(packed, ew, (s, 1, ew.shape[1])).squeeze(1).double()
+    w = widths.long().to(dev)
+    half = (2 ** (w - 1) - 1).clamp_min(1).double()[:, cols.to(dev)]
+    entries = torch.where(ew > 0, (codes - half) * scale.double().to(dev)[:, cols.to(dev)], 0.0)
+    low = torch.zeros(s, d, d, dtype=torch.float64, device=dev)
+    low[:, rows.to(dev), cols.to(dev)] = entries
+    norm2 = 1.0 + low.pow(2).sum(1)
+    tau = torch.where(w > 0, 2.0 / norm2, 0.0)
+    return torch.linalg.householder_product(low, tau)
