@@ -34,10 +34,12 @@ def test_bundle_contents(tiny_bundle):
     keys = {f"k/{space}/m{m}-{fits['waterfill']}" for space in ("sigma_q", "lag", "none", "post_rope") for m in (0, 1)}
     keys |= {f"k/none/m{m}-{fit}" for fit in fits.values() for m in (0, 1)}
     values = {f"v/none/m0-{fit}" for fit in fits.values()} | {f"v/none/m1-{fits['waterfill']}"}
-    joint = {f"{stream}/none/m{m}-g8{h}-r1-waterfill-joint" for stream, m in (("k", 1), ("v", 0)) for h in ("", "-h4")}
+    joint = {f"{stream}/none/m{m}-g8{h}-r1-waterfill-joint" for stream, m in (("k", 1), ("v", 0))
+             for h in ("", "-h4", "-h4-o3")}
     assert variants == keys | values | joint
     assert cal.tensors["v2/3/0/k/none/m1-g8-r1-waterfill-joint/basis_q"].shape == (1, 32, 32)  # 2 heads x D=16
     assert cal.tensors["v2/3/0/v/none/m0-g8-h4-r1-waterfill-joint/head_log_gain"].shape == (1, 2, 2)
+    assert cal.tensors["v2/3/0/k/none/m1-g8-h4-o3-r1-waterfill-joint/reflector_bits"].shape == (1, 32)
     assert "v2/3/0/v/none/m0-g8-r1-waterfill/mean" not in cal.tensors  # values are not centred
 
 
@@ -68,15 +70,17 @@ def test_bundle_round_trip_and_use(tmp_path, tiny_bundle, coding):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("head_gain_bits", [0, 4])
-def test_joint_layout_codes_the_heads_of_a_layer_together(tiny_bundle, head_gain_bits):
+@pytest.mark.parametrize("head_gain_bits, reflector_bits", [(0, 0), (4, 0), (4, 3)])
+def test_joint_layout_codes_the_heads_of_a_layer_together(tiny_bundle, head_gain_bits, reflector_bits):
     model, cal = tiny_bundle
-    spec = {"codec": "kakeya-v2", "config": {"bits": 3.0, "coding": "auto", "head_gain_bits": head_gain_bits}}
+    spec = {"codec": "kakeya-v2", "config": {"bits": 3.0, "coding": "auto", "head_gain_bits": head_gain_bits,
+                                             "reflector_bits": reflector_bits}}
     recipe = recipes.Recipe.from_dict({"name": "joint", "sink_tokens": 1, "chunk_tokens": 16, "layout": "joint",
                                        "k": spec, "v": spec})
     cache = KakeyaCache.from_model(model, recipe, cal)
     assert all(p.k_codec.transforms.dim == 32 and p.v_codec.transforms.streams == 1 for p in cache.plans)
     assert all(p.v_codec.transforms.heads == (2 if head_gain_bits else 1) for p in cache.plans)
+    assert all((p.k_codec.transforms.reflectors is not None) == bool(reflector_bits) for p in cache.plans)
     ids = torch.randint(0, 100, (1, 40))
     with torch.no_grad():
         model(ids, cache=cache)
@@ -131,6 +135,11 @@ def test_settings_validated():
     for widths in ((0,), (4, 4), (True,)):
         with pytest.raises(ConfigError, match="v2_joint_head_gain_bits: need distinct widths"):
             CalibrationSettings(v2_joint_head_gain_bits=widths)
+    for widths in ((1,), (3, 3), (9,)):
+        with pytest.raises(ConfigError, match="v2_joint_reflector_bits: need distinct widths"):
+            CalibrationSettings(v2_joint_reflector_bits=widths)
+    with pytest.raises(ConfigError, match="v2_joint_reflector_bits: the reflector fits"):
+        CalibrationSettings(v2_joint_head_gain_bits=())
 
 
 @pytest.mark.model

@@ -20,6 +20,7 @@ from kakeyaturbo.codecs.kakeya_v2 import (
     group_rotations,
 )
 from kakeyaturbo.ops.bitalloc import water_fill
+from kakeyaturbo.ops.householder import reflectors_nbytes
 
 S, D = 4, 32
 
@@ -52,15 +53,16 @@ def calib() -> torch.Tensor:
     return synth(S, 2048, D, 1)
 
 
-CODEC_PARAMS = [(coding, 0) for coding in CODINGS] + [("fixed", 4), ("entropy", 4)]
-"""(coding, head_gain_bits) of the contract tests; head gains split each row into 2 heads."""
+CODEC_PARAMS = [(coding, 0, 0) for coding in CODINGS] + [("fixed", 4, 0), ("entropy", 4, 0), ("fixed", 0, 4),
+                                                          ("entropy", 4, 3)]
+"""(coding, head_gain_bits, reflector_bits) of the contract tests; head gains split each row into 2 heads."""
 
 
-@pytest.fixture(scope="module", params=CODEC_PARAMS, ids=lambda p: f"{p[0]}-h{p[1]}")
+@pytest.fixture(scope="module", params=CODEC_PARAMS, ids=lambda p: f"{p[0]}-h{p[1]}-o{p[2]}")
 def codec(calib, request) -> KakeyaV2Codec:
-    coding, head_gain_bits = request.param
+    coding, head_gain_bits, reflector_bits = request.param
     return KakeyaV2Codec.calibrate(calib, bits=3.0, stream="k", coding=coding, head_gain_bits=head_gain_bits,
-                                   heads=2)
+                                   reflector_bits=reflector_bits, heads=2)
 
 
 def _x(device, dtype=torch.float32, n: int = 100) -> torch.Tensor:
@@ -144,12 +146,16 @@ def test_codec_refuses_transforms_that_do_not_match_its_config(codec):
     flipped = 4 - codec.config.head_gain_bits
     with pytest.raises(kt.ConfigError, match=f"head_gain_bits={flipped} but the transforms"):
         KakeyaV2Codec(dataclasses.replace(codec.config, head_gain_bits=flipped), transforms=t)
+    flipped = 4 if codec.config.reflector_bits == 0 else 0
+    with pytest.raises(kt.ConfigError, match=f"reflector_bits={flipped} but the transforms store"):
+        KakeyaV2Codec(dataclasses.replace(codec.config, reflector_bits=flipped), transforms=t)
 
 
 @pytest.mark.parametrize("field,value,match", [
     ("bits", 0.0, "bits"), ("bits", 8.5, "bits"), ("stream", "q", "stream"),
     ("scale_bits", 9, "scale_bits"), ("rotate_groups", 1, "rotate_groups"), ("seed", -1, "seed"),
     ("center", "yes", "center"), ("allocation", "greedy", "allocation"), ("head_gain_bits", 9, "head_gain_bits"),
+    ("reflector_bits", 1, "reflector_bits"), ("reflector_bits", 9, "reflector_bits"),
     ("transforms_hash", "XYZ", "transforms_hash"),
 ])
 def test_config_validation_names_the_field(field, value, match):
@@ -174,6 +180,8 @@ def test_fit_rejects_bad_input():
         fit_transforms(x, KakeyaV2Config(bits=3.0))
     with pytest.raises(kt.ShapeError, match="whiten must be"):
         fit_transforms(torch.randn(1, 50, 8), KakeyaV2Config(bits=3.0), whiten=torch.eye(4)[None])
+    with pytest.raises(kt.ConfigError, match="reflector_bits stores an orthogonal basis"):
+        fit_transforms(torch.randn(1, 50, 8), KakeyaV2Config(bits=3.0, reflector_bits=4), whiten=torch.eye(8)[None])
     for heads in (0, 3, True):
         with pytest.raises(kt.ShapeError, match="heads must be a positive divisor of D=8"):
             fit_transforms(torch.randn(1, 50, 8), KakeyaV2Config(bits=3.0, head_gain_bits=4), heads=heads)
@@ -188,8 +196,11 @@ def test_transforms_roundtrip_and_honest_nbytes(codec, tmp_path):
     t = codec.transforms
     tensors = t.to_tensors()
     heads = {"head_log_gain"} if codec.config.head_gain_bits else set()
-    assert set(tensors) == {"basis_q", "basis_scale", "mean", "sigma", "bits", "log_gain"} | heads  # keys: centred
-    assert t.nbytes == S * D * D + 3 * 2 * S * D + S * D + 4 * 2 * S + len(heads) * 4 * 2 * S * 2
+    dense = codec.config.reflector_bits == 0
+    basis = {"basis_q", "basis_scale"} if dense else {"reflectors", "reflector_scale", "reflector_bits"}
+    assert set(tensors) == {"mean", "sigma", "bits", "log_gain"} | basis | heads  # keys: centred
+    basis_nbytes = S * D * D + 2 * S * D if dense else reflectors_nbytes(t.reflector_bits) + 3 * S * D
+    assert t.nbytes == basis_nbytes + 2 * 2 * S * D + S * D + 4 * 2 * S + len(heads) * 4 * 2 * S * 2
     assert codec.side_nbytes == t.nbytes
     save_file(tensors, str(tmp_path / "t.safetensors"))
     back = V2Transforms.from_tensors(load_file(str(tmp_path / "t.safetensors")))
@@ -206,10 +217,10 @@ def test_fitted_tables_are_stored_and_counted(calib):
     assert V2Transforms.from_tensors(tensors).fingerprint() == c.config.transforms_hash
 
 
-def test_int8_basis_is_nearly_orthonormal(codec):
+def test_stored_basis_is_nearly_orthonormal(codec):
     b = codec.transforms.basis
-    err = (b.transpose(1, 2) @ b - torch.eye(D)).abs().max()
-    assert float(err) < 0.02
+    err = (b.transpose(1, 2) @ b - torch.eye(D, dtype=b.dtype)).abs().max()
+    assert float(err) < (0.02 if codec.config.reflector_bits == 0 else 1e-12)
 
 
 def test_bad_transforms_tensors_raise_corrupt_data(codec):
@@ -224,8 +235,21 @@ def test_bad_transforms_tensors_raise_corrupt_data(codec):
         V2Transforms.from_tensors({**tensors, "bits": torch.full_like(tensors["bits"], 9)})
     with pytest.raises(kt.CorruptDataError, match="sigma"):
         V2Transforms.from_tensors({**tensors, "sigma": torch.zeros_like(tensors["sigma"])})
-    with pytest.raises(kt.CorruptDataError, match="empty"):
-        V2Transforms.from_tensors({**tensors, "basis_q": torch.zeros(0, 0, 0, dtype=torch.int8)})
+    with pytest.raises(kt.CorruptDataError, match="S, D > 0"):
+        V2Transforms.from_tensors({**tensors, "sigma": torch.zeros(0, D, dtype=torch.float16)})
+    scale = "basis_scale" if "basis_q" in tensors else "reflector_scale"
+    with pytest.raises(kt.CorruptDataError, match="either basis_q and basis_scale"):
+        V2Transforms.from_tensors({k: v for k, v in tensors.items() if k != scale})
+    with pytest.raises(kt.CorruptDataError, match=f"{scale} must be > 0"):
+        V2Transforms.from_tensors({**tensors, scale: torch.zeros_like(tensors[scale])})
+    if "basis_q" in tensors:
+        with pytest.raises(kt.CorruptDataError, match="'basis_q'"):
+            V2Transforms.from_tensors({**tensors, "basis_q": torch.zeros(0, 0, 0, dtype=torch.int8)})
+    else:
+        with pytest.raises(kt.CorruptDataError, match="'reflectors'"):
+            V2Transforms.from_tensors({**tensors, "reflectors": tensors["reflectors"][:-1]})
+        with pytest.raises(kt.CorruptDataError, match="reflector_bits: .*0 or 2..8"):
+            V2Transforms.from_tensors({**tensors, "reflector_bits": torch.ones_like(tensors["reflector_bits"])})
     with pytest.raises(kt.CorruptDataError, match="lo < hi"):
         V2Transforms.from_tensors({**tensors, "log_gain": tensors["log_gain"].flip(1)})
     grid = torch.tensor([[-1.0, 1.0]]).expand(S, 3, 2).contiguous()
@@ -415,7 +439,23 @@ def test_head_gain_codes_are_part_of_the_payload():
         c.decode(enc)
 
 
-def test_head_gain_bits_is_left_out_of_headers_that_do_not_use_it():
-    plain, gains = KakeyaV2Config(bits=3.0), KakeyaV2Config(bits=3.0, head_gain_bits=4)
-    assert "head_gain_bits" not in plain.to_dict() and gains.to_dict()["head_gain_bits"] == 4
-    assert KakeyaV2Config.from_dict(plain.to_dict()) == plain and KakeyaV2Config.from_dict(gains.to_dict()) == gains
+@pytest.mark.parametrize("field", ["head_gain_bits", "reflector_bits"])
+def test_added_fields_are_left_out_of_headers_that_do_not_use_them(field):
+    plain, used = KakeyaV2Config(bits=3.0), KakeyaV2Config(bits=3.0, **{field: 4})
+    assert field not in plain.to_dict() and used.to_dict()[field] == 4
+    assert KakeyaV2Config.from_dict(plain.to_dict()) == plain and KakeyaV2Config.from_dict(used.to_dict()) == used
+
+
+# ---- Householder reflectors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("coding", ["fixed", "entropy"])
+def test_reflector_basis_costs_little_error_for_far_fewer_bytes(calib, test_x, coding):
+    dense = KakeyaV2Codec.calibrate(calib, bits=2.0, stream="k", coding=coding)
+    refl = KakeyaV2Codec.calibrate(calib, bits=2.0, stream="k", coding=coding, reflector_bits=4)
+    t = refl.transforms
+    assert refl.config.fit_variant == "m1-g8-o4-r1-waterfill"
+    assert bool((t.bits == 0).any()) and torch.equal(t.reflector_bits == 0, t.bits == 0)  # uncoded: not stored
+    assert int(t.reflector_bits[t.bits > 0].min()) == 4 and int(t.reflector_bits.max()) > 4
+    assert t.nbytes < dense.transforms.nbytes - S * D * D / 2
+    assert rel_mse(refl.roundtrip(test_x), test_x) < 1.03 * rel_mse(dense.roundtrip(test_x), test_x)

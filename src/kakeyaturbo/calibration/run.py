@@ -74,6 +74,9 @@ class CalibrationSettings:
             KV heads concatenated; :data:`kakeyaturbo.codecs.kakeya_v2.LAYOUTS`).
         v2_joint_head_gain_bits: widths of per-head gain codes (``head_gain_bits``) with which the
             joint-layout fits are made too, at every budget and for both streams (empty: none).
+        v2_joint_reflector_bits: minimum reflector widths (``reflector_bits``: the joint basis
+            stored as Householder reflectors, about a third of its int8 bytes) with which every
+            head-gain joint fit is made too (empty: none).
         v2_ablation_bits: if set, also fit at this budget every key space (with and without the
             mean), values with a mean, and each option of :data:`V2_ABLATIONS` (what the ablation
             recipes in ``benchmarks/recipes/ablation`` use; None skips them).
@@ -99,6 +102,7 @@ class CalibrationSettings:
     v2_key_center: tuple[bool, ...] = (True, False)
     v2_layouts: tuple[str, ...] = ("head", "joint")
     v2_joint_head_gain_bits: tuple[int, ...] = (4,)
+    v2_joint_reflector_bits: tuple[int, ...] = (3,)
     v2_ablation_bits: float | None = 3.0
     v2_probe_bits: tuple[float, ...] = V2_PROBE_BITS
     v2_probe_windows: int = 6
@@ -136,6 +140,12 @@ class CalibrationSettings:
             raise ConfigError(f"v2_joint_head_gain_bits: need distinct widths in 1..8, got {list(hg)}")
         if hg and "joint" not in self.v2_layouts:
             raise ConfigError("v2_joint_head_gain_bits needs the 'joint' layout in v2_layouts (or pass none)")
+        rb = self.v2_joint_reflector_bits
+        if any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8 for b in rb) or len(set(rb)) < len(rb):
+            raise ConfigError(f"v2_joint_reflector_bits: need distinct widths in 2..8, got {list(rb)}")
+        if rb and not hg:
+            raise ConfigError("v2_joint_reflector_bits: the reflector fits are made for the head-gain joint fits; "
+                              "give v2_joint_head_gain_bits too (or pass no reflector widths)")
 
 
 @dataclass
@@ -242,6 +252,8 @@ def _v2_fits(settings: CalibrationSettings) -> list[tuple[float, str, str, tuple
     fits += [(b, "k", space, key(c), "head") for b in settings.v2_bits for space in settings.v2_key_spaces
              for c in centers]
     joint = [()] + [(("head_gain_bits", hb),) for hb in settings.v2_joint_head_gain_bits]
+    joint += [(("head_gain_bits", hb), ("reflector_bits", rb)) for hb in settings.v2_joint_head_gain_bits
+              for rb in settings.v2_joint_reflector_bits]
     fits += [(b, stream, "none", options, layout) for layout in settings.v2_layouts if layout != "head"
              for options in joint for b in settings.v2_bits for stream in ("k", "v")]
     ab = settings.v2_ablation_bits

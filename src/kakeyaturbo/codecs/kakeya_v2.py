@@ -41,7 +41,13 @@ the vector fit its slot. Same bytes as fixed widths, about 15-40 % less squared 
 2 bits per element fixed widths are better, which ``coding="auto"`` follows).
 
 The basis is stored int8 with one float16 scale per column; the
-decoder uses the dequantised basis and the encoder its exact inverse.
+decoder uses the dequantised basis and the encoder its exact inverse. With ``reflector_bits > 0``
+an orthogonal basis (no whitening folded in) is stored instead as quantised Householder reflectors
+(:mod:`kakeyaturbo.ops.householder`): about half the entries, each reflector at
+``reflector_bits + round(log2(sigma_j / sigma_min) )`` bits (at most 8; a reflector's error leaks
+its component's variance into the others, so high-variance components get finer reflectors),
+none for the trailing components that get no code bits. For a joint basis over 3 KV heads
+(D = 192) this is about a third of the int8 basis, at a cost of about 1-4 % squared error.
 
 The fit options (``center``, ``scale_bits``, ``rotate_groups``, ``allocation``) exist so each
 design element can be switched off on its own (the ablation); the shipped recipes use the defaults.
@@ -67,7 +73,8 @@ from kakeyaturbo.codecs.base import (
     side_fingerprint,
 )
 from kakeyaturbo.container import Encoded
-from kakeyaturbo.errors import ConfigError, CorruptDataError, ShapeError
+from kakeyaturbo.errors import ConfigError, CorruptDataError, NumericRangeError, ShapeError
+from kakeyaturbo.ops import householder
 from kakeyaturbo.ops.bitalloc import water_fill
 from kakeyaturbo.ops.ecsq import SlotCoder
 from kakeyaturbo.ops.hadamard import random_signs, wht
@@ -120,6 +127,8 @@ class KakeyaV2Config(CodecConfig):
         scale_bits: bits of the per-vector log-gain code, 0..8 (0: no per-vector gain).
         head_gain_bits: bits of each head's log-gain code, 0..8 (0: none), for rows that hold
             several heads (the joint layout; the head count comes from the transforms).
+        reflector_bits: 0 stores the basis int8; 2..8 stores it as quantised Householder
+            reflectors of at least this many bits each (orthogonal bases only: no whitening).
         rotate_groups: mix a seeded random rotation into each group of equal-bit components.
         allocation: ``"waterfill"`` (bits where the variance is) or ``"uniform"`` (equal bits).
         fitted_tables: Lloyd–Max tables fitted per (stream, bit width) instead of N(0,1) tables.
@@ -138,13 +147,14 @@ class KakeyaV2Config(CodecConfig):
     center: bool | None = None
     scale_bits: int = 8
     head_gain_bits: int = 0
+    reflector_bits: int = 0
     rotate_groups: bool = True
     allocation: str = "waterfill"
     fitted_tables: bool = False
     coding: str = "fixed"
     seed: int = 0
     transforms_hash: str = ""
-    added_fields: ClassVar[tuple[str, ...]] = ("head_gain_bits",)
+    added_fields: ClassVar[tuple[str, ...]] = ("head_gain_bits", "reflector_bits")
 
     def validate(self) -> None:
         check_float("bits", self.bits, 0.0, float(MAX_BITS), lo_open=True)
@@ -152,6 +162,9 @@ class KakeyaV2Config(CodecConfig):
         check_choice("center", self.center, (None, True, False))
         check_int("scale_bits", self.scale_bits, 0, MAX_BITS)
         check_int("head_gain_bits", self.head_gain_bits, 0, MAX_BITS)
+        check_int("reflector_bits", self.reflector_bits, 0, MAX_BITS)
+        if self.reflector_bits == 1:
+            raise ConfigError(f"reflector_bits must be 0 (int8 basis) or {householder.MIN_WIDTH}..{MAX_BITS}, got 1")
         check_choice("allocation", self.allocation, ALLOCATIONS)
         check_choice("coding", self.coding, CODINGS)
         if self.entropy_coded and (self.scale_bits < 1 or self.fitted_tables):
@@ -185,17 +198,26 @@ class KakeyaV2Config(CodecConfig):
     def fit_variant(self) -> str:
         """Name of the fit options besides the budget (how a calibration bundle files the transforms)."""
         heads = f"-h{self.head_gain_bits}" if self.head_gain_bits else ""
-        return f"m{int(self.centred)}-g{self.scale_bits}{heads}-r{int(self.rotate_groups)}-{self.allocation}"
+        basis = f"-o{self.reflector_bits}" if self.reflector_bits else ""
+        return (f"m{int(self.centred)}-g{self.scale_bits}{heads}{basis}-r{int(self.rotate_groups)}-"
+                f"{self.allocation}")
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class V2Transforms:
     """Calibrated per-stream transforms, as stored (their bytes are the codec's side data).
+
+    The basis is stored either dense (``basis_q`` and ``basis_scale``) or as Householder
+    reflectors (``reflectors``, ``reflector_scale``, ``reflector_bits``), never both.
 
     Attributes:
         basis_q: int8 ``[S, D, D]``; column ``j`` of stream ``s`` is component ``j`` (in the
             input's space: any whitening is folded in).
         basis_scale: float16 ``[S, D]``: per-column scale, ``basis = basis_q * basis_scale[:, None, :]``.
+        reflectors: uint8 ``[reflectors_nbytes(reflector_bits)]``: the packed reflector entries
+            of an orthogonal basis (:func:`kakeyaturbo.ops.householder.quantize_orthogonal`).
+        reflector_scale: float16 ``[S, D]``: per-reflector scale.
+        reflector_bits: uint8 ``[S, D]``: bits of each reflector (0 for a trailing, unstored one).
         sigma: float16 ``[S, D]``, ``> 0``: rms of each gain-normalised coefficient.
         bits: uint8 ``[S, D]``, 0..8: bit width of each component.
         mean: float16 ``[S, D]``, or None (not centred: values).
@@ -207,10 +229,13 @@ class V2Transforms:
             concatenated; None means N(0,1) Lloyd–Max tables.
     """
 
-    basis_q: torch.Tensor
-    basis_scale: torch.Tensor
     sigma: torch.Tensor
     bits: torch.Tensor
+    basis_q: torch.Tensor | None = None
+    basis_scale: torch.Tensor | None = None
+    reflectors: torch.Tensor | None = None
+    reflector_scale: torch.Tensor | None = None
+    reflector_bits: torch.Tensor | None = None
     mean: torch.Tensor | None = None
     log_gain: torch.Tensor | None = None
     head_log_gain: torch.Tensor | None = None
@@ -229,25 +254,37 @@ class V2Transforms:
             raise CorruptDataError(f"transforms bits must be 0..{MAX_BITS}, max is {int(self.bits.max())}")
         if bool((self.sigma <= 0).any()):
             raise CorruptDataError("transforms sigma must be > 0 everywhere")
-        if bool((self.basis_scale <= 0).any()):
-            raise CorruptDataError("transforms basis_scale must be > 0 everywhere")
+        for name in ("basis_scale", "reflector_scale"):
+            if getattr(self, name) is not None and bool((getattr(self, name) <= 0).any()):
+                raise CorruptDataError(f"transforms {name} must be > 0 everywhere")
         for name in ("log_gain", "head_log_gain"):
             grid = getattr(self, name)
             if grid is not None and bool((grid[..., 1] <= grid[..., 0]).any()):
                 raise CorruptDataError(f"transforms {name} needs lo < hi in every stream")
 
     def _specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        if not isinstance(self.basis_q, torch.Tensor) or self.basis_q.dim() != 3:
-            raise CorruptDataError("transforms basis_q must be an int8 tensor [S, D, D]")
-        s, d = self.basis_q.shape[0], self.basis_q.shape[-1]
-        if s == 0 or d == 0:
-            raise CorruptDataError(f"transforms basis_q has an empty shape {tuple(self.basis_q.shape)}")
-        specs = {
-            "basis_q": (torch.int8, (s, d, d)),
-            "basis_scale": (torch.float16, (s, d)),
-            "sigma": (torch.float16, (s, d)),
-            "bits": (torch.uint8, (s, d)),
-        }
+        if not isinstance(self.sigma, torch.Tensor) or self.sigma.dim() != 2 or 0 in self.sigma.shape:
+            got = tuple(self.sigma.shape) if isinstance(self.sigma, torch.Tensor) else type(self.sigma).__name__
+            raise CorruptDataError(f"transforms sigma must be a float16 tensor [S, D] with S, D > 0, got {got}")
+        s, d = self.sigma.shape
+        specs = {"sigma": (torch.float16, (s, d)), "bits": (torch.uint8, (s, d))}
+        dense = {"basis_q": (torch.int8, (s, d, d)), "basis_scale": (torch.float16, (s, d))}
+        reflected = {"reflector_bits": (torch.uint8, (s, d)), "reflector_scale": (torch.float16, (s, d))}
+        given = {name for name in (*dense, *reflected, "reflectors") if getattr(self, name) is not None}
+        if given not in (set(dense), {*reflected, "reflectors"}):
+            raise CorruptDataError(f"transforms need either basis_q and basis_scale (int8 basis) or reflectors, "
+                                   f"reflector_scale and reflector_bits (orthogonal basis); got {sorted(given)}")
+        if "basis_q" in given:
+            specs |= dense
+        else:
+            rb = self.reflector_bits
+            if not isinstance(rb, torch.Tensor) or rb.dtype != torch.uint8 or tuple(rb.shape) != (s, d):
+                raise CorruptDataError(f"transforms field 'reflector_bits' must be uint8 {(s, d)}")
+            try:
+                size = householder.reflectors_nbytes(rb)
+            except NumericRangeError as e:
+                raise CorruptDataError(f"transforms reflector_bits: {e}") from e
+            specs |= reflected | {"reflectors": (torch.uint8, (size,))}
         optional = {"mean": (torch.float16, (s, d)), "log_gain": (torch.float32, (s, 2)),
                     "tables": (torch.float16, (s, TABLE_SLOTS))}
         if isinstance(self.head_log_gain, torch.Tensor):
@@ -261,12 +298,12 @@ class V2Transforms:
     @property
     def streams(self) -> int:
         """S, the number of streams."""
-        return self.basis_q.shape[0]
+        return self.sigma.shape[0]
 
     @property
     def dim(self) -> int:
         """D, the head dim."""
-        return self.basis_q.shape[-1]
+        return self.sigma.shape[-1]
 
     @property
     def heads(self) -> int:
@@ -282,8 +319,10 @@ class V2Transforms:
 
     @property
     def basis(self) -> torch.Tensor:
-        """Dequantised basis, float32 ``[S, D, D]`` (columns are components)."""
-        return self.basis_q.float() * self.basis_scale.float().unsqueeze(-2)
+        """Dequantised basis, float64 ``[S, D, D]`` (columns are components)."""
+        if self.reflectors is not None:
+            return householder.dequantize_orthogonal(self.reflectors, self.reflector_scale, self.reflector_bits)
+        return self.basis_q.double() * self.basis_scale.double().unsqueeze(-2)
 
     @property
     def levels(self) -> torch.Tensor:
@@ -304,9 +343,10 @@ class V2Transforms:
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> V2Transforms:
         """Inverse of :meth:`to_tensors`; missing, unknown or inconsistent tensors raise CorruptDataError."""
-        required = {"basis_q", "basis_scale", "sigma", "bits"}
+        required = {"sigma", "bits"}
+        optional = {f.name for f in dataclasses.fields(cls)} - required
         missing = sorted(required - set(tensors))
-        unknown = sorted(set(tensors) - required - {"mean", "log_gain", "head_log_gain", "tables"})
+        unknown = sorted(set(tensors) - required - optional)
         if missing or unknown:
             raise CorruptDataError(f"transforms tensors: missing {missing}, unknown {unknown}")
         return cls(**dict(tensors))
@@ -463,6 +503,26 @@ def _fit_tables(
     return out
 
 
+def reflector_widths(var: torch.Tensor, widths: torch.Tensor, min_bits: int) -> torch.Tensor:
+    """int64 ``[S, D]``: the bits of each component's Householder reflector.
+
+    ``min_bits + round(log2(sigma_j / sigma_min))`` (at most 8) for the coded components, where
+    ``sigma_min`` is the smallest coded component's: the error of reflector ``j`` leaks a share of
+    component ``j``'s variance into the others, so that leak stays below the finest component's
+    variance; 0 (not stored) for the uncoded ones, which must come last.
+
+    Args:
+        var: float ``[S, D]`` variance of each component (in the units the widths were allocated in).
+        widths: integer ``[S, D]`` code bits of each component.
+        min_bits: 2..8.
+    """
+    coded = widths > 0
+    floor = torch.where(coded, var, math.inf).amin(1, keepdim=True)
+    ratio = (var / floor).clamp_min(1.0) if bool(coded.any()) else torch.ones_like(var)
+    rw = (min_bits + 0.5 * torch.log2(ratio)).round().clamp(min_bits, MAX_BITS).long()
+    return torch.where(coded, rw, 0)
+
+
 def uniform_widths(s: int, d: int, budget: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """int64 ``[s, d]``: ``budget`` bits split as evenly as possible, the remainder to the leading components."""
     base, extra = divmod(budget, d)
@@ -501,6 +561,9 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
                          f"{tuple(whiten.shape) if isinstance(whiten, torch.Tensor) else type(whiten).__name__}")
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or d % heads:
         raise ShapeError(f"fit_transforms: heads must be a positive divisor of D={d}, got {heads!r}")
+    if whiten is not None and cfg.reflector_bits:
+        raise ConfigError("fit_transforms: reflector_bits stores an orthogonal basis, but a whitening folds "
+                          "L⁻ᵀ into the basis; fit whitened keys with reflector_bits=0")
     hb = cfg.head_gain_bits
     budget = code_bits_per_vector(cfg.bits, cfg.side_bits(heads), d)
     x64 = x32.double()
@@ -522,11 +585,24 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
         widths = water_fill(var, budget, MAX_BITS)
     else:
         widths = uniform_widths(s, d, budget, x.device)
-    rotated = pca @ group_rotations(widths, cfg.seed) if cfg.rotate_groups else pca
-    basis = torch.linalg.solve(lw.transpose(1, 2), rotated).contiguous()  # L⁻ᵀ·P: components in the input space
-    col_scale = narrow(basis.abs().amax(1) / _INT8_MAX, torch.float16, "kakeya-v2 basis scale")
-    basis_q = torch.round(basis / col_scale.double().unsqueeze(1)).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-    dequant = basis_q.double() * col_scale.double().unsqueeze(1)
+    if cfg.reflector_bits:  # coded components first: the reflectors of the uncoded tail are not stored
+        order = torch.argsort(widths, dim=1, descending=True, stable=True)
+        widths, var = widths.gather(1, order), var.gather(1, order)
+        pca = pca.gather(2, order.unsqueeze(1).expand_as(pca))
+    rot = group_rotations(widths, cfg.seed) if cfg.rotate_groups else None
+    rotated = pca @ rot if rot is not None else pca
+    if cfg.reflector_bits:
+        mixed = (var.unsqueeze(1) @ rot.pow(2)).squeeze(1) if rot is not None else var  # after the rotations
+        rw = reflector_widths(mixed, widths, cfg.reflector_bits)
+        packed, scale = householder.quantize_orthogonal(rotated, rw)
+        stored = {"reflectors": packed, "reflector_scale": scale, "reflector_bits": rw.to(torch.uint8)}
+        dequant = householder.dequantize_orthogonal(packed, scale, rw)
+    else:
+        basis = torch.linalg.solve(lw.transpose(1, 2), rotated).contiguous()  # L⁻ᵀ·P: components in the input space
+        col_scale = narrow(basis.abs().amax(1) / _INT8_MAX, torch.float16, "kakeya-v2 basis scale")
+        basis_q = torch.round(basis / col_scale.double().unsqueeze(1)).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+        stored = {"basis_q": basis_q, "basis_scale": col_scale}
+        dequant = basis_q.double() * col_scale.double().unsqueeze(1)
     c = xc @ torch.linalg.inv(dequant).transpose(1, 2)
     log_gain = _log_grid(rms(c)) if cfg.scale_bits else None
     g_hat = gain_values(_gain_codes(rms(c.float()), log_gain, cfg.scale_bits), log_gain, cfg.scale_bits)
@@ -537,8 +613,8 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
         z = (normed / sigma.double().unsqueeze(1)).float()
         keep = torch.linspace(0, z.shape[1] - 1, min(z.shape[1], TABLE_FIT_TOKENS), device=z.device).long()
         tables = narrow(_fit_tables(z[:, keep], widths), torch.float16, "kakeya-v2 fitted tables")
-    return V2Transforms(basis_q=basis_q, basis_scale=col_scale, sigma=sigma, bits=widths.to(torch.uint8),
-                        mean=mean16, log_gain=log_gain, head_log_gain=head_log_gain, tables=tables)
+    return V2Transforms(**stored, sigma=sigma, bits=widths.to(torch.uint8), mean=mean16, log_gain=log_gain,
+                        head_log_gain=head_log_gain, tables=tables)
 
 
 class KakeyaV2Codec(Codec):
@@ -572,6 +648,9 @@ class KakeyaV2Codec(Codec):
         if (transforms.head_log_gain is not None) != (cfg.head_gain_bits > 0):
             raise ConfigError(f"config.head_gain_bits={cfg.head_gain_bits} but the transforms "
                               f"{'hold' if transforms.head_log_gain is not None else 'lack'} head gain grids")
+        if (transforms.reflectors is not None) != (cfg.reflector_bits > 0):
+            raise ConfigError(f"config.reflector_bits={cfg.reflector_bits} but the transforms store "
+                              f"{'Householder reflectors' if transforms.reflectors is not None else 'an int8 basis'}")
         budget = code_bits_per_vector(cfg.bits, cfg.side_bits(transforms.heads), transforms.dim)
         spent = transforms.bits.long().sum(1)
         if bool((spent != budget).any()):

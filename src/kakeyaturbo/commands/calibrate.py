@@ -41,6 +41,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--v2-joint-head-gain-bits", type=int, nargs="*", default=[4], metavar="B",
                    help="also fit the joint-layout transforms with a B-bit gain per KV head (recipes with "
                    "\"head_gain_bits\": B), at every budget; none skips them (default: %(default)s)")
+    p.add_argument("--v2-joint-reflector-bits", type=int, nargs="*", default=[3], metavar="B",
+                   help="also fit every head-gain joint transform with its basis stored as Householder reflectors "
+                   "of at least B bits (recipes with \"reflector_bits\": B; about a third of the int8 basis' "
+                   "bytes); none skips them (default: %(default)s)")
     p.add_argument("--v2-ablation", type=float, default=3.0, metavar="B",
                    help="also fit, at budget B, every key space with and without a mean, values with a "
                    "mean, and each single fit option switched off (no gain, no group rotation, uniform "
@@ -93,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
                                    v2_layouts=tuple(dict.fromkeys(args.v2_layouts)),
                                    v2_joint_head_gain_bits=tuple(args.v2_joint_head_gain_bits)
                                    if "joint" in args.v2_layouts else (),
+                                   v2_joint_reflector_bits=tuple(args.v2_joint_reflector_bits)
+                                   if "joint" in args.v2_layouts and args.v2_joint_head_gain_bits else (),
                                    v2_ablation_bits=args.v2_ablation or None,
                                    v2_probe_windows=min(args.v2_probe_windows, args.windows), **extra)
     reason = "--force" if args.force else why_recalibrate(out, settings)
