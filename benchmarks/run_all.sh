@@ -15,6 +15,7 @@ $K sweep --grid benchmarks/sweeps/v2e-ctx1024.json --out benchmarks/results/ctx1
 $K sweep --grid benchmarks/sweeps/v2a-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/v2j-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/v2jh-ctx1024.json --out benchmarks/results/ctx1024
+$K sweep --grid benchmarks/sweeps/v2jo-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/ablation-ctx1024.json --out benchmarks/results/ablation --ablation-reference kakeya-v2-k3-v3
 $K sweep --grid benchmarks/sweeps/v2-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/windows32.json --out benchmarks/results/windows32

@@ -35,7 +35,7 @@ def test_bundle_contents(tiny_bundle):
     keys |= {f"k/none/m{m}-{fit}" for fit in fits.values() for m in (0, 1)}
     values = {f"v/none/m0-{fit}" for fit in fits.values()} | {f"v/none/m1-{fits['waterfill']}"}
     joint = {f"{stream}/none/m{m}-g8{h}-r1-waterfill-joint" for stream, m in (("k", 1), ("v", 0))
-             for h in ("", "-h4", "-h4-o3")}
+             for h in ("", "-h4", "-h4-o3", "-h4-o4")}
     assert variants == keys | values | joint
     assert cal.tensors["v2/3/0/k/none/m1-g8-r1-waterfill-joint/basis_q"].shape == (1, 32, 32)  # 2 heads x D=16
     assert cal.tensors["v2/3/0/v/none/m0-g8-h4-r1-waterfill-joint/head_log_gain"].shape == (1, 2, 2)

@@ -102,7 +102,7 @@ class CalibrationSettings:
     v2_key_center: tuple[bool, ...] = (True, False)
     v2_layouts: tuple[str, ...] = ("head", "joint")
     v2_joint_head_gain_bits: tuple[int, ...] = (4,)
-    v2_joint_reflector_bits: tuple[int, ...] = (3,)
+    v2_joint_reflector_bits: tuple[int, ...] = (3, 4)
     v2_ablation_bits: float | None = 3.0
     v2_probe_bits: tuple[float, ...] = V2_PROBE_BITS
     v2_probe_windows: int = 6

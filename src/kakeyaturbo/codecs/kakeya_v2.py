@@ -44,7 +44,7 @@ The basis is stored int8 with one float16 scale per column; the
 decoder uses the dequantised basis and the encoder its exact inverse. With ``reflector_bits > 0``
 an orthogonal basis (no whitening folded in) is stored instead as quantised Householder reflectors
 (:mod:`kakeyaturbo.ops.householder`): about half the entries, each reflector at
-``reflector_bits + round(log2(sigma_j / sigma_min) )`` bits (at most 8; a reflector's error leaks
+``reflector_bits + round(log2(sigma_j / sigma_min))`` bits (at most 8; a reflector's error leaks
 its component's variance into the others, so high-variance components get finer reflectors),
 none for the trailing components that get no code bits. For a joint basis over 3 KV heads
 (D = 192) this is about a third of the int8 basis, at a cost of about 1-4 % squared error.

@@ -41,7 +41,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--v2-joint-head-gain-bits", type=int, nargs="*", default=[4], metavar="B",
                    help="also fit the joint-layout transforms with a B-bit gain per KV head (recipes with "
                    "\"head_gain_bits\": B), at every budget; none skips them (default: %(default)s)")
-    p.add_argument("--v2-joint-reflector-bits", type=int, nargs="*", default=[3], metavar="B",
+    p.add_argument("--v2-joint-reflector-bits", type=int, nargs="*", default=[3, 4], metavar="B",
                    help="also fit every head-gain joint transform with its basis stored as Householder reflectors "
                    "of at least B bits (recipes with \"reflector_bits\": B; about a third of the int8 basis' "
                    "bytes); none skips them (default: %(default)s)")
