@@ -44,6 +44,12 @@ def _entry_widths(widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return rows, cols, w[:, cols]
 
 
+def _half_range(widths: torch.Tensor) -> torch.Tensor:
+    """float64 ``[S, D]``: the largest code magnitude ``2**(w-1) - 1`` of each reflector's width
+    (1 for an unstored reflector, which holds no entries)."""
+    return (2 ** (widths.long().clamp_min(MIN_WIDTH) - 1) - 1).double()
+
+
 def reflectors_nbytes(widths: torch.Tensor) -> int:
     """Bytes of the packed reflector entries for ``widths [S, D]``."""
     _, _, ew = _entry_widths(widths)
@@ -64,17 +70,17 @@ def quantize_orthogonal(q: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Te
     if q.dim() != 3 or q.shape[-1] != q.shape[-2] or tuple(widths.shape) != tuple(q.shape[:2]):
         raise ShapeError(f"quantize_orthogonal: q must be [S, D, D] and widths [S, D], got "
                          f"{tuple(q.shape)} and {tuple(widths.shape)}")
+    widths = widths.to(q.device)
     rows, cols, ew = _entry_widths(widths)
     a, _ = torch.geqrf(q.double())
     low = a[:, rows, cols]  # [S, T]; |entries| <= 1 (LAPACK scales v so that v[j] = 1)
-    w = widths.long().to(q.device)
-    levels = (2 ** (w - 1) - 1).clamp_min(1).double()
-    peak = torch.zeros_like(w, dtype=torch.float64).scatter_reduce(1, cols.expand_as(low), low.abs(), "amax")
+    levels = _half_range(widths)
+    peak = torch.zeros_like(levels).scatter_reduce(1, cols.expand_as(low), low.abs(), "amax")
     scale = narrow((peak / levels).clamp_min(2.0**-24), torch.float16, "reflector scale")
     half = levels[:, cols]
     codes = torch.round(low / scale.double()[:, cols]).clamp(-half, half) + half
-    codes = torch.where(ew.to(q.device) > 0, codes, 0).long()
-    return pack_varwidth(codes.unsqueeze(1), ew.to(q.device)), scale
+    codes = torch.where(ew > 0, codes, 0).long()
+    return pack_varwidth(codes.unsqueeze(1), ew), scale
 
 
 def dequantize_orthogonal(packed: torch.Tensor, scale: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
@@ -85,16 +91,14 @@ def dequantize_orthogonal(packed: torch.Tensor, scale: torch.Tensor, widths: tor
         scale: float16 ``[S, D]``.
         widths: integer ``[S, D]``, as given to :func:`quantize_orthogonal`.
     """
+    widths = widths.to(packed.device)
     rows, cols, ew = _entry_widths(widths)
     s, d = widths.shape
-    dev = packed.device
-    ew = ew.to(dev)
     codes = unpack_varwidth(packed, ew, (s, 1, ew.shape[1])).squeeze(1).double()
-    w = widths.long().to(dev)
-    half = (2 ** (w - 1) - 1).clamp_min(1).double()[:, cols.to(dev)]
-    entries = torch.where(ew > 0, (codes - half) * scale.double().to(dev)[:, cols.to(dev)], 0.0)
-    low = torch.zeros(s, d, d, dtype=torch.float64, device=dev)
-    low[:, rows.to(dev), cols.to(dev)] = entries
+    half = _half_range(widths)[:, cols]
+    entries = torch.where(ew > 0, (codes - half) * scale.to(packed.device).double()[:, cols], 0.0)
+    low = torch.zeros(s, d, d, dtype=torch.float64, device=packed.device)
+    low[:, rows, cols] = entries
     norm2 = 1.0 + low.pow(2).sum(1)
-    tau = torch.where(w > 0, 2.0 / norm2, 0.0)
+    tau = torch.where(widths > 0, 2.0 / norm2, 0.0)
     return torch.linalg.householder_product(low, tau)
