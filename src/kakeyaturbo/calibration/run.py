@@ -75,7 +75,7 @@ class CalibrationSettings:
         v2_joint_head_gain_bits: widths of per-head gain codes (``head_gain_bits``) with which the
             joint-layout fits are made too, at every budget and for both streams (empty: none).
         v2_joint_reflector_bits: minimum reflector widths (``reflector_bits``: the joint basis
-            stored as Householder reflectors, about a third of its int8 bytes) with which every
+            stored as Householder reflectors, a third (3 bits) to 40 % (4 bits) of its int8 bytes) with which every
             head-gain joint fit is made too (empty: none).
         v2_ablation_bits: if set, also fit at this budget every key space (with and without the
             mean), values with a mean, and each option of :data:`V2_ABLATIONS` (what the ablation

@@ -43,8 +43,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "\"head_gain_bits\": B), at every budget; none skips them (default: %(default)s)")
     p.add_argument("--v2-joint-reflector-bits", type=int, nargs="*", default=[3, 4], metavar="B",
                    help="also fit every head-gain joint transform with its basis stored as Householder reflectors "
-                   "of at least B bits (recipes with \"reflector_bits\": B; about a third of the int8 basis' "
-                   "bytes); none skips them (default: %(default)s)")
+                   "of at least B bits (recipes with \"reflector_bits\": B; a third (B=3) to 40 %% (B=4) of the int8 "
+                   "basis' bytes); none skips them (default: %(default)s)")
     p.add_argument("--v2-ablation", type=float, default=3.0, metavar="B",
                    help="also fit, at budget B, every key space with and without a mean, values with a "
                    "mean, and each single fit option switched off (no gain, no group rotation, uniform "
