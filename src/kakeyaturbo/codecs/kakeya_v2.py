@@ -320,9 +320,7 @@ class V2Transforms:
     @property
     def basis(self) -> torch.Tensor:
         """Dequantised basis, float64 ``[S, D, D]`` (columns are components)."""
-        if self.reflectors is not None:
-            return householder.dequantize_orthogonal(self.reflectors, self.reflector_scale, self.reflector_bits)
-        return self.basis_q.double() * self.basis_scale.double().unsqueeze(-2)
+        return stored_basis(self.basis_q, self.basis_scale, self.reflectors, self.reflector_scale, self.reflector_bits)
 
     @property
     def levels(self) -> torch.Tensor:
@@ -367,6 +365,16 @@ class V2Transforms:
     def without_tables(self) -> V2Transforms:
         """The same transforms with N(0,1) Lloyd–Max tables instead of fitted ones."""
         return dataclasses.replace(self, tables=None)
+
+
+def stored_basis(basis_q: torch.Tensor | None = None, basis_scale: torch.Tensor | None = None,
+                 reflectors: torch.Tensor | None = None, reflector_scale: torch.Tensor | None = None,
+                 reflector_bits: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 ``[S, D, D]``: the basis the stored fields decode to (the reflectors when given, else
+    the int8 basis times its column scales); the fields as :class:`V2Transforms` holds them."""
+    if reflectors is not None:
+        return householder.dequantize_orthogonal(reflectors, reflector_scale, reflector_bits)
+    return basis_q.double() * basis_scale.double().unsqueeze(-2)
 
 
 def rms(x: torch.Tensor, groups: int | None = None) -> torch.Tensor:
@@ -596,14 +604,12 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
         rw = reflector_widths(mixed, widths, cfg.reflector_bits)
         packed, scale = householder.quantize_orthogonal(rotated, rw)
         stored = {"reflectors": packed, "reflector_scale": scale, "reflector_bits": rw.to(torch.uint8)}
-        dequant = householder.dequantize_orthogonal(packed, scale, rw)
     else:
         basis = torch.linalg.solve(lw.transpose(1, 2), rotated).contiguous()  # L⁻ᵀ·P: components in the input space
         col_scale = narrow(basis.abs().amax(1) / _INT8_MAX, torch.float16, "kakeya-v2 basis scale")
         basis_q = torch.round(basis / col_scale.double().unsqueeze(1)).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
         stored = {"basis_q": basis_q, "basis_scale": col_scale}
-        dequant = basis_q.double() * col_scale.double().unsqueeze(1)
-    c = xc @ torch.linalg.inv(dequant).transpose(1, 2)
+    c = xc @ torch.linalg.inv(stored_basis(**stored)).transpose(1, 2)
     log_gain = _log_grid(rms(c)) if cfg.scale_bits else None
     g_hat = gain_values(_gain_codes(rms(c.float()), log_gain, cfg.scale_bits), log_gain, cfg.scale_bits)
     normed = c / g_hat.double().unsqueeze(-1)
@@ -657,7 +663,7 @@ class KakeyaV2Codec(Codec):
             raise ConfigError(f"transforms spend {sorted(set(spent.tolist()))} code bits per vector; "
                               f"config bits={cfg.bits}, scale_bits={cfg.scale_bits} need {budget}")
         self.transforms = transforms
-        dec = transforms.basis.double()
+        dec = transforms.basis
         self._dec = dec.float()
         self._enc = torch.linalg.inv(dec).transpose(1, 2).float()
         used = sorted(set(transforms.bits.unique().tolist()) - {0})
