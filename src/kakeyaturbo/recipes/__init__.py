@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kakeyaturbo.errors import ConfigError
-from kakeyaturbo.recipes.recipe import EXACT, Recipe, StreamRecipe
+from kakeyaturbo.recipes.recipe import EXACT, Recipe, SensitivityProbe, StreamRecipe
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -38,4 +38,4 @@ def load(name_or_path: str | Path) -> Recipe:
     raise ConfigError(f"unknown recipe {text!r}: not a built-in ({', '.join(names())}) and no such file")
 
 
-__all__ = ["EXACT", "Recipe", "StreamRecipe", "load", "names"]
+__all__ = ["EXACT", "Recipe", "SensitivityProbe", "StreamRecipe", "load", "names"]

@@ -24,6 +24,11 @@ CALIBRATED_CODECS: tuple[str, ...] = ("kakeya-v2",)
 LAYOUT_CHOICES: tuple[str, ...] = ("head", "token_major", "joint")
 LayerBits = Literal["uniform", "sensitivity"]
 LAYER_BITS_CHOICES: tuple[str, ...] = ("uniform", "sensitivity")
+SENSITIVITY_GRID: tuple[float, ...] = (1.0, 1.25, 1.5, 1.625, 1.75, 1.875, 2.0, 2.125, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0,
+                                        5.0, 6.0)
+"""Budgets ``layer_bits="sensitivity"`` chooses among by default (any budget can be fitted)."""
+PROBE_BUDGETS: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
+"""Budgets the sensitivity probe measures by default (the grid's other costs are interpolated)."""
 
 
 def _known_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
@@ -93,6 +98,78 @@ class StreamRecipe:
 EXACT = StreamRecipe()
 
 
+def _check_budgets(name: str, value: Any, least: int) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ConfigError(f"{name} must be a list of bit budgets, got {value!r}")
+    out = tuple(value)
+    if (len(out) < least or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 8 for b in out)
+            or list(out) != sorted(set(out))):
+        raise ConfigError(f"{name} must be {least} or more increasing budgets in (0, 8], got {list(out)}")
+    return tuple(float(b) for b in out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityProbe:
+    """How ``layer_bits="sensitivity"`` measures what coding each (layer, stream) costs.
+
+    Each (layer, stream) is coded alone at each of ``budgets`` (``kakeya-v2``, everything else exact)
+    on ``windows`` calibration windows (``ctx`` prefix tokens, then ``n_eval`` teacher-forced tokens
+    scored, float32 model) and the KL it causes is measured; costs at the other budgets of ``grid``
+    are interpolated in log KL. The result is memoised in the calibration bundle under a hash of
+    everything here, the recipe's sink and chunk tokens and the bundle's statistics.
+
+    Attributes:
+        config: ``kakeya-v2`` config fields the probe codes with (``bits`` set per budget); None:
+            the recipe's own K and V configs.
+        layout: the probe's engine layout; None: the recipe's.
+        sink_tokens: leading tokens the probe keeps exact; None: the recipe's.
+        budgets: probed budgets (two or more).
+        grid: budgets the allocator chooses among.
+        windows, ctx, n_eval: calibration windows scored, prefix and scored tokens of each.
+    """
+
+    config: Mapping[str, Any] | None = None
+    layout: Layout | None = None
+    sink_tokens: int | None = None
+    budgets: tuple[float, ...] = PROBE_BUDGETS
+    grid: tuple[float, ...] = SENSITIVITY_GRID
+    windows: int = 6
+    ctx: int = 448
+    n_eval: int = 64
+
+    def __post_init__(self) -> None:
+        if self.config is not None:
+            if not isinstance(self.config, Mapping) or not all(isinstance(k, str) for k in self.config):
+                raise ConfigError(f"probe.config must be a dict with string keys or null, got {self.config!r}")
+            if "bits" in self.config:
+                raise ConfigError("probe.config must not set bits: the probe sets them to each of probe.budgets")
+            object.__setattr__(self, "config", dict(self.config))
+        if self.layout is not None and self.layout not in LAYOUT_CHOICES:
+            raise ConfigError(f"probe.layout must be null or one of {list(LAYOUT_CHOICES)}, got {self.layout!r}")
+        if self.sink_tokens is not None:
+            _check_nonneg("probe.sink_tokens", self.sink_tokens)
+        object.__setattr__(self, "budgets", _check_budgets("probe.budgets", self.budgets, 2))
+        object.__setattr__(self, "grid", _check_budgets("probe.grid", self.grid, 1))
+        for name in ("windows", "ctx", "n_eval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "n_eval" else 1):
+                raise ConfigError(f"probe.{name} must be an integer >= {2 if name == 'n_eval' else 1}, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict."""
+        return {"config": None if self.config is None else dict(self.config), "layout": self.layout,
+                "sink_tokens": self.sink_tokens, "budgets": list(self.budgets), "grid": list(self.grid), "windows": self.windows, "ctx": self.ctx,
+                "n_eval": self.n_eval}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SensitivityProbe:
+        """Inverse of :meth:`to_dict`; omitted fields take their defaults, unknown ones raise."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"probe must be an object, got {data!r}")
+        _known_keys(cls, data, "probe")
+        return cls(**data)
+
+
 def _check_layer_list(name: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise ConfigError(f"{name} must be a list of layer indices, got {value!r}")
@@ -129,6 +206,7 @@ class Recipe:
             ``v.config.bits``. ``"sensitivity"`` (``kakeya-v2`` K and V only): the layers that use the
             defaults share the same total bits, spread over (layer, stream) by the calibration's
             measured KL of each one at each budget (the K/V split is chosen too).
+        probe: how ``layer_bits="sensitivity"`` measures those costs (:class:`SensitivityProbe`).
         description: free text.
     """
 
@@ -145,6 +223,7 @@ class Recipe:
     layout: Layout = "head"
     layer_overrides: Mapping[int, Mapping[str, StreamRecipe]] = dataclasses.field(default_factory=dict)
     layer_bits: LayerBits = "uniform"
+    probe: SensitivityProbe = dataclasses.field(default_factory=lambda: SensitivityProbe())
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -175,6 +254,8 @@ class Recipe:
                 if sr.codec not in CALIBRATED_CODECS or isinstance(bits, bool) or not isinstance(bits, (int, float)):
                     raise ConfigError(f"layer_bits='sensitivity' spreads the budgets of calibrated codecs "
                                       f"{list(CALIBRATED_CODECS)}; {name} is {sr.codec!r} with bits={bits!r}")
+        if not isinstance(self.probe, SensitivityProbe):
+            raise ConfigError(f"probe must be a SensitivityProbe, got {self.probe!r}")
         if not isinstance(self.description, str):
             raise ConfigError(f"description must be a string, got {self.description!r}")
         object.__setattr__(self, "layer_overrides", self._normalise_overrides(self.layer_overrides))
@@ -229,6 +310,7 @@ class Recipe:
             "layer_overrides": {str(layer): {s: sr.to_dict() for s, sr in streams.items()}
                                 for layer, streams in sorted(self.layer_overrides.items())},
             "layer_bits": self.layer_bits,
+            "probe": self.probe.to_dict(),
         }
 
     @classmethod
@@ -241,6 +323,8 @@ class Recipe:
         for field in ("k", "v", "boundary_k", "boundary_v"):
             if field in kwargs:
                 kwargs[field] = StreamRecipe.from_dict(kwargs[field], field)
+        if "probe" in kwargs:
+            kwargs["probe"] = SensitivityProbe.from_dict(kwargs["probe"])
         return cls(**kwargs)
 
     def to_json(self) -> str:
