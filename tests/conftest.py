@@ -9,7 +9,7 @@ import torch
 from hypothesis import settings
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from kakeyaturbo.calibration import CalibrationSettings, calibrate
+from kakeyaturbo.calibration import CalibrationSettings, measure
 from kakeyaturbo.models.loading import default_model_dir
 from kakeyaturbo.models.text import Corpus
 
@@ -36,18 +36,19 @@ def lowrank(streams: int, n: int, d: int, rank: int, noise: float = 0.01, seed: 
 
 
 TEXT = " ".join(f"Sentence {i} tells of the weather, the ball at Netherfield and letters." for i in range(400))
-SETTINGS = CalibrationSettings(windows=2, tokens=96, table_bits=(2,), sensitivity_ctx=48, sensitivity_eval=16,
-                               v2_bits=(2.0, 3.0), v2_ablation_bits=3.0, v2_probe_bits=(2.0, 3.0),
-                               v2_probe_windows=1)
+SETTINGS = CalibrationSettings(windows=2, tokens=96)
+TINY_PROBE = {"windows": 1, "ctx": 48, "n_eval": 16, "budgets": [2.0, 3.0], "grid": [2.0, 2.5, 3.0]}
+"""A sensitivity probe the tiny calibration windows can serve."""
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle():
-    """A tiny random Llama (real SmolLM2 tokenizer) and a whole small calibration of it."""
+    """A tiny random Llama (real SmolLM2 tokenizer) and the statistics of a small calibration of it
+    (in memory: fits are made on demand by each test that asks)."""
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id)
     model = LlamaForCausalLM(config).eval()
     corpus = Corpus("toy", calibration=TEXT, evaluation="", split_note="all text is calibration")
-    return model, calibrate(model, tokenizer, corpus, SETTINGS, model_name="tiny", text="toy")
+    return model, measure(model, tokenizer, corpus, SETTINGS, model_name="tiny", text="toy")

@@ -11,7 +11,7 @@ from kakeyaturbo import codecs
 from kakeyaturbo.codecs.base import Codec, CodecConfig, check_codebook, check_int, expect_field
 from kakeyaturbo.engine import build_plans, sensitivity_budgets
 from kakeyaturbo.errors import ConfigError, ShapeError
-from kakeyaturbo.recipes import Recipe, StreamRecipe
+from kakeyaturbo.recipes import Recipe, SensitivityProbe, StreamRecipe
 from tests.transforms.test_whitening import spd_whitening
 
 N_KV, D = 2, 16
@@ -68,7 +68,9 @@ class FakeCalibration:
         return w.L, w.L_inv
 
     def table(self, stream, bits):
-        return self.tables.get((stream, bits))
+        if (stream, bits) not in self.tables:
+            raise ConfigError(f"no {stream.upper()} table for {bits} bits")
+        return self.tables[stream, bits]
 
 
 def kv(batch=2, tokens=32, seed=0, dtype=torch.float32):
@@ -205,13 +207,16 @@ class CostCalibration(FakeCalibration):
         super().__init__()
         self.costs = costs
 
-    def v2_costs(self, layer, stream):
-        return self.costs[layer, stream]
+    def sensitivity(self, setup):
+        out = {"k": {}, "v": {}}
+        for (layer, stream), costs in self.costs.items():
+            out[stream][layer] = costs
+        return out
 
 
 def test_sensitivity_budgets_follow_the_costs():
     v2 = StreamRecipe("kakeya-v2", {"bits": 2.0})
-    recipe = Recipe("s", v2, v2, layer_bits="sensitivity")
+    recipe = Recipe("s", v2, v2, layer_bits="sensitivity", probe=SensitivityProbe(grid=(1.0, 2.0, 3.0)))
     flat = {1.0: 1.0, 2.0: 0.5, 3.0: 0.25}
     steep = {1.0: 100.0, 2.0: 10.0, 3.0: 1.0}
     cal = CostCalibration({(0, "k"): steep, (0, "v"): flat, (1, "k"): flat, (1, "v"): flat})
@@ -220,6 +225,8 @@ def test_sensitivity_budgets_follow_the_costs():
     assert sensitivity_budgets(recipe, [], cal) == {}
     with pytest.raises(ConfigError, match="kakeya calibrate"):
         sensitivity_budgets(recipe, [0], None)
-    disjoint = CostCalibration({(0, "k"): {1.0: 1.0}, (0, "v"): {2.0: 1.0}})
-    with pytest.raises(ConfigError, match="no v2 budget fitted for every layer"):
-        sensitivity_budgets(recipe, [0], disjoint)
+    missing = CostCalibration({(0, "k"): flat})
+    with pytest.raises(ConfigError, match="did not measure layer/stream 0v"):
+        sensitivity_budgets(recipe, [0], missing)
+    with pytest.raises(ConfigError, match="needs costs at two or more budgets"):
+        sensitivity_budgets(recipe, [0], CostCalibration({(0, "k"): {1.0: 1.0}, (0, "v"): flat}))

@@ -9,6 +9,10 @@ Public API::
     enc.nbytes == len(enc.to_bytes())
     kt.Encoded.from_bytes(blob)
 
+    calibration = kt.calibrate(model, tokenizer, texts)          # statistics, a few forward passes
+    cache = kt.compress(model, "kakeya-balanced", calibration=calibration)   # a transformers Cache
+    model.generate(**inputs, cache=cache)
+
 Heavier parts (the transformers cache, recipes, calibration, models) are imported on first use.
 """
 
@@ -33,6 +37,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "KakeyaCache": "kakeyaturbo.cache",
     "Calibration": "kakeyaturbo.calibration",
+    "calibrate": "kakeyaturbo.calibration",
+    "compress": "kakeyaturbo.cache",
     "calibration": "kakeyaturbo.calibration",
     "recipes": "kakeyaturbo.recipes",
     "models": "kakeyaturbo.models",
@@ -56,6 +62,8 @@ __all__ = [
     "NonFiniteInputError",
     "NumericRangeError",
     "ShapeError",
+    "calibrate",
     "codecs",
+    "compress",
     "recipes",
 ]

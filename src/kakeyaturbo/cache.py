@@ -323,7 +323,12 @@ class KakeyaCache(Cache):
     @classmethod
     def from_model(cls, model: nn.Module, recipe: recipes.Recipe | str | Path,
                    calibration: CalibrationLike | None = None) -> KakeyaCache:
-        """A cache for ``model``, with RoPE taken from the model's own rotary module."""
+        """A cache for ``model``, with RoPE taken from the model's own rotary module; what the recipe
+        needs from a :class:`~kakeyaturbo.calibration.Calibration` is fitted (or read back) first."""
+        from kakeyaturbo.calibration.probes import prepare
+
+        recipe = recipe if isinstance(recipe, recipes.Recipe) else recipes.load(recipe)
+        prepare(recipe, calibration, model)
         return cls(model.config, recipe, calibration, rope=lambda layer: Rope.from_model(model, layer))
 
     def ingest(self, reference: Cache) -> KakeyaCache:
@@ -360,3 +365,22 @@ class KakeyaCache(Cache):
         report["tokens"] = self.get_seq_length()
         report["layers"] = layers
         return report
+
+
+def compress(model: nn.Module, recipe: recipes.Recipe | str | Path = "kakeya-balanced",
+             calibration: CalibrationLike | None = None) -> KakeyaCache:
+    """The one verb: a :class:`KakeyaCache` for ``model`` that stores its K/V as ``recipe`` says.
+
+    ``kt.compress(model, "kakeya-balanced", calibration=kt.calibrate(model, tokenizer, texts))``;
+    pass the result to ``model.generate(..., cache=cache)``. Recipes of calibrated codecs
+    have what they need fitted from the calibration's statistics on first use (memoised in its
+    bundle directory, if it has one); baselines such as ``"fp8"`` or ``"kivi-4"`` need none.
+
+    Raises:
+        ConfigError: an unknown recipe, or one that needs a calibration without one.
+    """
+    recipe = recipe if isinstance(recipe, recipes.Recipe) else recipes.load(recipe)
+    if calibration is None and recipe.needs_calibration:
+        raise ConfigError(f"recipe {recipe.name!r} is built from calibrated statistics: pass "
+                          "calibration=kt.calibrate(model, tokenizer, texts) (or kt.Calibration.load(DIR))")
+    return KakeyaCache.from_model(model, recipe, calibration)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 
@@ -32,11 +33,12 @@ from kakeyaturbo import codecs
 from kakeyaturbo.codecs.base import Codec
 from kakeyaturbo.container import Encoded
 from kakeyaturbo.errors import ConfigError, ShapeError
-from kakeyaturbo.ops.bitalloc import allocate_budgets
+from kakeyaturbo.ops.bitalloc import allocate_budgets, interpolate_costs
 from kakeyaturbo.recipes.recipe import Recipe, StreamRecipe
 from kakeyaturbo.transforms.whitening import Whitening
 
-CALIBRATE_HINT = "run `kakeya calibrate --out DIR` and pass calibration=kt.Calibration.load(DIR)"
+CALIBRATE_HINT = ("pass calibration=kt.calibrate(model, tokenizer, texts), or kt.Calibration.load(DIR) of a bundle "
+                  "from `kakeya calibrate --out DIR`")
 
 
 def join_heads(x: torch.Tensor) -> torch.Tensor:
@@ -46,11 +48,12 @@ def join_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class CalibrationLike(Protocol):
-    """What the engine needs from a calibration bundle (``kakeyaturbo.Calibration`` provides it).
+    """What the engine needs from a calibration bundle (``kakeyaturbo.Calibration`` provides it,
+    fitting what is asked for on demand).
 
     Attributes:
         boundary_ranking: layer indices, most sensitive first.
-        skipped_whitening: layers whose whitening the calibration skipped, with the reason.
+        skipped_whitening: layers the calibration does not whiten, with the reason.
     """
 
     boundary_ranking: list[int]
@@ -58,17 +61,18 @@ class CalibrationLike(Protocol):
 
     def whitening(self, layer: int, mode: str = "sigma_q") -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(L, L_inv)`` each ``[n_kv, D, D]`` for ``layer`` and mode ("sigma_q" or "lag"), or None
-        when whitening is skipped there."""
+        when the layer is not whitened."""
 
-    def v2_tensors(self, layer: int, stream: str, bits: float, space: str, variant: str) -> dict[str, torch.Tensor]:
-        """The ``kakeya-v2`` transforms of one (layer, stream) at a bit budget, fitted in key space
-        ``space`` ("sigma_q", "lag", "none", "post_rope") with the fit options named ``variant``."""
+    def v2_transforms(self, layer: int, stream: str, space: str, layout: str, config: Any) -> Any:
+        """The ``kakeya-v2`` transforms serving ``config`` on one (layer, stream), for input in key space
+        ``space`` ("none", "post_rope", "sigma_q", "lag") and engine ``layout``."""
 
-    def table(self, stream: str, bits: int) -> tuple[float, ...] | None:
+    def table(self, stream: str, bits: int) -> tuple[float, ...]:
         """The calibrated Lloyd–Max table (``2**bits`` increasing floats) of stream ``"k"``/``"v"``."""
 
-    def v2_costs(self, layer: int, stream: str) -> dict[float, float]:
-        """Predicted KL of coding one (layer, stream) alone with ``kakeya-v2`` at each fitted budget."""
+    def sensitivity(self, setup: Mapping[str, Any]) -> dict[str, dict[int, dict[float, float]]]:
+        """Measured KL of coding each (layer, stream) alone at each probed budget, ``{stream: {layer:
+        {budget: KL}}}``, for the probe ``setup`` (:meth:`Recipe.sensitivity_setup`)."""
 
 
 @dataclasses.dataclass
@@ -246,9 +250,6 @@ class _CodecFactory:
             raise ConfigError(f"calibrated_table: codec {sr.codec!r} has no bits/codebook fields to "
                               "calibrate")
         table = self.calibration.table(stream, fields["bits"])
-        if table is None:
-            raise ConfigError(f"the calibration has no {stream.upper()} table for {fields['bits']} bits; "
-                              f"rerun `kakeya calibrate`")
         return type(codec)(codec.config, codebook=tuple(float(t) for t in table))
 
 
@@ -271,24 +272,28 @@ def sensitivity_budgets(recipe: Recipe, layers: list[int],
     """The ``layer_bits="sensitivity"`` budgets: ``{(layer, "k"|"v"): bits}`` for ``layers``.
 
     The total is what uniform budgets would spend (``len(layers) * (k bits + v bits)``; K and V
-    rows have the same size); it is spread to minimise the sum of the calibration's predicted KL
-    (:meth:`CalibrationLike.v2_costs`) over the budgets fitted for every one of these streams.
+    rows have the same size); it is spread over the budgets of ``recipe.probe.grid`` to minimise the
+    sum of the KL the calibration's sensitivity probe measured (:meth:`CalibrationLike.sensitivity`,
+    interpolated between probed budgets).
     """
     if calibration is None:
         raise ConfigError(f"recipe {recipe.name!r} has layer_bits='sensitivity'; {CALIBRATE_HINT}")
     items = [(layer, stream) for layer in layers for stream in ("k", "v")]
     if not items:
         return {}
-    tables = [calibration.v2_costs(layer, stream) for layer, stream in items]
-    options = sorted(set.intersection(*(set(t) for t in tables)))
-    if not options:
-        raise ConfigError(f"recipe {recipe.name!r}: the calibration has no v2 budget fitted for every layer")
+    measured = calibration.sensitivity(recipe.sensitivity_setup())
+    missing = [f"{layer}{stream}" for layer, stream in items if layer not in measured[stream]]
+    if missing:
+        raise ConfigError(f"recipe {recipe.name!r}: the sensitivity probe did not measure layer/stream "
+                          f"{', '.join(missing)} (kakeya-v2 serves full-attention layers only)")
+    options = list(recipe.probe.grid)
+    tables = [interpolate_costs(measured[stream][layer], recipe.probe.grid) for layer, stream in items]
     costs = torch.tensor([[t[b] for b in options] for t in tables], dtype=torch.float64)
     total = len(layers) * (float(recipe.k.config["bits"]) + float(recipe.v.config["bits"]))
     try:
         choice = allocate_budgets(costs, torch.tensor(options, dtype=torch.float64), total)
     except ConfigError as exc:
-        raise ConfigError(f"recipe {recipe.name!r}: {exc} (fitted budgets: {options})") from None
+        raise ConfigError(f"recipe {recipe.name!r}: {exc} (budgets: {options})") from None
     return {item: options[int(i)] for item, i in zip(items, choice)}
 
 

@@ -12,45 +12,67 @@ import torch
 
 from kakeyaturbo import recipes
 from kakeyaturbo.cache import KakeyaCache
-from kakeyaturbo.calibration import Calibration, CalibrationSettings, config_hash
+from kakeyaturbo.calibration import Calibration, CalibrationSettings, config_hash, prepare
+from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Config, fit_transforms
+from kakeyaturbo.engine import join_heads
 from kakeyaturbo.errors import ConfigError, CorruptDataError
+from kakeyaturbo.ops.bitalloc import interpolate_costs
+from tests.conftest import TINY_PROBE
 
 ABLATIONS = Path(__file__).parents[2] / "benchmarks" / "recipes" / "ablation"
 
 
 @pytest.mark.model
-def test_bundle_contents(tiny_bundle):
-    model, cal = tiny_bundle
-    assert sorted(cal.boundary_ranking) == [0, 1, 2] and cal.skipped_whitening == {}
+def test_bundle_holds_statistics_and_fits_on_demand(tmp_path, tiny_bundle):
+    model, stats = tiny_bundle
+    cal = Calibration(stats.manifest, stats.statistics)
+    assert stats.statistics["k/1"].shape == (2, 2 * 96, 16) and stats.statistics["ids"].shape == (2, 96)
+    assert not any(name.startswith(("v2/", "chol/", "table/")) for name in stats.statistics)  # nothing fitted
+    assert cal.skipped_whitening == {}
     chol, inv = cal.whitening(1, "sigma_q")
     assert chol.shape == (2, 16, 16) and torch.allclose(chol @ inv, torch.eye(16).expand(2, 16, 16), atol=1e-3)
     assert cal.whitening(1, "lag")[0].shape == (2, 16, 16)
     table = cal.table("k", 2)
-    assert len(table) == 4 and list(table) == sorted(table) and cal.table("k", 3) is None
-    assert cal.manifest["settings"]["tokens"] == 96 and cal.manifest["split"] == "all text is calibration"
-    variants = {"/".join(k.split("/")[3:6]) for k in cal.tensors if k.startswith("v2/")}
-    fits = {"waterfill": "g8-r1-waterfill", "no gain": "g0-r1-waterfill", "no rotation": "g8-r0-waterfill",
-            "uniform": "g8-r1-uniform"}
-    keys = {f"k/{space}/m{m}-{fits['waterfill']}" for space in ("sigma_q", "lag", "none", "post_rope") for m in (0, 1)}
-    keys |= {f"k/none/m{m}-{fit}" for fit in fits.values() for m in (0, 1)}
-    values = {f"v/none/m0-{fit}" for fit in fits.values()} | {f"v/none/m1-{fits['waterfill']}"}
-    joint = {f"{stream}/none/m{m}-g8{h}-r1-waterfill-joint" for stream, m in (("k", 1), ("v", 0))
-             for h in ("", "-h4", "-h4-o3", "-h4-o4")}
-    assert variants == keys | values | joint
-    assert cal.tensors["v2/3/0/k/none/m1-g8-r1-waterfill-joint/basis_q"].shape == (1, 32, 32)  # 2 heads x D=16
-    assert cal.tensors["v2/3/0/v/none/m0-g8-h4-r1-waterfill-joint/head_log_gain"].shape == (1, 2, 2)
-    assert cal.tensors["v2/3/0/k/none/m1-g8-h4-o3-r1-waterfill-joint/reflector_bits"].shape == (1, 32)
-    assert "v2/3/0/v/none/m0-g8-r1-waterfill/mean" not in cal.tensors  # values are not centred
+    assert len(table) == 4 and list(table) == sorted(table) and len(cal.table("k", 3)) == 8  # any width
+    cal.save(tmp_path / "b")
+    cfg = KakeyaV2Config.for_calibration({"bits": 2.7, "head_gain_bits": 4, "reflector_bits": 3}, "k")
+    fitted = cal.v2_transforms(0, "k", "none", "joint", cfg)  # any budget: fitted when first asked
+    assert fitted.basis.shape == (1, 32, 32) and fitted.heads == 2 and fitted.reflectors is not None
+    assert int(fitted.bits.long().sum()) == round(2.7 * 32) - 8 - 2 * 4
+    assert {f.name.split("-")[0] for f in (tmp_path / "b" / "fits").iterdir()} == {"table", "v2"}  # written there
+    again = Calibration.load(tmp_path / "b").v2_transforms(0, "k", "none", "joint", cfg)  # read back, not refitted
+    assert again.fingerprint() == fitted.fingerprint()
+    sinkless = stats.statistics["k/0"].float().reshape(2, 2, 96, 16)[:, :, 1:].reshape(2, -1, 16)
+    direct = fit_transforms(join_heads(sinkless).unsqueeze(0), KakeyaV2Config(
+        bits=2.7, head_gain_bits=4, reflector_bits=3, fitted_tables=True, seed=0), heads=2)
+    assert direct.fingerprint() == fitted.fingerprint()  # the fit is the codec's own, on the sinkless sample
+
+
+@pytest.mark.model
+def test_a_corrupt_or_foreign_fit_file_is_a_miss(tmp_path, tiny_bundle):
+    _, stats = tiny_bundle
+    cal = Calibration(stats.manifest, stats.statistics)
+    cal.save(tmp_path / "b")
+    cfg = KakeyaV2Config.for_calibration({"bits": 3.0}, "v")
+    good = cal.v2_transforms(2, "v", "none", "head", cfg).fingerprint()
+    (path,) = (tmp_path / "b" / "fits").iterdir()
+    path.write_bytes(path.read_bytes()[:100])
+    assert Calibration.load(tmp_path / "b").v2_transforms(2, "v", "none", "head", cfg).fingerprint() == good
+    other = Calibration.load(tmp_path / "b")
+    other.memo_put(json.dumps({"kind": "v2", "forged": True}), {"x": torch.zeros(1)})
+    forged = next(f for f in (tmp_path / "b" / "fits").iterdir() if f != path)
+    path.write_bytes(forged.read_bytes())  # a valid file written for another key
+    assert Calibration.load(tmp_path / "b").v2_transforms(2, "v", "none", "head", cfg).fingerprint() == good
 
 
 @pytest.mark.model
 @pytest.mark.parametrize("coding", ["fixed", "entropy"])
 def test_bundle_round_trip_and_use(tmp_path, tiny_bundle, coding):
     model, cal = tiny_bundle
-    cal.save(tmp_path / "b")
+    Calibration(cal.manifest, cal.statistics).save(tmp_path / "b")
     back = Calibration.load(tmp_path / "b")
-    as_json = json.loads(json.dumps({**cal.manifest, "bundle_version": 2}))
-    assert back.manifest == as_json and back.tensors.keys() == cal.tensors.keys()
+    as_json = json.loads(json.dumps({**cal.manifest, "bundle_version": 3}))
+    assert back.manifest == as_json and back.statistics.keys() == cal.statistics.keys()
     back.check_model("tiny", config_hash(model.config))
     recipe = recipes.Recipe.from_dict({
         "name": "v2", "sink_tokens": 1, "chunk_tokens": 16,
@@ -91,7 +113,7 @@ def test_joint_layout_codes_the_heads_of_a_layer_together(tiny_bundle, head_gain
     k, v = cache.layers[1].full()
     assert k.shape == (1, 2, 40, 16) and torch.isfinite(k).all() and torch.isfinite(v).all()
     tokenmajor = recipes.Recipe.from_dict({**recipe.to_dict(), "layout": "token_major"})
-    with pytest.raises(ConfigError, match="layout must be one of"):
+    with pytest.raises(ConfigError, match="transforms exist for layouts"):
         KakeyaCache.from_model(model, tokenmajor, cal)
 
 
@@ -100,46 +122,33 @@ def test_bundle_errors(tmp_path, tiny_bundle):
     model, cal = tiny_bundle
     with pytest.raises(ConfigError, match="not a calibration bundle"):
         Calibration.load(tmp_path / "missing")
-    cal.save(tmp_path / "b")
+    Calibration(cal.manifest, cal.statistics).save(tmp_path / "b")
     with pytest.raises(ConfigError, match="made for model 'tiny'"):
         Calibration.load(tmp_path / "b").check_model("other", "0123")
-    with pytest.raises(ConfigError, match=r"no kakeya-v2 transforms at 2.5 bits.*fitted .*3/k/sigma_q/m1-g8-r1"):
-        cal.v2_tensors(0, "k", 2.5, "sigma_q", "m1-g8-r1-waterfill")
+    with pytest.raises(ConfigError, match="key space must be one of"):
+        cal.v2_transforms(0, "v", "sigma_q", "head", KakeyaV2Config.for_calibration({"bits": 2.5}, "v"))
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    (tmp_path / "b" / "manifest.json").write_text(json.dumps({**manifest, "bundle_version": 99}))
-    with pytest.raises(CorruptDataError, match="version 99"):
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps({**manifest, "bundle_version": 2}))
+    with pytest.raises(ConfigError, match=r"version 2.*`kakeya calibrate --force --model tiny --out "):
         Calibration.load(tmp_path / "b")
-    (tmp_path / "b" / "tensors.safetensors").write_bytes(b"garbage")
+    (tmp_path / "b" / "statistics.safetensors").write_bytes(b"garbage")
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CorruptDataError, match="unreadable"):
         Calibration.load(tmp_path / "b")
+    no_probe = recipes.Recipe.from_dict({"name": "spread", "layer_bits": "sensitivity", "probe": TINY_PROBE,
+                                         "k": {"codec": "kakeya-v2", "config": {"bits": 2.5}},
+                                         "v": {"codec": "kakeya-v2", "config": {"bits": 2.5}}})
+    with pytest.raises(ConfigError, match="needs the model: run `kakeya calibrate --model tiny --recipe NAME`"):
+        KakeyaCache(model.config, no_probe, Calibration(cal.manifest, cal.statistics))
 
 
 def test_settings_validated():
     with pytest.raises(ConfigError, match="ridge"):
         CalibrationSettings(ridge=2.0)
-    with pytest.raises(ConfigError, match="fit in one calibration window"):
-        CalibrationSettings(tokens=64, sensitivity_ctx=60)
-    with pytest.raises(ConfigError, match="v2_probe_bits must be"):
-        CalibrationSettings(v2_bits=(2.0, 3.0), v2_probe_bits=(2.0, 2.5))
-    with pytest.raises(ConfigError, match="key space 'none'"):
-        CalibrationSettings(v2_key_spaces=("sigma_q",))
-    with pytest.raises(ConfigError, match="v2_probe_sink_tokens"):
-        CalibrationSettings(v2_probe_sink_tokens=448)
-    with pytest.raises(ConfigError, match="v2_probe_windows"):
-        CalibrationSettings(windows=2, v2_probe_windows=3)
-    with pytest.raises(ConfigError, match="v2_layouts"):
-        CalibrationSettings(v2_layouts=("joint",))
-    with pytest.raises(ConfigError, match="v2_joint_head_gain_bits needs the 'joint' layout"):
-        CalibrationSettings(v2_layouts=("head",))
-    for widths in ((0,), (4, 4), (True,)):
-        with pytest.raises(ConfigError, match="v2_joint_head_gain_bits: need distinct widths"):
-            CalibrationSettings(v2_joint_head_gain_bits=widths)
-    for widths in ((1,), (3, 3), (9,)):
-        with pytest.raises(ConfigError, match="v2_joint_reflector_bits: need distinct widths"):
-            CalibrationSettings(v2_joint_reflector_bits=widths)
-    with pytest.raises(ConfigError, match="v2_joint_reflector_bits: the reflector fits"):
-        CalibrationSettings(v2_joint_head_gain_bits=())
+    with pytest.raises(ConfigError, match="windows must be an integer"):
+        CalibrationSettings(windows=2.5)
+    with pytest.raises(ConfigError, match="must hold exactly"):
+        CalibrationSettings.from_dict({"windows": 2})
 
 
 @pytest.mark.model
@@ -147,6 +156,7 @@ def test_settings_validated():
 def test_every_ablation_recipe_runs_on_a_bundle_fitted_with_ablations(path, tiny_bundle):
     model, cal = tiny_bundle
     recipe = dataclasses.replace(recipes.load(path), chunk_tokens=16)
+    recipe = dataclasses.replace(recipe, probe=recipes.SensitivityProbe(**{**recipe.probe.to_dict(), **TINY_PROBE}))
     cache = KakeyaCache.from_model(model, recipe, cal)
     assert all(p.whitening is None for p in cache.plans)  # v2 folds any whitening into its basis
     assert {p.k_space for p in cache.plans} == {recipe.k.whiten}
@@ -158,28 +168,28 @@ def test_every_ablation_recipe_runs_on_a_bundle_fitted_with_ablations(path, tiny
 
 @pytest.mark.model
 def test_v2_sensitivity_drives_layer_budgets(tiny_bundle):
-    model, cal = tiny_bundle
-    probed = cal.manifest["v2_sensitivity"]
-    assert set(probed) == {"k", "v"} and set(probed["k"]) == {"0", "1", "2"}
-    assert all(set(per) == {"2", "3"} and min(per.values()) >= 0 for s in probed.values() for per in s.values())
-    costs = cal.v2_costs(1, "v")
-    assert list(costs) == [2.0, 3.0] and costs[2.0] == pytest.approx(max(probed["v"]["1"]["2"], 1e-9))
+    model, stats = tiny_bundle
+    cal = Calibration(stats.manifest, stats.statistics)
     recipe = recipes.Recipe.from_dict({
-        "name": "spread", "sink_tokens": 1, "chunk_tokens": 16, "layer_bits": "sensitivity",
+        "name": "spread", "sink_tokens": 1, "chunk_tokens": 16, "layer_bits": "sensitivity", "probe": TINY_PROBE,
         "k": {"codec": "kakeya-v2", "config": {"bits": 2.5}}, "v": {"codec": "kakeya-v2", "config": {"bits": 2.5}},
     })
     plans = KakeyaCache.from_model(model, recipe, cal).plans
+    probed = cal.sensitivity(recipe.sensitivity_setup())
+    assert set(probed) == {"k", "v"} and set(probed["k"]) == {0, 1, 2}
+    assert all(set(per) == {2.0, 3.0} and min(per.values()) >= 0 for s in probed.values() for per in s.values())
     bits = [p.k_codec.config.bits for p in plans] + [p.v_codec.config.bits for p in plans]
-    assert set(bits) <= {2.0, 3.0} and sum(bits) <= 6 * 2.5
-    no_probe = Calibration({**cal.manifest, "v2_sensitivity": {}}, cal.tensors)
-    with pytest.raises(ConfigError, match="no kakeya-v2 sensitivity for layer 0 stream k"):
-        KakeyaCache.from_model(model, recipe, no_probe)
+    assert set(bits) <= {2.0, 2.5, 3.0} and sum(bits) <= 6 * 2.5
+    joint = recipes.Recipe.from_dict({**recipe.to_dict(), "layout": "joint"})  # its own probe: another setup
+    assert joint.sensitivity_setup() != recipe.sensitivity_setup()
+    with pytest.raises(ConfigError, match="has not measured the sensitivity probe"):
+        cal.sensitivity(joint.sensitivity_setup())
+    pinned = recipes.Recipe.from_dict({**joint.to_dict(), "probe": {**TINY_PROBE, "config": {}, "layout": "head"}})
+    assert pinned.sensitivity_setup()["k"]["config"] == {} and pinned.sensitivity_setup()["layout"] == "head"
 
 
-def test_v2_costs_interpolate_in_log_kl():
-    cal = Calibration({"settings": {"v2_bits": [1.0, 1.5, 2.0, 3.0, 4.0]},
-                       "v2_sensitivity": {"k": {"0": {"1": 1e-2, "2": 1e-4, "3": 1e-5}}}})
-    costs = cal.v2_costs(0, "k")
+def test_costs_interpolate_in_log_kl():
+    costs = interpolate_costs({1.0: 1e-2, 2.0: 1e-4, 3.0: 1e-5}, (1.5, 2.0, 4.0))
     assert costs[1.5] == pytest.approx(1e-3) and costs[4.0] == pytest.approx(1e-6) and costs[2.0] == pytest.approx(1e-4)
 
 
@@ -187,13 +197,15 @@ def test_v2_costs_interpolate_in_log_kl():
 def test_recipes_layers_command(tmp_path, tiny_bundle, capsys):
     from kakeyaturbo.cli import main
 
-    _, cal = tiny_bundle
-    cal.save(tmp_path / "b")
+    model, cal = tiny_bundle
     recipe = tmp_path / "spread.json"
     recipe.write_text(json.dumps({
-        "name": "spread", "sink_tokens": 2, "layer_bits": "sensitivity",
+        "name": "spread", "sink_tokens": 2, "layer_bits": "sensitivity", "probe": TINY_PROBE,
         "k": {"codec": "kakeya-v2", "config": {"bits": 2.5}}, "v": {"codec": "kakeya-v2", "config": {"bits": 2.5}},
     }))
+    bundle = Calibration(cal.manifest, cal.statistics)
+    bundle.save(tmp_path / "b")
+    prepare(recipes.load(recipe), bundle, model)  # what `kakeya calibrate --recipe` does
     args = ["recipes", str(recipe), "--layers", "--calibration", str(tmp_path / "b"), "--plot", str(tmp_path / "p.png"),
             "--json", str(tmp_path / "bits.json")]
     assert main(args) == 0

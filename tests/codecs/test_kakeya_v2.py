@@ -389,8 +389,8 @@ def test_entropy_coding_from_a_bundle_drops_the_fitted_tables(calib):
     t = fit_transforms(calib, KakeyaV2Config(bits=3.0, stream="k", fitted_tables=True))
 
     class Bundle:
-        def v2_tensors(self, *args):
-            return t.to_tensors()
+        def v2_transforms(self, layer, stream, space, layout, config):
+            return t if config.fitted_tables else t.without_tables()
 
     fixed = KakeyaV2Codec.from_calibration({"bits": 3.0}, Bundle(), 0, "k", "none")
     entropy = KakeyaV2Codec.from_calibration({"bits": 3.0, "coding": "entropy"}, Bundle(), 0, "k", "none")
@@ -422,7 +422,7 @@ def test_head_gains_bound_each_heads_error_by_its_own_norm(coding):
     fit, x = heads_apart(2048, 11), heads_apart(512, 12)
     plain = KakeyaV2Codec.calibrate(fit, bits=3.0, stream="v", coding=coding)
     gains = KakeyaV2Codec.calibrate(fit, bits=3.0, stream="v", coding=coding, head_gain_bits=4, heads=4)
-    assert gains.transforms.heads == 4 and gains.config.fit_variant == "m0-g8-h4-r1-waterfill"
+    assert gains.transforms.heads == 4 and gains.config.fit_fields(0)["head_gain_bits"] == 4
     enc = gains.encode(x)
     assert 8 * enc.payload_nbytes == 3 * x.numel() and enc.fields["head_scale"].numel() == 2 * 512 * 4 * 4 // 8
     worst_plain = torch.quantile(head_errors(plain.roundtrip(x), x), 0.99)
@@ -454,7 +454,7 @@ def test_reflector_basis_costs_little_error_for_far_fewer_bytes(calib, test_x, c
     dense = KakeyaV2Codec.calibrate(calib, bits=2.0, stream="k", coding=coding)
     refl = KakeyaV2Codec.calibrate(calib, bits=2.0, stream="k", coding=coding, reflector_bits=4)
     t = refl.transforms
-    assert refl.config.fit_variant == "m1-g8-o4-r1-waterfill"
+    assert refl.config.fit_fields(0)["reflector_bits"] == 4
     assert bool((t.bits == 0).any()) and torch.equal(t.reflector_bits == 0, t.bits == 0)  # uncoded: not stored
     assert int(t.reflector_bits[t.bits > 0].min()) == 4 and int(t.reflector_bits.max()) > 4
     assert t.nbytes < dense.transforms.nbytes - S * D * D / 2

@@ -1,4 +1,4 @@
-"""``kakeya calibrate`` reuses a bundle only when it was made with the settings asked for."""
+"""``kakeya calibrate`` reuses a bundle only when it was measured with the settings asked for."""
 
 from __future__ import annotations
 
@@ -7,19 +7,21 @@ import json
 
 import pytest
 
-from kakeyaturbo.commands.calibrate import why_recalibrate
+from kakeyaturbo.calibration import Calibration
+from kakeyaturbo.commands.calibrate import why_remeasure
 from tests.conftest import SETTINGS
 
 
 @pytest.mark.model
-def test_why_recalibrate(tmp_path, tiny_bundle):
+def test_why_remeasure(tmp_path, tiny_bundle):
     _, cal = tiny_bundle
-    assert why_recalibrate(tmp_path / "none", SETTINGS) == "no bundle there yet"
-    cal.save(tmp_path / "b")
-    assert why_recalibrate(tmp_path / "b", SETTINGS) is None
-    other = dataclasses.replace(SETTINGS, windows=3, v2_ablation_bits=None)
-    assert why_recalibrate(tmp_path / "b", other) == ("the bundle there was made with other settings "
-                                                      "(v2_ablation_bits, windows)")
+    assert why_remeasure(tmp_path / "none", SETTINGS) == "no bundle there yet"
+    Calibration(cal.manifest, cal.statistics).save(tmp_path / "b")
+    assert why_remeasure(tmp_path / "b", SETTINGS) is None
+    other = dataclasses.replace(SETTINGS, windows=3, ridge=0.01)
+    assert why_remeasure(tmp_path / "b", other) == ("the bundle there was measured with other settings "
+                                                    "(ridge, windows)")
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    (tmp_path / "b" / "manifest.json").write_text(json.dumps({**manifest, "bundle_version": 1}))
-    assert "cannot be used" in why_recalibrate(tmp_path / "b", SETTINGS)
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps({**manifest, "bundle_version": 2}))
+    assert "cannot be used" in why_remeasure(tmp_path / "b", SETTINGS)
+    assert "kakeya calibrate --force --model tiny" in why_remeasure(tmp_path / "b", SETTINGS)

@@ -1,23 +1,49 @@
-"""The calibration bundle: ``manifest.json`` + ``tensors.safetensors``, and the accessors the
-engine uses (whitening per layer and mode, calibrated tables, boundary ranking, v2 transforms)."""
+"""The calibration bundle: statistics measured once, and the fits made from them on demand.
+
+A bundle directory holds ``manifest.json`` (model, text, split, settings), ``statistics.safetensors``
+(:mod:`kakeyaturbo.calibration.statistics`) and ``fits/``: every transform, whitening table or
+sensitivity probe a recipe asked for, memoised under a hash of the full config it serves and of the
+statistics it was made from (one file each, written to a temporary name and renamed, so several
+processes can share a bundle). A second run of the same recipe reads its fits back.
+
+:class:`Calibration` is what the engine uses (:class:`kakeyaturbo.engine.CalibrationLike`); the fits
+themselves live in :mod:`kakeyaturbo.calibration.fits` (no model needed) and
+:mod:`kakeyaturbo.calibration.probes` (sensitivity probes, which run the model).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
+from tqdm import tqdm
 
 from kakeyaturbo.errors import ConfigError, CorruptDataError
 
-BUNDLE_VERSION = 2
-WHITEN_MODES = ("sigma_q", "lag")
+BUNDLE_VERSION = 3
+STATISTICS = "statistics.safetensors"
+MANIFEST = "manifest.json"
+FITS = "fits"
+
+
+def calibrate_command(model: str, out: Path | None = None) -> str:
+    """The command that (re)builds a model's bundle, for error messages."""
+    return f"kakeya calibrate --force --model {model}" + (f" --out {out}" if out is not None else "")
+
+
+def fit_key(kind: str, **fields: Any) -> str:
+    """Canonical JSON of what a fit serves (its memo key before hashing)."""
+    return json.dumps({"kind": kind, **fields}, sort_keys=True, default=str)
 
 
 @dataclass
@@ -25,76 +51,92 @@ class Calibration:
     """A calibration bundle in memory.
 
     Attributes:
-        manifest: model id and config hash, text and split, settings, package version, notes.
-        tensors: every tensor of the bundle by ``/``-separated name: ``sigma/{mode}/{layer}``,
-            ``chol/{mode}/{layer}``, ``inv_chol/{mode}/{layer}``, ``table/{stream}/{bits}``,
-            ``v2/{bits}/{layer}/{stream}/{space}/{variant}/{field}``.
+        manifest: model id and config hash, layer types, text and split, settings, package version.
+        statistics: the measured tensors by name (module docstring of
+            :mod:`kakeyaturbo.calibration.statistics`).
+        directory: where fits are memoised (None: in memory only).
     """
 
     manifest: dict[str, Any]
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    statistics: dict[str, torch.Tensor] = field(default_factory=dict)
+    directory: Path | None = None
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+    local: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Cheap derived values kept in memory only (whitening factors)."""
+    _bar: Any = field(default=None, repr=False)
 
-    # --- the protocol the engine uses ---------------------------------------------------------
+    # --- what the engine uses -----------------------------------------------------------------
     def whitening(self, layer: int, mode: str = "sigma_q") -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(L, L⁻¹)`` each ``[n_kv, D, D]`` for ``layer``, or None where whitening was skipped."""
-        if mode not in WHITEN_MODES:
-            raise ConfigError(f"whitening mode must be 'sigma_q' or 'lag', got {mode!r}")
-        if layer in self.skipped_whitening:
-            return None
-        key = f"chol/{mode}/{layer}"
-        if key not in self.tensors:
-            raise ConfigError(f"calibration bundle has no {mode} whitening for layer {layer}")
-        return self.tensors[key], self.tensors[f"inv_chol/{mode}/{layer}"]
+        """``(L, L⁻¹)`` each ``[n_kv, D, D]`` for ``layer``, or None where whitening is unsafe there."""
+        from kakeyaturbo.calibration.fits import whitening
 
-    def table(self, stream: str, bits: int) -> tuple[float, ...] | None:
-        """Calibrated Lloyd–Max table for ``stream`` ("k"/"v") at ``bits``, or None if not fitted."""
-        t = self.tensors.get(f"table/{stream}/{bits}")
-        return None if t is None else tuple(float(v) for v in t.tolist())
-
-    @property
-    def boundary_ranking(self) -> list[int]:
-        """Layers ordered from most to least sensitive to compression."""
-        return list(self.manifest.get("boundary_ranking", []))
+        return whitening(self, layer, mode)
 
     @property
     def skipped_whitening(self) -> dict[int, str]:
         """Layers left unwhitened, with the reason."""
-        return {int(k): v for k, v in self.manifest.get("skipped_whitening", {}).items()}
+        from kakeyaturbo.calibration.fits import skipped_whitening
 
-    def v2_tensors(self, layer: int, stream: str, bits: float, space: str, variant: str) -> dict[str, torch.Tensor]:
-        """The ``kakeya-v2`` transform tensors of one (layer, stream) at a bit budget, fitted on that
-        stream in key space ``space`` ("none"; for keys also "sigma_q", "lag" or "post_rope") with the
-        fit options ``variant`` (:attr:`KakeyaV2Config.fit_variant`)."""
-        prefix = f"v2/{bits:g}/{layer}/{stream}/{space}/{variant}/"
-        out = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
-        if not out:
-            fitted = sorted({"/".join(k.split("/")[i] for i in (1, 3, 4, 5)) for k in self.tensors
-                             if k.startswith("v2/") and k.split("/")[2] == str(layer)})
-            raise ConfigError(f"calibration bundle has no kakeya-v2 transforms at {bits:g} bits for layer {layer} "
-                              f"stream {stream}, key space {space!r}, fit {variant!r}; fitted (bits/stream/space/"
-                              f"fit): {', '.join(fitted) or 'none'} (recalibrate: `kakeya calibrate --v2-bits "
-                              f"{bits:g}`, `--v2-key-space`, `--v2-ablation`)")
-        return out
+        return skipped_whitening(self)
 
-    def v2_costs(self, layer: int, stream: str) -> dict[float, float]:
-        """Predicted KL of coding one (layer, stream) alone with ``kakeya-v2``, at every fitted budget.
+    def table(self, stream: str, bits: int) -> tuple[float, ...]:
+        """The Lloyd–Max table of stream ``"k"``/``"v"`` at ``bits`` for the seed's ``kakeya`` codec."""
+        from kakeyaturbo.calibration.fits import table
 
-        Measured at the calibration's probe budgets (``v2_sensitivity``); in between, interpolated
-        linearly in log KL; beyond them, extrapolated along the nearest measured segment.
+        return table(self, stream, bits)
 
-        Raises:
-            ConfigError: the bundle has no v2 sensitivity for that layer and stream.
-        """
-        probed = self.manifest.get("v2_sensitivity", {}).get(stream, {}).get(str(layer))
-        if not probed:
-            raise ConfigError(f"calibration bundle has no kakeya-v2 sensitivity for layer {layer} stream {stream} "
-                              "(layer_bits: \"sensitivity\" needs it; recalibrate with `kakeya calibrate --force`)")
-        xs = sorted(float(b) for b in probed)
-        ys = [math.log(max(probed[f"{b:g}"], _KL_FLOOR)) for b in xs]
-        budgets = [float(b) for b in self.manifest["settings"]["v2_bits"]]
-        return {b: math.exp(_log_linear(xs, ys, b)) for b in budgets}
+    def v2_transforms(self, layer: int, stream: str, space: str, layout: str, config: Any) -> Any:
+        """The ``kakeya-v2`` transforms serving ``config`` (a ``KakeyaV2Config``) on one (layer, stream)
+        in key space ``space`` and engine ``layout``."""
+        from kakeyaturbo.calibration.fits import v2_transforms
 
-    # --- identity checks ------------------------------------------------------------------------
+        return v2_transforms(self, layer, stream, space, layout, config)
+
+    def sensitivity(self, setup: Mapping[str, Any]) -> dict[str, dict[int, dict[float, float]]]:
+        """The measured KL of coding each (layer, stream) alone, ``{stream: {layer: {budget: KL}}}``, for
+        a probe ``setup`` (:meth:`kakeyaturbo.recipes.Recipe.sensitivity_setup`); it must have been
+        measured (:func:`kakeyaturbo.calibration.probes.prepare`, which runs the model)."""
+        from kakeyaturbo.calibration.probes import SENSITIVITY, stored_sensitivity
+
+        found = self.memo_get(fit_key(SENSITIVITY, stats=self.stats_id, setup=setup))
+        if found is None:
+            raise ConfigError(self._needs_model("the sensitivity probe of this recipe's layer budgets"))
+        return stored_sensitivity(found)
+
+    @property
+    def boundary_ranking(self) -> list[int]:
+        """Layers ordered from most to least sensitive to the seed's codec (for ``boundary_top``)."""
+        from kakeyaturbo.calibration.probes import BOUNDARY, boundary_setup
+
+        setup = boundary_setup(int(self.stat("ids").shape[1]))
+        found = self.memo_get(fit_key(BOUNDARY, stats=self.stats_id, setup=setup))
+        if found is None:
+            raise ConfigError(self._needs_model("the boundary-layer ranking (boundary_top)"))
+        return [int(i) for i in found]
+
+    def _needs_model(self, what: str) -> str:
+        return (f"the calibration bundle{'' if self.directory is None else f' at {self.directory}'} has not "
+                f"measured {what}; it needs the model: run `kakeya calibrate --model {self.model} --recipe NAME`, "
+                "or build the cache with kt.compress(model, recipe, calibration) / KakeyaCache.from_model")
+
+    # --- identity -------------------------------------------------------------------------------
+    @property
+    def model(self) -> str:
+        """The model id the bundle was measured on."""
+        return str(self.manifest.get("model"))
+
+    @property
+    def stats_id(self) -> str:
+        """Hash of what the statistics were measured from (model config, text, split, settings)."""
+        keys = ("config_hash", "text", "split", "settings", "layer_types", "dtype")
+        blob = json.dumps({k: self.manifest.get(k) for k in keys}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def full_layers(self) -> list[int]:
+        """Layers with full attention (the ones calibrated codecs serve)."""
+        return [i for i, t in enumerate(self.manifest["layer_types"]) if t == "full_attention"]
+
     def check_model(self, model_id: str, config_hash: str) -> None:
         """Raise :class:`ConfigError` if the bundle was made for another model or head layout."""
         mine = (self.manifest.get("model"), self.manifest.get("config_hash"))
@@ -104,14 +146,101 @@ class Calibration:
                 f"(config {config_hash}); run `kakeya calibrate --model {model_id}`"
             )
 
+    def stat(self, name: str) -> torch.Tensor:
+        """One statistics tensor by name; :class:`CorruptDataError` if the bundle lacks it."""
+        if name not in self.statistics:
+            raise CorruptDataError(f"calibration statistics lack {name!r}; rebuild the bundle with "
+                                   f"`{calibrate_command(self.model, self.directory)}`")
+        return self.statistics[name]
+
+    # --- memoised fits ----------------------------------------------------------------------------
+    def _path(self, key: str) -> Path | None:
+        if self.directory is None:
+            return None
+        kind = json.loads(key)["kind"]
+        return self.directory / FITS / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+
+    def memo_get(self, key: str) -> Any:
+        """The memoised value of ``key`` (tensors dict or JSON value), from memory or the bundle's
+        ``fits/``, or None; an unreadable or mismatching file counts as missing."""
+        if key in self._memo:
+            return self._memo[key]
+        path = self._path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            tensors = load(path.read_bytes())
+            meta = json.loads(tensors.pop("__meta__").numpy().tobytes().decode()) if "__meta__" in tensors else None
+        except (ValueError, OSError, RuntimeError, SafetensorError, UnicodeDecodeError):
+            return None
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            return None
+        value = meta.get("value", tensors)
+        self._memo[key] = value
+        return value
+
+    def memo_put(self, key: str, value: Any) -> Any:
+        """Memoise ``value`` (a dict of tensors, or a JSON value) under ``key``; returns it."""
+        self._memo[key] = value
+        path = self._path(key)
+        if path is None:
+            return value
+        tensors = dict(value) if isinstance(value, dict) and all(isinstance(t, torch.Tensor) for t in value.values()) \
+            else {}
+        meta = {"key": key} if tensors else {"key": key, "value": value}
+        blob = json.dumps(meta).encode()
+        tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+        tensors["__meta__"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return value
+
+    def memoised(self, key: str, make: Callable[[], Any], what: str) -> Any:
+        """``memo_get(key)``, else ``make()`` memoised (counted on the open :meth:`fitting` bar)."""
+        found = self.memo_get(key)
+        if found is not None:
+            return found
+        value = make()
+        if self._bar is not None:
+            self._bar.set_postfix_str(what, refresh=False)
+            self._bar.update()
+        return self.memo_put(key, value)
+
+    @contextlib.contextmanager
+    def fitting(self, desc: str) -> Iterator[None]:
+        """Within this block, fits made on demand are shown on a progress bar labelled ``desc``."""
+        if self._bar is not None:
+            yield
+            return
+        self._bar = tqdm(desc=desc, unit="fit", delay=0.5)
+        try:
+            yield
+        finally:
+            if self._bar.n:
+                where = f" (memoised in {self.directory / FITS})" if self.directory is not None else ""
+                self._bar.set_postfix_str(f"done{where}", refresh=True)
+            self._bar.close()
+            self._bar = None
+
     # --- files -------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write ``manifest.json`` and ``tensors.safetensors`` into ``directory``."""
+        """Write ``manifest.json`` and ``statistics.safetensors`` into ``directory`` (and memoise fits
+        there from now on; fits made before are written too)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in self.tensors.items()}, str(out / "tensors.safetensors"))
+        save_file({k: v.contiguous().cpu() for k, v in self.statistics.items()}, str(out / STATISTICS))
         manifest = {**self.manifest, "bundle_version": BUNDLE_VERSION}
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        self.directory = out
+        for key, value in list(self._memo.items()):
+            self.memo_put(key, value)
         return out
 
     @classmethod
@@ -119,40 +248,37 @@ class Calibration:
         """Read a bundle written by :meth:`save`.
 
         Raises:
-            ConfigError: the directory or a file is missing.
-            CorruptDataError: unreadable manifest or tensors, or another bundle version.
+            ConfigError: the directory or a file is missing, or it is a bundle of an older version
+                (the message names the command that rebuilds it).
+            CorruptDataError: unreadable manifest or statistics.
         """
         d = Path(directory)
-        if not (d / "manifest.json").is_file() or not (d / "tensors.safetensors").is_file():
-            raise ConfigError(f"{d} is not a calibration bundle (needs manifest.json and tensors.safetensors); "
+        if not (d / MANIFEST).is_file():
+            raise ConfigError(f"{d} is not a calibration bundle (needs {MANIFEST} and {STATISTICS}); "
                               "create one with `kakeya calibrate --out DIR`")
         try:
-            manifest = json.loads((d / "manifest.json").read_text())
-            tensors = load_file(str(d / "tensors.safetensors"))
+            manifest = json.loads((d / MANIFEST).read_text())
+        except (ValueError, OSError) as exc:
+            raise CorruptDataError(f"calibration bundle {d} is unreadable: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise CorruptDataError(f"calibration bundle {d}: manifest.json is not a JSON object")
+        version = manifest.get("bundle_version")
+        if version != BUNDLE_VERSION:
+            model = manifest.get("model", "MODEL")
+            raise ConfigError(f"calibration bundle {d} is version {version}, this KakeyaTurbo reads version "
+                              f"{BUNDLE_VERSION} (statistics, with transforms fitted on demand); rebuild it with "
+                              f"`{calibrate_command(model, d)}`")
+        if not (d / STATISTICS).is_file():
+            raise ConfigError(f"{d} is not a calibration bundle (needs {MANIFEST} and {STATISTICS}); "
+                              "create one with `kakeya calibrate --out DIR`")
+        try:
+            statistics = load_file(str(d / STATISTICS))
         except (ValueError, OSError, RuntimeError, SafetensorError) as exc:
             raise CorruptDataError(f"calibration bundle {d} is unreadable: {exc}") from None
-        if manifest.get("bundle_version") != BUNDLE_VERSION:
-            raise CorruptDataError(
-                f"calibration bundle version {manifest.get('bundle_version')} is not {BUNDLE_VERSION}; recalibrate"
-            )
-        return cls(manifest, tensors)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of per-model data a recipe may use (reported as ``bytes_model``)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-
-_KL_FLOOR = 1e-9
-"""Smallest KL the cost interpolation works with (a probe can measure 0)."""
-
-
-def _log_linear(xs: list[float], ys: list[float], x: float) -> float:
-    """Piecewise-linear ``y(x)`` through ``(xs, ys)`` (``xs`` increasing, two or more points),
-    extended beyond both ends along the end segments."""
-    i = min(max(sum(1 for v in xs if v <= x) - 1, 0), len(xs) - 2)
-    t = (x - xs[i]) / (xs[i + 1] - xs[i])
-    return ys[i] + t * (ys[i + 1] - ys[i])
+        for key in ("model", "config_hash", "layer_types", "settings", "n_kv_heads", "head_dim"):
+            if key not in manifest:
+                raise CorruptDataError(f"calibration bundle {d}: manifest lacks {key!r}")
+        return cls(manifest, statistics, d)
 
 
 def config_hash(config: Any) -> str:

@@ -101,12 +101,6 @@ def _table_slice(bits: int) -> slice:
     return slice(2**bits - 2, 2 ** (bits + 1) - 2)
 
 
-def transform_variant(config: KakeyaV2Config, layout: str) -> str:
-    """How a calibration bundle files the transforms of ``config`` for an engine ``layout``."""
-    check_choice("layout", layout, LAYOUTS)
-    return config.fit_variant if layout == "head" else f"{config.fit_variant}-{layout}"
-
-
 def code_bits_per_vector(bits: float, side_bits: int, d: int) -> int:
     """Code bits per vector for an average of ``bits`` per element including ``side_bits`` of gain codes."""
     budget = math.floor(bits * d + 0.5) - side_bits
@@ -194,13 +188,20 @@ class KakeyaV2Config(CodecConfig):
         """Whether a static mean is subtracted (``center``, defaulting by stream)."""
         return self.stream == "k" if self.center is None else self.center
 
-    @property
-    def fit_variant(self) -> str:
-        """Name of the fit options besides the budget (how a calibration bundle files the transforms)."""
-        heads = f"-h{self.head_gain_bits}" if self.head_gain_bits else ""
-        basis = f"-o{self.reflector_bits}" if self.reflector_bits else ""
-        return (f"m{int(self.centred)}-g{self.scale_bits}{heads}{basis}-r{int(self.rotate_groups)}-"
-                f"{self.allocation}")
+    def fit_fields(self, seed: int) -> dict[str, Any]:
+        """The fields a calibrated fit of this config reads (``stream`` aside), with ``seed`` for its
+        rotations and ``center`` resolved: what a calibration memoises the fit under."""
+        return {"bits": float(self.bits), "center": self.centred, "scale_bits": self.scale_bits,
+                "head_gain_bits": self.head_gain_bits, "reflector_bits": self.reflector_bits,
+                "rotate_groups": self.rotate_groups, "allocation": self.allocation,
+                "fitted_tables": self.fitted_tables, "seed": seed}
+
+    @classmethod
+    def for_calibration(cls, config: Mapping[str, Any], stream: str) -> KakeyaV2Config:
+        """The config of recipe fields ``config`` for ``stream``: ``fitted_tables`` defaults to true
+        with fixed coding (tables fitted to the calibration coefficients), ``stream`` filled in."""
+        coded = cls(**{**config, "stream": stream})
+        return cls(**{"fitted_tables": not coded.entropy_coded, **config, "stream": stream})
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
@@ -685,26 +686,20 @@ class KakeyaV2Codec(Codec):
 
     @classmethod
     def from_calibration(cls, config: Mapping[str, Any], calibration: Any, layer: int, stream: str,
-                         whiten: str, layout: str = "head") -> KakeyaV2Codec:
-        """The codec of one (layer, stream) with the transforms a calibration bundle fitted for it.
+                         space: str, layout: str = "head") -> KakeyaV2Codec:
+        """The codec of one (layer, stream) with transforms a calibration bundle fits for it (on demand).
 
         Args:
-            config: config fields from a recipe; ``fitted_tables`` defaults to true here with fixed
-                coding (set it false to decode with N(0,1) tables), ``stream`` and
-                ``transforms_hash`` are filled in.
-            calibration: an object with ``v2_tensors(layer, stream, bits, space, variant)``.
-            whiten: the key space the transforms were fitted in: a whitening ("sigma_q", "lag",
-                folded into the basis), "post_rope", or "none" (always "none" for V).
+            config: config fields from a recipe (:meth:`KakeyaV2Config.for_calibration` fills in
+                ``stream`` and the ``fitted_tables`` default; ``transforms_hash`` comes from the fit).
+            calibration: an object with ``v2_transforms(layer, stream, space, layout, config)``.
+            space: the key space the input is in: a whitening ("sigma_q", "lag", folded into the
+                basis), "post_rope", or "none" (always "none" for V).
             layout: the engine layout of the input, one of :data:`LAYOUTS` (per-head or joint transforms).
         """
-        probe = KakeyaV2Config(**{**config, "stream": stream})
-        cfg = KakeyaV2Config(**{"fitted_tables": not probe.entropy_coded, **config, "stream": stream})
-        t = V2Transforms.from_tensors(calibration.v2_tensors(layer, stream, cfg.bits, whiten,
-                                                                 transform_variant(cfg, layout)))
-        if not cfg.fitted_tables:
-            t = t.without_tables()
-        cfg = dataclasses.replace(cfg, fitted_tables=t.tables is not None, transforms_hash=t.fingerprint())
-        return cls(cfg, transforms=t)
+        cfg = KakeyaV2Config.for_calibration(config, stream)
+        t = calibration.v2_transforms(layer, stream, space, layout, cfg)
+        return cls(dataclasses.replace(cfg, transforms_hash=t.fingerprint()), transforms=t)
 
     @property
     def side_nbytes(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +32,36 @@ def add_calibration_arg(p: argparse.ArgumentParser) -> None:
                    "wrote for this model in the cache directory, if any")
 
 
-def load_calibration(path: Path | None, model_name: str, model_config: Any, required: bool) -> Any:
+def load_calibration(path: Path | None, model_name: str, model_config: Any, required: bool,
+                     measure: Callable[[], Any] | None = None) -> Any:
     """The bundle at ``path`` (or, when the recipes need one, the default one for ``model_name``),
     checked against the model's config (unless ``model_config`` is None); None when no recipe needs
-    one and no path was given."""
+    one and no path was given. Without a default bundle, ``measure()`` (when given) measures one,
+    which is saved there."""
     from kakeyaturbo.calibration import Calibration, config_hash, default_bundle_dir
 
     if path is None and not required:
         return None
     where = path or default_bundle_dir(model_name)
     if not (where / "manifest.json").is_file():
-        raise ConfigError(f"no calibration bundle at {where}; run `kakeya calibrate --model {model_name}"
-                          f"{'' if path is None else f' --out {path}'}` first")
-    cal = Calibration.load(where)
+        if path is not None or measure is None:
+            raise ConfigError(f"no calibration bundle at {where}; run `kakeya calibrate --model {model_name}"
+                              f"{'' if path is None else f' --out {path}'}` first")
+        print(f"no calibration bundle for {model_name} yet: measuring its statistics into {where} (once)")
+        cal = measure()
+        cal.save(where)
+    else:
+        cal = Calibration.load(where)
     if model_config is not None:
         cal.check_model(model_name, config_hash(model_config))
     return cal
+
+
+def statistics_of(model: Any, tokenizer: Any, corpus: Any, model_name: str, text: str) -> Callable[[], Any]:
+    """A ``measure`` argument for :func:`load_calibration`: default statistics of ``model`` on ``corpus``."""
+    from kakeyaturbo.calibration import measure
+
+    return lambda: measure(model, tokenizer, corpus, model_name=model_name, text=text)
 
 
 def write_json(path: Path | None, data: Any) -> None:

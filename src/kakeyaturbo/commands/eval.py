@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kakeyaturbo.commands.common import add_calibration_arg, add_model_args, load_calibration, write_json
+from kakeyaturbo.commands.common import (
+    add_calibration_arg,
+    add_model_args,
+    load_calibration,
+    statistics_of,
+    write_json,
+)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -36,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     chosen = [recipes.load(r) for r in args.recipe]
     session = Session(settings)
     calibration = load_calibration(args.calibration, args.model, session.model.config,
-                                   required=any(r.needs_calibration for r in chosen))
+                                   required=any(r.needs_calibration for r in chosen),
+                                   measure=statistics_of(session.model, session.tokenizer, session.corpus,
+                                                         args.model, args.text))
     records = evaluate(settings, chosen, calibration, session=session)
     print(summary_table(records))
     write_json(args.json, records if len(records) > 1 else records[0])

@@ -24,7 +24,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _evaluator() -> Any:
     from kakeyaturbo import recipes
-    from kakeyaturbo.commands.common import load_calibration
+    from kakeyaturbo.commands.common import load_calibration, statistics_of
     from kakeyaturbo.evaluation.harness import EvalSettings, Session, evaluate
 
     sessions: dict[tuple[str, str, int, int, int, str], Session] = {}
@@ -45,7 +45,9 @@ def _evaluator() -> Any:
         for cal_path, idx in by_cal.items():
             chosen = [recipes.load(cells[i]["recipe"]) for i in idx]
             cal = load_calibration(Path(cal_path) if cal_path else None, settings.model, session.model.config,
-                                   required=any(r.needs_calibration for r in chosen))
+                                   required=any(r.needs_calibration for r in chosen),
+                                   measure=statistics_of(session.model, session.tokenizer, session.corpus,
+                                                         settings.model, settings.text))
             for i, rec in zip(idx, evaluate(settings, chosen, cal, session=session)):
                 results[i] = {**rec, "recipe_source": cells[i]["recipe"]}  # a built-in name or a file
         return [results[i] for i in range(len(cells))]

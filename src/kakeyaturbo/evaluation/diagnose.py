@@ -19,6 +19,7 @@ import torch
 
 from kakeyaturbo.cache import KakeyaCache
 from kakeyaturbo.calibration.bundle import Calibration
+from kakeyaturbo.calibration.fits import metric
 from kakeyaturbo.models.capture import capture
 from kakeyaturbo.recipes import Recipe
 from kakeyaturbo.transforms.rope import Rope
@@ -52,8 +53,8 @@ def layer_errors(model: Any, ids: torch.Tensor, recipe: Recipe, calibration: Cal
         ref = torch.einsum("hgtd,hsd->hgts", q_post, cap.k_post)[..., causal]
         rows.append({
             "layer": layer,
-            "metric_sigma_q": _metric(e_pre, cap.k_pre, calibration.tensors[f"sigma/sigma_q/{layer}"]),
-            "metric_lag": _metric(e_pre, cap.k_pre, calibration.tensors[f"sigma/lag/{layer}"]),
+            "metric_sigma_q": _metric(e_pre, cap.k_pre, metric(calibration, layer, "sigma_q")),
+            "metric_lag": _metric(e_pre, cap.k_pre, metric(calibration, layer, "lag")),
             "logit": float((err.double() ** 2).mean() / (ref.double() ** 2).mean()),
             "value": float(((v_hat - cap.v) ** 2).sum() / (cap.v**2).sum()),
             "whitened": plan_layer.plan.k_space != "none",

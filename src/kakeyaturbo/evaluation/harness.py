@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from kakeyaturbo.cache import KakeyaCache
+from kakeyaturbo.calibration.probes import prepare
 from kakeyaturbo.engine import CalibrationLike, plan_bits
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.evaluation.metrics import TokenMetrics, summarize, token_metrics
@@ -143,6 +144,8 @@ def evaluate(
     if session.settings.model_text_dtype() != s.model_text_dtype():
         raise ConfigError("the session was loaded for another model, text or dtype")
     model = session.model
+    for r in recipes:  # fits and probes on first use (memoised in the bundle), then a quick read
+        prepare(r, calibration, model)
     # fail before the long run on a recipe the model or calibration cannot serve
     budgets = [plan_bits(session.new_cache(r, calibration).plans) for r in recipes]
     tallies = [_Tally() for _ in recipes]

@@ -135,3 +135,22 @@ def allocate_budgets(costs: torch.Tensor, options: torch.Tensor, total: float) -
         choice[item] = picks[item, spent]
         spent -= int(units[choice[item]])
     return choice
+
+
+KL_FLOOR = 1e-9
+"""Smallest cost :func:`interpolate_costs` works with (a probe can measure 0)."""
+
+
+def interpolate_costs(measured: dict[float, float], grid: tuple[float, ...]) -> dict[float, float]:
+    """Costs at every budget of ``grid`` from costs ``measured`` at two or more budgets: piecewise
+    linear in log cost between measured budgets, extended beyond both ends along the end segments."""
+    if len(measured) < 2:
+        raise ConfigError(f"interpolate_costs needs costs at two or more budgets, got {measured}")
+    xs = sorted(measured)
+    ys = [math.log(max(measured[b], KL_FLOOR)) for b in xs]
+    out = {}
+    for b in grid:
+        i = min(max(sum(1 for v in xs if v <= b) - 1, 0), len(xs) - 2)
+        t = (b - xs[i]) / (xs[i + 1] - xs[i])
+        out[b] = math.exp(ys[i] + t * (ys[i + 1] - ys[i]))
+    return out

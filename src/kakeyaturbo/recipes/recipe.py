@@ -158,8 +158,8 @@ class SensitivityProbe:
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible dict."""
         return {"config": None if self.config is None else dict(self.config), "layout": self.layout,
-                "sink_tokens": self.sink_tokens, "budgets": list(self.budgets), "grid": list(self.grid), "windows": self.windows, "ctx": self.ctx,
-                "n_eval": self.n_eval}
+                "sink_tokens": self.sink_tokens, "budgets": list(self.budgets), "grid": list(self.grid),
+                "windows": self.windows, "ctx": self.ctx, "n_eval": self.n_eval}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SensitivityProbe:
@@ -291,6 +291,23 @@ class Recipe:
         """Every stream recipe this recipe can use."""
         extra = [sr for streams in self.layer_overrides.values() for sr in streams.values()]
         return [self.k, self.v, self.boundary_k, self.boundary_v, *extra]
+
+    def sensitivity_setup(self) -> dict[str, Any]:
+        """What the sensitivity probe of this recipe measures, resolved (its memo key): per stream the
+        stream recipe (``bits`` left out) a layer is coded with, the layout, exact sink tokens, chunk
+        size, key storage, probed budgets and calibration windows (:class:`SensitivityProbe`)."""
+        p = self.probe
+
+        def coded(sr: StreamRecipe) -> dict[str, Any]:
+            own = p.config is None
+            config = {k: v for k, v in sr.config.items() if k != "bits"} if own else dict(p.config)
+            return {"codec": CALIBRATED_CODECS[0], "config": config, "whiten": sr.whiten if own else "none",
+                    "calibrated_table": False}
+
+        return {"k": coded(self.k), "v": coded(self.v), "layout": p.layout or self.layout,
+                "sink_tokens": self.sink_tokens if p.sink_tokens is None else p.sink_tokens,
+                "chunk_tokens": self.chunk_tokens, "pre_rope_keys": self.pre_rope_keys,
+                "budgets": list(p.budgets), "windows": p.windows, "ctx": p.ctx, "n_eval": p.n_eval}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible dict (layer override keys become strings in JSON)."""

@@ -1,0 +1,150 @@
+"""Probes that run the model on the calibration windows, and :func:`prepare`, which makes every fit
+and probe a recipe needs before a cache is built.
+
+* the **sensitivity probe** (recipes with ``layer_bits="sensitivity"``): each (layer, stream) coded
+  alone at each probe budget, with the codec configuration the recipe's ``probe`` names (by
+  default the recipe's own), the KL of the next-token distribution measured on a float32 copy of
+  the model (in bf16 any perturbation of the cache moves the logits by about as much as a 4-bit code
+  does, a floor near KL 1e-3 that would drown the differences);
+* the **boundary ranking** (recipes with ``boundary_top``): the KL when one layer alone is coded
+  by the seed's ``kakeya`` codec at 2 bits.
+
+Both are memoised in the bundle under a hash of their setup and of the statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from kakeyaturbo.calibration.bundle import Calibration, fit_key
+from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.models.forward import logits, prefill
+
+SENSITIVITY = "sensitivity"
+BOUNDARY = "boundary"
+BOUNDARY_CTX, BOUNDARY_EVAL = 448, 64
+BOUNDARY_PROBE = {"codec": "kakeya", "config": {"bits": 2, "block_size": 64}, "chunk_tokens": 64}
+
+
+def boundary_setup(tokens: int) -> dict[str, Any]:
+    """What the boundary ranking measures on calibration windows of ``tokens`` tokens (its memo key):
+    ``BOUNDARY_CTX`` + ``BOUNDARY_EVAL`` tokens of the first window (half and a quarter of shorter
+    windows) and the probe codec."""
+    ctx, n = (BOUNDARY_CTX, BOUNDARY_EVAL) if tokens >= BOUNDARY_CTX + BOUNDARY_EVAL else (tokens // 2, tokens // 4)
+    return {"ctx": ctx, "n_eval": n, **BOUNDARY_PROBE}
+
+
+def stored_sensitivity(raw: Mapping[str, Any]) -> dict[str, dict[int, dict[float, float]]]:
+    """A memoised probe result (JSON: string keys) as ``{stream: {layer: {budget: KL}}}``."""
+    return {stream: {int(layer): {float(b): float(kl) for b, kl in costs.items()} for layer, costs in layers.items()}
+            for stream, layers in raw.items()}
+
+
+def _kl(ref: torch.Tensor, alt: torch.Tensor) -> float:
+    """Mean KL(ref ‖ alt) over positions of log-probabilities ``[T, V]``."""
+    return float((ref.exp() * (ref - alt)).sum(-1).mean())
+
+
+def _windows(cal: Calibration, count: int, ctx: int, n_eval: int) -> torch.Tensor:
+    ids = cal.stat("ids")
+    if count > ids.shape[0] or ctx + n_eval > ids.shape[1]:
+        raise ConfigError(f"the probe needs {count} windows of {ctx} + {n_eval} tokens; the calibration has "
+                          f"{ids.shape[0]} of {ids.shape[1]} (recalibrate with more `--windows` / `--tokens`)")
+    return ids
+
+
+@torch.no_grad()
+def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) -> dict[str, Any]:
+    """Run the sensitivity probe ``setup`` (:meth:`kakeyaturbo.recipes.Recipe.sensitivity_setup`).
+
+    Returns:
+        ``{stream: {layer: {budget: KL}}}`` with string keys (JSON-ready), the KL averaged over
+        ``windows`` x ``n_eval - 1`` scored tokens.
+    """
+    from kakeyaturbo.cache import KakeyaCache
+    from kakeyaturbo.recipes import Recipe, StreamRecipe
+
+    windows, ctx, n = setup["windows"], setup["ctx"], setup["n_eval"]
+    ids = _windows(cal, windows, ctx, n).to(model.device)
+    probe_model = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
+    base = {"name": "sensitivity-probe", "sink_tokens": setup["sink_tokens"], "chunk_tokens": setup["chunk_tokens"],
+            "layout": setup["layout"], "pre_rope_keys": setup["pre_rope_keys"]}
+    probes = [(layer, stream, bits) for layer in cal.full_layers for stream in ("k", "v") for bits in setup["budgets"]]
+    total: dict[tuple[int, str, float], float] = {}
+    with tqdm(total=windows * len(probes), desc="calibrate: sensitivity probe", unit="probe") as bar:
+        for w in range(windows):
+            prefix, cont = ids[w : w + 1, :ctx], ids[w : w + 1, ctx : ctx + n]
+            reference = prefill(probe_model, prefix)
+            ref = logits(probe_model, cont, copy.deepcopy(reference))[:-1].log_softmax(-1)
+            for layer, stream, bits in probes:
+                spec = setup[stream]
+                coded = StreamRecipe.from_dict({**spec, "config": {**spec["config"], "bits": bits}}, "probe")
+                recipe = Recipe(**base, layer_overrides={layer: {stream: coded}})
+                cache = KakeyaCache(probe_model.config, recipe, cal, rope=_ropes(probe_model)).ingest(reference)
+                alt = logits(probe_model, cont, cache.to_dynamic())[:-1].log_softmax(-1)
+                total[layer, stream, bits] = total.get((layer, stream, bits), 0.0) + _kl(ref, alt) / windows
+                bar.update()
+    out: dict[str, dict[str, dict[str, float]]] = {"k": {}, "v": {}}
+    for (layer, stream, bits), kl in total.items():
+        out[stream].setdefault(str(layer), {})[f"{bits:g}"] = max(kl, 0.0)
+    return out
+
+
+@torch.no_grad()
+def measure_boundary(model: Any, cal: Calibration) -> list[int]:
+    """Full layers ordered by the KL (most first) that coding one of them alone with the seed's codec
+    causes, on the first calibration window."""
+    from kakeyaturbo.cache import KakeyaCache
+    from kakeyaturbo.recipes import Recipe, StreamRecipe
+
+    setup = boundary_setup(int(cal.stat("ids").shape[1]))
+    ctx, n = setup["ctx"], setup["n_eval"]
+    ids = _windows(cal, 1, ctx, n).to(model.device)
+    prefix, cont = ids[:1, :ctx], ids[:1, ctx : ctx + n]
+    reference = prefill(model, prefix)
+    ref = logits(model, cont, copy.deepcopy(reference)).log_softmax(-1)
+    probe = StreamRecipe(codec=setup["codec"], config=setup["config"])
+    kl = {}
+    for layer in tqdm(cal.full_layers, desc="calibrate: boundary ranking", unit="layer"):
+        recipe = Recipe(name=f"probe-{layer}", chunk_tokens=setup["chunk_tokens"],
+                        layer_overrides={layer: {"k": probe, "v": probe}})
+        cache = KakeyaCache(model.config, recipe, rope=_ropes(model)).ingest(reference)
+        kl[layer] = _kl(ref, logits(model, cont, cache.to_dynamic()).log_softmax(-1))
+    return sorted(kl, key=lambda k: -kl[k])
+
+
+def _ropes(model: Any) -> Any:
+    from kakeyaturbo.transforms.rope import Rope
+
+    return lambda layer: Rope.from_model(model, layer)
+
+
+def prepare(recipe: Any, calibration: Calibration | None, model: Any) -> None:
+    """Make (or read back) every fit and probe ``recipe`` needs from ``calibration`` for ``model``:
+    its sensitivity probe, boundary ranking and ``kakeya-v2`` transforms, with progress bars; a no-op
+    for recipes that need no calibration (or for another :class:`~kakeyaturbo.engine.CalibrationLike`),
+    and quick once everything is memoised."""
+    from kakeyaturbo.calibration.bundle import config_hash
+    from kakeyaturbo.engine import build_plans
+    from kakeyaturbo.models.arch import facts
+
+    if not isinstance(calibration, Calibration) or not recipe.needs_calibration:
+        return
+    name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    calibration.check_model(name, config_hash(model.config))
+    with calibration.fitting(f"fitting {recipe.name}"):
+        if recipe.layer_bits == "sensitivity":
+            setup = recipe.sensitivity_setup()
+            calibration.memoised(fit_key(SENSITIVITY, stats=calibration.stats_id, setup=setup),
+                                 lambda: measure_sensitivity(model, calibration, setup), "sensitivity probe")
+        if recipe.boundary_top:
+            setup = boundary_setup(int(calibration.stat("ids").shape[1]))
+            calibration.memoised(fit_key(BOUNDARY, stats=calibration.stats_id, setup=setup),
+                                 lambda: measure_boundary(model, calibration), "boundary ranking")
+        f = facts(model)
+        build_plans(recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration)
