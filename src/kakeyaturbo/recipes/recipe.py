@@ -158,8 +158,8 @@ class SensitivityProbe:
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible dict."""
         return {"config": None if self.config is None else dict(self.config), "layout": self.layout,
-                "sink_tokens": self.sink_tokens, "budgets": list(self.budgets), "grid": list(self.grid), "windows": self.windows, "ctx": self.ctx,
-                "n_eval": self.n_eval}
+                "sink_tokens": self.sink_tokens, "budgets": list(self.budgets), "grid": list(self.grid),
+                "windows": self.windows, "ctx": self.ctx, "n_eval": self.n_eval}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SensitivityProbe:
