@@ -224,7 +224,7 @@ class KakeyaConfig:
         if self.layer_bits != d.layer_bits:
             out.append(("uniform", "the same budget for every layer"))
         if self.sink_tokens != d.sink_tokens:
-            out.append((f"sink{self.sink_tokens}", f"{self.sink_tokens} sink tokens exact"))
+            out.append((f"sink{self.sink_tokens}", f"first {self.sink_tokens} token(s) exact"))
         if self.chunk_tokens != d.chunk_tokens:
             out.append((f"chunk{self.chunk_tokens}", f"chunks of {self.chunk_tokens} tokens"))
         if self.key_space != d.key_space:
@@ -250,7 +250,7 @@ class KakeyaConfig:
                 raise ConfigError(f"this config's probe has no name token (only the default probe and the per-head "
                                   f"probe {HEAD_PROBE} with optional sink_tokens do): {self.probe}; pass a name to "
                                   f"to_recipe")
-            phrase = "sensitivities from the per-head probe" + ("" if sink is None else f" with {sink} sink tokens")
+            phrase = "sensitivities from the per-head probe" + ("" if sink is None else f" with {sink} sink token(s)")
             out.append(("probe-head" + ("" if sink is None else f"-sink{sink}"), phrase))
         return out
 
