@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Re-runs every committed evaluation (resumable: finished cells are skipped). About 4 hours on the
 # 2-core development machine. Needs `kakeya calibrate` first (the ladder and v2 recipes use it).
+# The kakeya-v2 research points are KakeyaConfig field overrides in the grid files (kakeya-<bits>b-...
+# names are generated from the config: see kakeyaturbo.recipes.kakeya).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=.venv/bin/kakeya
@@ -9,14 +11,17 @@ for r in kakeya-quality kakeya-balanced kakeya-max; do
   $K recipes $r --layers --plot benchmarks/results/layer-bits/$r.png --json benchmarks/results/layer-bits/$r.json
 done
 $K sweep --grid benchmarks/sweeps/ablation-layer-bits-ctx1024.json --out benchmarks/results/ablation-layer-bits \
-  --ablation-reference kakeya-v2-s3
+  --ablation-reference kakeya-3b-head-gain0-refl0-fixed-probe-head
 $K sweep --grid benchmarks/sweeps/v2-sensitivity-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/v2e-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/v2a-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/v2j-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/v2jh-ctx1024.json --out benchmarks/results/ctx1024
+$K sweep --grid benchmarks/sweeps/v2jv-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/v2jo-ctx1024.json --out benchmarks/results/ctx1024
-$K sweep --grid benchmarks/sweeps/ablation-ctx1024.json --out benchmarks/results/ablation --ablation-reference kakeya-v2-k3-v3
+$K sweep --grid benchmarks/sweeps/v2jo4-ctx1024.json --out benchmarks/results/ctx1024
+$K sweep --grid benchmarks/sweeps/ablation-ctx1024.json --out benchmarks/results/ablation \
+  --ablation-reference kakeya-3b-head-gain0-refl0-fixed-uniform-sink1
 $K sweep --grid benchmarks/sweeps/v2-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/windows32.json --out benchmarks/results/windows32
 $K sweep --grid benchmarks/sweeps/windows32-streaming.json --out benchmarks/results/windows32

@@ -6,6 +6,7 @@ import pytest
 
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.evaluation.ablation import ablation_plot, ablation_table
+from kakeyaturbo.recipes import load
 from tests.evaluation.conftest import fake_record
 
 CELL = {"model": "smollm2-135m", "text": "austen", "ctx": 256, "n_eval": 16, "windows": 2, "mode": "snapshot"}
@@ -22,12 +23,13 @@ def _records(*recipes: str, **cell: object) -> list[dict]:
 
 
 def test_table_puts_the_reference_first_and_compares_with_it():
-    recs = _records("benchmarks/recipes/ablation/ablation-no-gain.json", REF, "exact")
+    recs = _records("turboquant-3", REF, "exact")
     table = ablation_table(recs, "kakeya-v2-k3-v3")
     lines = table.splitlines()
     assert lines[2].startswith("| kakeya-v2-k3-v3 | reference") and "| 1.00x |" in lines[2]
     ref, row = recs[1], recs[0]
-    assert lines[3].startswith("| ablation-no-gain | v2 at 3 bits, no per-vector log gain")
+    # a row outside the kakeya configs shows its recipe's description
+    assert lines[3].startswith(f"| turboquant-3 | {load('turboquant-3').description.replace('|', '/')} |")
     assert f"| {row['kl'] / ref['kl']:.2f}x |" in lines[3]
     assert f"| {row['top1_pct'] - ref['top1_pct']:+.1f} |" in lines[3]
     assert "| exact |" not in table and "same windows for every row" in table
@@ -46,3 +48,13 @@ def test_plot_is_a_png(tmp_path):
                     "benchmarks/recipes/ablation/ablation-no-gain.json")
     out = ablation_plot(recs, "kakeya-v2-k3-v3", tmp_path / "a.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kakeya_rows_name_the_fields_that_differ_from_the_reference():
+    ref = "kakeya-3b-head-gain0-refl0-fixed-uniform-sink1"
+    recs = _records(ref, f"{ref}-sigma-q", "kakeya-3b-head-gain0-refl0-fixed-sink1-probe-head-sink2")
+    lines = ablation_table(recs, ref).splitlines()
+    assert lines[3].startswith(f"| {ref}-sigma-q | key_space: 'pre_rope' -> 'sigma_q' |")
+    assert lines[4].startswith("| kakeya-3b-head-gain0-refl0-fixed-sink1-probe-head-sink2 | layer_bits: 'uniform' -> "
+                               "'sensitivity'; probe.config: None -> {}; probe.layout: None -> 'head'; "
+                               "probe.sink_tokens: None -> 2 |")

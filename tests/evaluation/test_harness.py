@@ -43,4 +43,5 @@ def test_eval_end_to_end(tmp_path, mode, capsys):
         assert r["tokens_scored"] == 2 * 31 and r["windows"] == 2 and r["mode"] == mode
         assert r["bytes_bf16"] == 30 * 2 * 3 * 64 * 2 * 2 * (224 if mode == "snapshot" else 256)
         assert r["thresholds"]["ACCEPT"]["abs_delta_ppl_pct"] == 1.0
+        assert r["recipe_config"]["name"] == r["recipe"] and "k" in r["recipe_config"]
     assert "Verdicts: ACCEPT" in capsys.readouterr().out

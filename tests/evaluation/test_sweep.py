@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from kakeyaturbo.errors import ConfigError, CorruptDataError, KakeyaError
 from kakeyaturbo.evaluation import sweep
 from kakeyaturbo.evaluation.sweep import (
+    CELL_DEFAULTS,
     cell_key,
     expand_grid,
     group_cells,
@@ -207,3 +208,53 @@ def test_corrupt_complete_line_is_an_error(tmp_path):
     p.write_text('{"no_key": 1}\n')
     with pytest.raises(CorruptDataError, match="line 1 is not a record"):
         read_results(p)
+
+
+def test_kakeya_field_overrides_become_generated_recipe_names():
+    cells = expand_grid({"grid": {"recipe": ["kakeya-balanced"], "bits": [1.5, 2, 2.5, 3],
+                                  "layout": ["head", "joint"]}})
+    assert [c["recipe"] for c in cells] == [
+        "kakeya-1.5b-head-probe-head", "kakeya-1.5b-probe-head", "kakeya-2b-head-probe-head", "kakeya-2b-probe-head",
+        "kakeya-2.5b-head-probe-head", "kakeya-2.5b-probe-head", "kakeya-3b-head-probe-head", "kakeya-3b-probe-head",
+    ]
+    assert all(set(c) == set(CELL_DEFAULTS) | {"recipe"} for c in cells)
+    mixed = expand_grid({"defaults": {"sink_tokens": 1, "layer_bits": "uniform"},
+                         "cells": [{"recipe": "kakeya-3b-head", "coding": "fixed", "v_bits": 2.5}]})
+    assert [c["recipe"] for c in mixed] == ["kakeya-k3-v2.5b-head-fixed-uniform-sink1"]
+
+
+def test_overrides_of_one_config_under_two_spellings_are_one_cell():
+    cells = expand_grid({"cells": [{"recipe": "kakeya-balanced", "bits": 3}, {"recipe": "kakeya-3b-probe-head"},
+                                   {"recipe": "kakeya-max", "bits": 2.5}, {"recipe": "kakeya-balanced"}]})
+    assert [c["recipe"] for c in cells] == ["kakeya-3b-probe-head", "kakeya-2.5b-probe-head", "kakeya-balanced"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"cells": [{"recipe": "kakeya-max"}, {"recipe": "turboquant-3", "bits": 2}]},
+         r"cell 1: recipe 'turboquant-3' is not of the kakeya family.*\['bits'\]"),
+        ({"grid": {"recipe": ["kakeya-max"], "layout": ["rows"]}}, "cell 0: overriding.*layout must be one of"),
+        ({"cells": [{"recipe": "kakeya-max", "reflector_bits": 1}]}, "cell 0: overriding.*reflector_bits must be 0"),
+        ({"cells": [{"recipe": "kakeya-max", "probe": {}}]}, "unknown key 'probe'"),
+    ],
+)
+def test_bad_overrides_name_the_cell(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        expand_grid(spec)
+
+
+def test_records_of_overridden_cells_keep_the_recipe_they_ran(tmp_path):
+    from kakeyaturbo import recipes
+
+    def evaluate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # as the harness does: the record names the recipe and carries its full dict
+        return [{**fake_record(c), "recipe_config": recipes.load(c["recipe"]).to_dict()} for c in cells]
+
+    grid = _write(tmp_path, {"defaults": {"ctx": 256, "n_eval": 16, "windows": 2},
+                             "grid": {"recipe": ["kakeya-quality"], "bits": [2, 3]}})
+    records = run_sweep(grid, tmp_path / "out", evaluate, progress=False)
+    assert [r["recipe"] for r in records] == ["kakeya-2b-probe-head", "kakeya-3b-probe-head"]
+    assert records[1]["recipe_config"]["k"]["config"]["bits"] == 3.0
+    assert recipes.Recipe.from_dict(records[0]["recipe_config"]) == recipes.load("kakeya-2b-probe-head")
+    assert "| kakeya-3b-probe-head | snapshot | 256 |" in (tmp_path / "out" / "table.md").read_text()

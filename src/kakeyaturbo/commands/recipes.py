@@ -1,5 +1,5 @@
-"""``kakeya recipes``: list the built-in recipes, print one as JSON (a starting point for your own),
-or show the bits each layer of a model gets under one."""
+"""``kakeya recipes``: list the presets and built-in recipes, print one as JSON (a starting point for your
+own), or show the bits each layer of a model gets under one."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from kakeyaturbo.commands.common import load_calibration, write_json
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``kakeya recipes``."""
-    p.add_argument("name", nargs="?", help="print this recipe (a built-in name or a JSON file) instead of listing all")
+    p.add_argument("name", nargs="?",
+                   help="print this recipe (a preset, a built-in, a generated kakeya name such as kakeya-3b-head, "
+                   "or a JSON file) instead of listing all")
     p.add_argument("--layers", action="store_true",
                    help="instead of the JSON, print the K and V bits each layer gets under the recipe, as built "
                    "from a calibration bundle (for layer_bits \"sensitivity\": where the calibration put the bits)")
@@ -51,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     """List, show, or show per layer."""
     from kakeyaturbo import recipes
     from kakeyaturbo.errors import ConfigError
+    from kakeyaturbo.recipes.kakeya import PRESETS
 
     if args.layers or args.plot or args.json:
         if not args.name or not args.layers:
@@ -59,7 +62,13 @@ def run(args: argparse.Namespace) -> int:
     if args.name:
         print(recipes.load(args.name).to_json())
         return 0
+    print("Presets (KakeyaConfig; name = generated name of the same config; sweep grids may override its fields):")
+    for name, preset in PRESETS.items():
+        print(f"  {name:17s} = {preset.config.name:28s} {preset.description.split(' (')[0]}")
+    print("Built-in recipes:")
     for name in recipes.names():
-        r = recipes.load(name)
-        print(f"{name:34s} {r.description.split('. ')[0][:100]}")
+        if name not in PRESETS:
+            print(f"  {name:32s} {recipes.load(name).description.split('. ')[0][:100]}")
+    print("Any generated kakeya name is a recipe too: kakeya-<bits>b[-head][-gain<n>][-refl<n>][-fixed|-entropy]"
+          "[-uniform]..., e.g. kakeya-3b-head-uniform (see kakeyaturbo.recipes.kakeya).")
     return 0

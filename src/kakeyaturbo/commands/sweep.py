@@ -11,15 +11,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``kakeya sweep``."""
     p.add_argument("--grid", type=Path, required=True, metavar="FILE",
                    help="JSON or TOML grid: {'defaults': {...}, 'cells': [{...}], 'grid': {'recipe': [...], "
-                   "'mode': [...]}}; keys: model, text, recipe, mode, ctx, n_eval, windows, calibration, device")
+                   "'mode': [...]}}; keys: model, text, recipe, mode, ctx, n_eval, windows, calibration, device, and "
+                   "KakeyaConfig fields (bits, v_bits, layout, coding, head_gain_bits, reflector_bits, layer_bits, "
+                   "sink_tokens, ...) that override the config of a kakeya recipe (a preset or generated name); "
+                   "the cell's recipe becomes the result's generated name")
     p.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="output folder; finished cells in DIR/results.jsonl are skipped on a re-run")
     p.add_argument("--report-only", action="store_true",
                    help="evaluate nothing: rewrite table.md and pareto.png from the cells already finished")
     p.add_argument("--ablation-reference", metavar="RECIPE", default=None,
                    help="also write DIR/ablation.md and DIR/ablation.png: each recipe's bytes, KL and top-1 "
-                   "against this recipe's, on the same windows (e.g. kakeya-v2-k3-v3 for "
-                   "benchmarks/sweeps/ablation-ctx1024.json)")
+                   "against this recipe's, on the same windows (e.g. kakeya-3b-head-gain0-refl0-fixed-uniform-sink1 "
+                   "for benchmarks/sweeps/ablation-ctx1024.json)")
 
 
 def _evaluator() -> Any:

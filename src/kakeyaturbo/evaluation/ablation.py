@@ -1,11 +1,14 @@
 """Ablation report of sweep records: every row against one reference recipe on the same windows.
 
-A row is one recipe that switches one design element off (its recipe description says which);
-the report states its bytes and quality and how its KL and top-1 compare with the reference's.
+A row is one recipe that switches one design element off: where the row and the reference are both
+kakeya configs (presets or generated names) the report names the fields that differ, otherwise it
+shows the row's recipe description. It states its bytes and quality and how its KL and top-1
+compare with the reference's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +19,28 @@ from kakeyaturbo.evaluation.plots import pyplot, save_figure
 from kakeyaturbo.evaluation.report import check_record, thresholds_note
 
 
-def _description(record: dict[str, Any]) -> str:
-    """The recipe's own description (from the recipe the cell names), or '' if it cannot be read."""
-    from kakeyaturbo import recipes
+def _fields(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flat ``{field: value}`` of a dataclass, nested dataclasses as ``outer.inner``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out.update(_fields(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value)
+                   else {prefix + f.name: value})
+    return out
 
-    source = record.get("cell", {}).get("recipe", record["recipe"])
+
+def _description(record: dict[str, Any], reference: dict[str, Any]) -> str:
+    """What the row changes: the KakeyaConfig fields that differ from the reference's (both kakeya
+    configs), else the row's recipe description, or '' if it cannot be read."""
+    from kakeyaturbo import recipes
+    from kakeyaturbo.recipes.kakeya import config_for
+
+    source, ref_source = (r.get("cell", {}).get("recipe", r["recipe"]) for r in (record, reference))
+    try:
+        row, ref = _fields(config_for(source)), _fields(config_for(ref_source))
+        return "; ".join(f"{k}: {ref[k]!r} -> {v!r}" for k, v in row.items() if v != ref[k]).replace("|", "/")
+    except ConfigError:
+        pass
     try:
         return recipes.load(source).description.replace("|", "/")
     except (ConfigError, OSError):
@@ -55,7 +75,7 @@ def ablation_table(records: list[dict[str, Any]], reference: str) -> str:
     for r in [ref, *rows]:
         lo, hi = r["delta_ppl_ci95"]
         kl_rel = "1.00x" if r is ref else f"{r['kl'] / ref['kl']:.2f}x" if ref["kl"] > 0 else "n/a"
-        what = "reference: every element on" if r is ref else _description(r)
+        what = "reference: every element on" if r is ref else _description(r, ref)
         lines.append(f"| {r['recipe']} | {what} | {r['bits_per_element']:.2f} | {r['ratio']:.2f}x | "
                      f"{r['delta_ppl_pct']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {r['kl']:.4f} | {kl_rel} | "
                      f"{r['top1_pct']:.1f} | {r['top1_pct'] - ref['top1_pct']:+.1f} | {r['verdict']} |")

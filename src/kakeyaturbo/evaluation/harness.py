@@ -181,6 +181,7 @@ def evaluate(
             model=s.model, text=s.text, recipe=r.name, mode=s.mode, ctx=s.ctx, n_eval=s.n_eval,
             summary=summarize(tally.windows), bytes_compressed=tally.held, bytes_bf16=tally.bf16,
             bytes_model=tally.model_side, seconds=tally.seconds,
-            extra={"settings": asdict(s), "split": session.corpus.split_note, "layer_bits": bits},
+            extra={"settings": asdict(s), "split": session.corpus.split_note, "layer_bits": bits,
+                   "recipe_config": r.to_dict()},
         ))
     return records

@@ -7,15 +7,26 @@ A grid file holds ``defaults`` (merged into every cell), explicit ``cells`` and/
      "cells": [{"recipe": "turboquant-3"}, {"recipe": "kakeya-balanced", "ctx": 2048}],
      "grid": {"recipe": ["kivi-2", "kakeya-max"], "mode": ["snapshot", "streaming"]}}
 
-Each cell gets a stable key (hash of its canonical JSON). Finished cells' records are appended
-to ``out_dir/results.jsonl`` one whole line at a time (flush + fsync), so a killed sweep resumes
-where it stopped: finished keys are skipped and a partial trailing line is dropped. Cells that
-differ only in ``recipe``/``calibration`` form a group and go to ``evaluate`` together, so that
-one reference pass serves several recipes.
+A cell (or ``defaults`` / ``grid``) may also carry :class:`~kakeyaturbo.recipes.KakeyaConfig` field
+names (``bits``, ``v_bits``, ``layout``, ``coding``, ``head_gain_bits``, ``reflector_bits``,
+``layer_bits``, ``sink_tokens``, ...): they override that field of the config the cell's ``recipe``
+names (a preset such as ``kakeya-balanced`` or a generated name such as ``kakeya-3b-head``), and the
+cell's recipe becomes the generated name of the result, e.g.::
+
+    {"grid": {"recipe": ["kakeya-balanced"], "bits": [1.5, 2, 2.5, 3], "layout": ["head", "joint"]}}
+
+runs ``kakeya-1.5b-head-probe-head``, ``kakeya-1.5b-probe-head``, ... ``kakeya-3b-probe-head``.
+
+Each cell gets a stable key (hash of its canonical JSON, overrides already applied). Finished
+cells' records are appended to ``out_dir/results.jsonl`` one whole line at a time (flush +
+fsync), so a killed sweep resumes where it stopped: finished keys are skipped and a partial
+trailing line is dropped. Cells that differ only in ``recipe``/``calibration`` form a group and go
+to ``evaluate`` together, so that one reference pass serves several recipes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -30,6 +41,7 @@ from kakeyaturbo.errors import ConfigError, CorruptDataError, KakeyaError
 from kakeyaturbo.evaluation.ablation import ablation_plot, ablation_table
 from kakeyaturbo.evaluation.plots import pareto_plot
 from kakeyaturbo.evaluation.report import MODES, check_record, markdown_table
+from kakeyaturbo.recipes.kakeya import KakeyaConfig, config_for
 
 try:
     import tomllib
@@ -45,6 +57,8 @@ CELL_DEFAULTS: Cell = {
 _STR_KEYS = ("model", "text", "recipe", "calibration", "device")
 _INT_KEYS = ("ctx", "n_eval", "windows", "seed")
 CELL_KEYS = frozenset(_STR_KEYS + _INT_KEYS + ("mode",))
+OVERRIDE_KEYS = frozenset(f.name for f in dataclasses.fields(KakeyaConfig)) - {"probe"}
+"""KakeyaConfig fields a cell may override (checked when the config is built)."""
 PER_CELL_KEYS = ("recipe", "calibration")
 TOP_KEYS = frozenset({"defaults", "cells", "grid"})
 RESULTS = "results.jsonl"
@@ -52,8 +66,11 @@ RESULTS = "results.jsonl"
 
 def _check_cell(cell: Mapping[str, Any], where: str) -> None:
     for k, v in cell.items():
+        if k in OVERRIDE_KEYS:
+            continue
         if k not in CELL_KEYS:
-            raise ConfigError(f"{where}: unknown key {k!r}; known: {sorted(CELL_KEYS)}")
+            raise ConfigError(f"{where}: unknown key {k!r}; known: {sorted(CELL_KEYS)} and the KakeyaConfig "
+                              f"fields {sorted(OVERRIDE_KEYS)}")
         if k in _STR_KEYS and (not isinstance(v, str) or not v):
             raise ConfigError(f"{where}: key {k!r} must be a non-empty string, got {v!r}")
         lo = 0 if k == "seed" else 1
@@ -61,6 +78,28 @@ def _check_cell(cell: Mapping[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: key {k!r} must be an integer >= {lo}, got {v!r}")
         if k == "mode" and v not in MODES:
             raise ConfigError(f"{where}: key 'mode' must be one of {list(MODES)}, got {v!r}")
+
+
+def _apply_overrides(cell: Cell, where: str) -> Cell:
+    """``cell`` with its KakeyaConfig field overrides applied to its recipe: the recipe becomes the
+    overridden config's generated name and the override keys are dropped (a cell without them is returned as is).
+
+    Raises:
+        ConfigError: naming ``where``: the recipe is not of the kakeya family, or an override is invalid.
+    """
+    overrides = {k: v for k, v in cell.items() if k in OVERRIDE_KEYS}
+    if not overrides:
+        return cell
+    try:
+        base = config_for(cell["recipe"])
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: recipe {cell['recipe']!r} is not of the kakeya family (a preset or a generated "
+                          f"kakeya name), so it takes no field overrides {sorted(overrides)}: {exc}") from None
+    try:
+        name = dataclasses.replace(base, **overrides).name
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{where}: overriding {overrides} of {cell['recipe']!r}: {exc}") from None
+    return {**{k: v for k, v in cell.items() if k not in OVERRIDE_KEYS}, "recipe": name}
 
 
 def _read_grid_file(path: Path) -> Any:
@@ -85,11 +124,13 @@ def _read_grid_file(path: Path) -> Any:
 
 
 def expand_grid(spec: Mapping[str, Any]) -> list[Cell]:
-    """Expand a parsed grid spec into full cells (defaults merged), duplicates removed, in order:
-    explicit ``cells`` first, then the cartesian ``grid`` in row-major order of its keys.
+    """Expand a parsed grid spec into full cells (defaults merged, KakeyaConfig field overrides applied
+    to their recipe), duplicates removed, in order: explicit ``cells`` first, then the cartesian ``grid``
+    in row-major order of its keys.
 
     Raises:
-        ConfigError: naming the bad key (unknown key, wrong type, empty list, missing recipe, ...).
+        ConfigError: naming the bad key (unknown key, wrong type, empty list, missing recipe, an override
+            of a recipe outside the kakeya family or an invalid override, ...).
     """
     if not isinstance(spec, Mapping):
         raise ConfigError(f"grid must be an object with keys {sorted(TOP_KEYS)}, got {type(spec).__name__}")
@@ -123,6 +164,7 @@ def expand_grid(spec: Mapping[str, Any]) -> list[Cell]:
         _check_cell(cell, f"cell {i}")
         if "recipe" not in cell:
             raise ConfigError(f"cell {i}: key 'recipe' is required (in the cell, 'defaults' or 'grid')")
+        cell = _apply_overrides(cell, f"cell {i}")
         unique.setdefault(cell_key(cell), cell)
     return list(unique.values())
 
