@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Re-runs every committed evaluation (resumable: finished cells are skipped). About 4 hours on the
-# 2-core development machine. Needs `kakeya calibrate` first (the ladder and v2 recipes use it).
+# 2-core development machine. Needs `kakeya calibrate` first (the ladder and v2 recipes use it). Ends by
+# rebuilding benchmarks/RESULTS.md from the records (`kakeya report`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=.venv/bin/kakeya
@@ -28,3 +29,4 @@ $K diagnose --recipe v1.3-l2-whiten --tokens 256 --json benchmarks/diagnose/v1.3
 $K bench --codec all --streams 4 --tokens 2048 --repeats 3 --json benchmarks/codecs.json --markdown benchmarks/codecs.md
 $K bench --codec kakeya-v2 --codec turboquant --codec kivi --codec rotated-int --data captured --tokens 2048 --repeats 1 --json benchmarks/codecs-captured.json --markdown benchmarks/codecs-captured.md
 $K bench --codec kakeya-v2 --data captured --layout joint --tokens 2048 --repeats 1 --json benchmarks/codecs-captured-joint.json --markdown benchmarks/codecs-captured-joint.md
+$K report --benchmarks benchmarks --out benchmarks/RESULTS.md
