@@ -2,7 +2,8 @@
 # Re-runs every committed evaluation (resumable: finished cells are skipped). About 4 hours on the
 # 2-core development machine. Needs `kakeya calibrate` first (the ladder and v2 recipes use it).
 # The kakeya-v2 research points are KakeyaConfig field overrides in the grid files (kakeya-<bits>b-...
-# names are generated from the config: see kakeyaturbo.recipes.kakeya).
+# names are generated from the config: see kakeyaturbo.recipes.kakeya). Ends by rebuilding
+# benchmarks/RESULTS.md from the records (`kakeya report`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=.venv/bin/kakeya
@@ -33,3 +34,4 @@ $K diagnose --recipe v1.3-l2-whiten --tokens 256 --json benchmarks/diagnose/v1.3
 $K bench --codec all --streams 4 --tokens 2048 --repeats 3 --json benchmarks/codecs.json --markdown benchmarks/codecs.md
 $K bench --codec kakeya-v2 --codec turboquant --codec kivi --codec rotated-int --data captured --tokens 2048 --repeats 1 --json benchmarks/codecs-captured.json --markdown benchmarks/codecs-captured.md
 $K bench --codec kakeya-v2 --data captured --layout joint --tokens 2048 --repeats 1 --json benchmarks/codecs-captured-joint.json --markdown benchmarks/codecs-captured-joint.md
+$K report --benchmarks benchmarks --out benchmarks/RESULTS.md

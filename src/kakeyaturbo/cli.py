@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("kakeyaturbo.commands.sweep", "resumable grid of evaluations -> results.jsonl, table.md, pareto.png"),
     "diagnose": ("kakeyaturbo.commands.diagnose", "per layer: key-metric error vs the real post-RoPE logit error"),
     "generate": ("kakeyaturbo.commands.generate", "generate text with a compressed cache; report bytes held"),
+    "report": ("kakeyaturbo.commands.report", "rebuild benchmarks/RESULTS.md from the committed records"),
     "recipes": ("kakeyaturbo.commands.recipes", "list the built-in recipes or print one as JSON"),
     "bench": ("kakeyaturbo.bench", "codec speed, ratio and error on synthetic or captured KV"),
 }

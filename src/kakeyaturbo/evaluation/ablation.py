@@ -16,7 +16,11 @@ import numpy as np
 
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.evaluation.plots import pyplot, save_figure
-from kakeyaturbo.evaluation.report import check_record, thresholds_note
+from kakeyaturbo.evaluation.report import check_record, markdown_grid, thresholds_note
+
+_HEADERS = ("recipe", "what changes", "bits/elem", "ratio", "Δppl % [95 % CI]", "KL", "KL vs ref", "top-1 %",
+            "Δtop-1 pts", "verdict")
+_RIGHT = (False, False, True, True, True, True, True, True, True, False)
 
 
 def _fields(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -70,18 +74,18 @@ def ablation_table(records: list[dict[str, Any]], reference: str) -> str:
         ConfigError: no single reference record, mixed settings, or a record lacking a field.
     """
     ref, rows = _split(records, reference)
-    lines = ["| recipe | what changes | bits/elem | ratio | Δppl % [95 % CI] | KL | KL vs ref | "
-             "top-1 % | Δtop-1 pts | verdict |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    cells = []
     for r in [ref, *rows]:
         lo, hi = r["delta_ppl_ci95"]
         kl_rel = "1.00x" if r is ref else f"{r['kl'] / ref['kl']:.2f}x" if ref["kl"] > 0 else "n/a"
         what = "reference: every element on" if r is ref else _description(r, ref)
-        lines.append(f"| {r['recipe']} | {what} | {r['bits_per_element']:.2f} | {r['ratio']:.2f}x | "
-                     f"{r['delta_ppl_pct']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {r['kl']:.4f} | {kl_rel} | "
-                     f"{r['top1_pct']:.1f} | {r['top1_pct'] - ref['top1_pct']:+.1f} | {r['verdict']} |")
+        cells.append((r["recipe"], what, f"{r['bits_per_element']:.2f}", f"{r['ratio']:.2f}x",
+                      f"{r['delta_ppl_pct']:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{r['kl']:.4f}", kl_rel,
+                      f"{r['top1_pct']:.1f}", f"{r['top1_pct'] - ref['top1_pct']:+.1f}", r["verdict"]))
+    table = markdown_grid(_HEADERS, _RIGHT, cells)
     note = (f"{ref['tokens_scored']} scored predictions per row ({ref['windows']} windows, ctx {ref['ctx']}, "
             f"{ref['mode']}), the same windows for every row.")
-    return "\n".join(lines) + "\n\n" + note + " " + thresholds_note() + "\n"
+    return table + "\n\n" + note + " " + thresholds_note() + "\n"
 
 
 def ablation_plot(records: list[dict[str, Any]], reference: str, path: str | Path) -> Path:

@@ -1,10 +1,12 @@
-"""Pareto plots of sweep records: compression ratio against KL and against |Δppl|.
+"""Pareto plots of sweep records: KL and |Δppl| against bits per element, one line per codec family.
 
 matplotlib (the ``eval`` extra) is imported only when a plot is drawn, with the Agg backend.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,14 @@ from kakeyaturbo.evaluation.metrics import THRESHOLDS
 from kakeyaturbo.evaluation.report import check_record
 
 KAKEYA_PREFIXES = ("kakeya", "v1.")
+SHIPPED = ("kakeya-quality", "kakeya-balanced", "kakeya-max")
+_BUDGET_SUFFIXES = ((r"-k[\d.]+-v[\d.]+$", "-kv"), (r"-s[\d.]+$", ""), (r"-\d+(-v)$", r"\1"), (r"-\d+$", ""),
+                    (r"(int)\d+$", r"\1"))
+_BIT_TICKS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
+_OUR_COLOURS = (0, 1, 2, 3, 4, 5, 6, 8, 9)  # tab10 without its grey (the seed's points and the front are grey)
+_RATIO_TICKS = (2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0)
+_LABEL_ANGLES = tuple(math.radians(a) for a in (45, -45, 135, -135, 0, 180, 90, -90))
+_LABEL_RINGS = (6.0, 16.0, 30.0, 48.0, 70.0)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -42,14 +52,25 @@ def is_kakeya(recipe: str) -> bool:
     return recipe.startswith(KAKEYA_PREFIXES)
 
 
-def _labels(records: list[dict[str, Any]]) -> list[str]:
-    """Recipe names, with mode/ctx appended when those vary across the records."""
-    varying = [k for k in ("mode", "ctx") if len({r[k] for r in records}) > 1]
-    return [r["recipe"] + (f" ({', '.join(str(r[k]) for k in varying)})" if varying else "") for r in records]
+def family(recipe: str) -> str:
+    """The codec family of a recipe: its name with the budget suffix stripped.
+
+    ``turboquant-3`` -> ``turboquant``, ``rotated-int8`` -> ``rotated-int``,
+    ``kakeya-v2jo4-s1.5`` -> ``kakeya-v2jo4``, ``kakeya-v2-k3-v2.5`` -> ``kakeya-v2-kv``,
+    ``rotated-int8-k-turboquant-3-v`` -> ``rotated-int8-k-turboquant-v``; the seed's ``v1.*`` ladder is
+    one family, ``seed v1.x``; a name without a budget suffix (``fp8``, ``kakeya-max``) is its own family.
+    """
+    if recipe.startswith("v1."):
+        return "seed v1.x"
+    for pattern, repl in _BUDGET_SUFFIXES:
+        stripped = re.sub(pattern, repl, recipe)
+        if stripped != recipe:
+            return stripped
+    return recipe
 
 
 def _positive(y: np.ndarray) -> tuple[np.ndarray, float]:
-    """``y`` with zeros (exact recipes) lifted to a floor below the smallest positive value, for log axes."""
+    """``y`` with zeros lifted to a floor below the smallest positive value, for log axes."""
     pos = y[y > 0]
     floor = float(pos.min()) / 10.0 if pos.size else 1e-6
     return np.where(y > 0, y, floor), floor
@@ -74,60 +95,165 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     return out
 
 
-def pareto_plot(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write a two-panel PNG: ratio (x, log) vs KL (y, log) and vs |Δppl| % (y, log).
+def _bits_ratio(v: Any) -> Any:
+    """``16 / v``: bits per element to ratio vs bf16 and back (0 kept finite for matplotlib's probes)."""
+    return 16.0 / np.maximum(np.asarray(v, dtype=np.float64), 1e-9)
 
-    Baselines are drawn as circles, KakeyaTurbo recipes as stars; the Pareto front (maximise
-    ratio, minimise error) is a dashed staircase (the least error reachable at each ratio);
-    every point carries its recipe name; the Δppl panel shows the ACCEPT and MARGINAL
-    thresholds as horizontal lines. Values of exactly 0 are drawn at a floor below the
-    smallest positive value (noted on the axis).
+
+def _overlaps(box: Any, others: list[Any]) -> bool:
+    return any(box.overlaps(o) for o in others)
+
+
+def _place_labels(ax: Any, points: list[tuple[float, float, str]], obstacles: list[Any]) -> None:
+    """Annotate ``points`` ((x, y, text) in data coordinates, in priority order) greedily: each label
+    takes the first candidate offset (8 directions, growing distances, a leader line beyond the
+    nearest ring) whose box stays inside the axes and overlaps no label placed before it, and avoids
+    the marker boxes in ``obstacles`` where it can. A label with no free place is left out."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed: list[Any] = []
+    for x, y, text in points:
+        candidates = [(d * math.cos(a), d * math.sin(a)) for d in _LABEL_RINGS for a in _LABEL_ANGLES]
+        chosen = None
+        for avoid_markers in (True, False):
+            for dx, dy in candidates:
+                ann = ax.annotate(
+                    text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8.5,
+                    ha="left" if dx > 1 else "right" if dx < -1 else "center",
+                    va="bottom" if dy > 1 else "top" if dy < -1 else "center",
+                    arrowprops={"arrowstyle": "-", "color": "0.45", "lw": 0.6} if math.hypot(dx, dy) > 10 else None,
+                    bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8}, zorder=5)
+                box = ann.get_window_extent(renderer).expanded(1.02, 1.05)
+                inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+                if inside and not _overlaps(box, placed) and not (avoid_markers and _overlaps(box, obstacles)):
+                    chosen = box
+                    break
+                ann.remove()
+            if chosen is not None:
+                break
+        if chosen is not None:
+            placed.append(chosen)
+
+
+def _marker_boxes(ax: Any, xs: np.ndarray, ys: np.ndarray, half: float = 3.5) -> list[Any]:
+    """Display-coordinate boxes (``half`` pixels each side) around the data points ``(xs, ys)``."""
+    from matplotlib.transforms import Bbox
+
+    pix = ax.transData.transform(np.column_stack([xs, ys]))
+    return [Bbox([[px - half, py - half], [px + half, py + half]]) for px, py in pix]
+
+
+def pareto_figure(records: list[dict[str, Any]]) -> Any:
+    """Draw the Pareto plot of ``records`` and return the matplotlib figure (not saved).
+
+    One row of two panels per (mode, ctx, windows) present: KL(p_ref ‖ p_alt) and |Δppl| % (log
+    y) against bits per element (log x, ``16 / ratio`` for a bf16 reference; the ratio on the top
+    axis). Records at 16 bits or more (the exact reference) are left out. Each codec family
+    (:func:`family`) is one line through its points sorted by bits (baselines dashed with circles,
+    KakeyaTurbo solid with squares; the seed's ladder points only); the shipped recipes
+    (:data:`SHIPPED`) are gold stars. The Pareto front of each panel (fewest bits, least error) is a
+    grey staircase from the fewest to the most bits measured. Only front points and shipped
+    recipes are labelled (:func:`_place_labels`); the Δppl panels show the ACCEPT and MARGINAL
+    thresholds. Values of exactly 0 are drawn at a floor below the smallest positive value.
 
     Raises:
         ConfigError: no records, or a record lacking a contract field.
     """
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
     plt = pyplot()
-
     if not records:
         raise ConfigError("pareto_plot needs at least one record, got none")
     for i, r in enumerate(records):
         check_record(r, f"records[{i}]")
-    ratio = np.array([float(r["ratio"]) for r in records])
-    kak = np.array([is_kakeya(r["recipe"]) for r in records])
-    labels = _labels(records)
-    panels = (
-        ("KL(p_ref ‖ p_alt) [nats]", np.array([float(r["kl"]) for r in records])),
-        ("|Δppl| [%]", np.abs(np.array([float(r["delta_ppl_pct"]) for r in records]))),
-    )
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    for ax, (ylabel, raw) in zip(axes, panels):
-        y, floor = _positive(raw)
-        for mask, marker, name in ((~kak, "o", "baseline"), (kak, "*", "KakeyaTurbo")):
-            if mask.any():
-                ax.scatter(ratio[mask], y[mask], marker=marker, s=120 if marker == "*" else 50,
-                           label=name, zorder=3)
-        front = pareto_front(list(zip(ratio, raw)))
-        ax.step(ratio[front], y[front], where="pre", ls="--", color="k", lw=1, label="Pareto front",
-                zorder=2)
-        for xi, yi, text in zip(ratio, y, labels):
-            ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_xscale("log")
-        times = FuncFormatter(lambda v, _: f"{v:g}×")
-        ax.xaxis.set_major_formatter(times)
-        ax.xaxis.set_minor_formatter(times)
-        ax.set_yscale("log")
-        ax.set_xlabel("compression ratio vs bf16")
-        ax.set_ylabel(ylabel + (f" (0 drawn at {floor:.1e})" if (raw <= 0).any() else ""))
-        ax.grid(True, which="both", alpha=0.3)
-    for label, style in (("ACCEPT", ":"), ("MARGINAL", "-.")):
-        level = THRESHOLDS[label]["abs_delta_ppl_pct"]
-        axes[1].axhline(level, ls=style, color="tab:red", lw=1, label=f"{label} |Δppl| ≤ {level:g} %")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    drawn = [r for r in records if float(r["bits_per_element"]) < 16.0] or records
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for r in sorted(drawn, key=lambda r: (r["mode"], r["ctx"], r["windows"])):
+        groups.setdefault((r["mode"], r["ctx"], r["windows"]), []).append(r)
+    names = sorted({family(r["recipe"]) for r in drawn if r["recipe"] not in SHIPPED},
+                   key=lambda f: (is_kakeya(f), f))
+    baselines = [f for f in names if not is_kakeya(f)]
+    ours = [f for f in names if is_kakeya(f) and not f.startswith("seed")]
+    colours = {f: plt.get_cmap("Dark2")(i % 8) for i, f in enumerate(baselines)}
+    colours.update({f: plt.get_cmap("tab10")(_OUR_COLOURS[i % len(_OUR_COLOURS)]) for i, f in enumerate(ours)})
+    colours["seed v1.x"] = "0.6"
+    height = 5.6 * len(groups) + 1.6  # inches: the panel rows and the legend under them
+    fig, axes = plt.subplots(len(groups), 2, figsize=(14, height), squeeze=False)
+    fig.subplots_adjust(left=0.065, right=0.985, bottom=1.6 / height, top=1 - 0.75 / height, wspace=0.16,
+                        hspace=0.42)
+    bits_all = np.array([float(r["bits_per_element"]) for r in drawn])
+    lo, hi = float(bits_all.min()), float(bits_all.max())
+    pad = max(1.12, math.sqrt(2.0 * lo / hi))  # at least a factor 2 wide, so that ticks show
+    xlim = (lo / pad, hi * pad)
+    for row, ((mode, ctx, windows), recs) in zip(axes, groups.items()):
+        bits = np.array([float(r["bits_per_element"]) for r in recs])
+        recipe = [r["recipe"] for r in recs]
+        panels = (("KL(p_ref ‖ p_alt) [nats]", np.array([float(r["kl"]) for r in recs])),
+                  ("|Δppl| [%]", np.abs(np.array([float(r["delta_ppl_pct"]) for r in recs]))))
+        for ax, (ylabel, raw) in zip(row, panels):
+            y, floor = _positive(raw)
+            for name in names:
+                idx = [i for i, n in enumerate(recipe) if n not in SHIPPED and family(n) == name]
+                if not idx:
+                    continue
+                idx.sort(key=lambda i: (bits[i], y[i]))
+                seed, base = name.startswith("seed"), not is_kakeya(name)
+                ax.plot(bits[idx], y[idx], ls="none" if seed else "--" if base else "-",
+                        marker="D" if seed else "o" if base else "s", ms=4 if base else 3.5, lw=1.2,
+                        color=colours[name], label=name, zorder=3)
+            shipped = [i for i, n in enumerate(recipe) if n in SHIPPED]
+            if shipped:
+                ax.plot(bits[shipped], y[shipped], ls="none", marker="*", ms=15, mfc="gold", mec="black",
+                        mew=0.8, label="shipped recipe", zorder=4)
+            front = sorted(pareto_front(list(zip(-bits, raw))), key=lambda i: (bits[i], y[i]))
+            fx = np.append(bits[front], xlim[1])
+            fy = np.append(y[front], y[front][-1])
+            ax.step(fx, fy, where="post", color="0.3", lw=2.2, alpha=0.35, label="Pareto front", zorder=2)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(*xlim)
+            ax.xaxis.set_major_locator(FixedLocator([t for t in _BIT_TICKS if xlim[0] <= t <= xlim[1]]))
+            ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            top = ax.secondary_xaxis("top", functions=(_bits_ratio, _bits_ratio))
+            top.xaxis.set_major_locator(FixedLocator(_RATIO_TICKS))
+            top.xaxis.set_major_formatter(lambda v, _: f"{v:g}×")
+            top.xaxis.set_minor_locator(NullLocator())
+            top.set_xlabel("compression ratio vs bf16", fontsize=8)
+            ax.set_xlabel("bits per element (16 / ratio)")
+            ax.set_ylabel(ylabel + (f" (0 drawn at {floor:.1e})" if (raw <= 0).any() else ""))
+            ax.set_title(f"{mode}, ctx {ctx}, {windows} windows", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            if ylabel.startswith("|Δppl|"):
+                for label, style in (("ACCEPT", ":"), ("MARGINAL", "-.")):
+                    level = THRESHOLDS[label]["abs_delta_ppl_pct"]
+                    ax.axhline(level, ls=style, color="tab:red", lw=1, label=f"{label} |Δppl| ≤ {level:g} %")
+            fig.canvas.draw()
+            labels: dict[tuple[float, float], str] = {}
+            for i in shipped + front:  # shipped first: a front point equal to a shipped one keeps its name
+                labels.setdefault((float(bits[i]), float(y[i])), recipe[i])
+            _place_labels(ax, [(x0, y0, t) for (x0, y0), t in labels.items()], _marker_boxes(ax, bits, y))
+    handles, texts = [], []
+    for ax in axes.flat:
+        for h, t in zip(*ax.get_legend_handles_labels()):
+            if t not in texts:
+                handles.append(h)
+                texts.append(t)
+    fig.legend(handles, texts, loc="lower center", ncol=5, fontsize=9, frameon=False,
+               title="codec family: one line through its points sorted by bits (dashed: baselines)",
+               title_fontsize=9)
+    return fig
+
+
+def pareto_plot(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write :func:`pareto_figure` of ``records`` as a PNG at ``path`` and return the path.
+
+    Raises:
+        ConfigError: no records, or a record lacking a contract field.
+    """
+    return save_figure(pareto_figure(records), path)
 
 
 def layer_bits_plot(bits: list[list[float | None]], title: str, path: str | Path) -> Path:

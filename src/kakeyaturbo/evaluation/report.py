@@ -179,11 +179,19 @@ def summary_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n" + thresholds_note() + "\n"
 
 
+def markdown_grid(headers: tuple[str, ...], right: tuple[bool, ...], rows: list[tuple[str, ...]]) -> str:
+    """Markdown table lines (no trailing newline): a header row, an alignment row (``right[c]``:
+    column ``c`` right-aligned) and one line per row of cell strings; ``|`` in a cell is escaped."""
+    if len(right) != len(headers) or any(len(row) != len(headers) for row in rows):
+        raise ConfigError(f"markdown_grid: every row needs {len(headers)} cells, as the headers")
+    align = "|" + "|".join("---:" if r else "---" for r in right) + "|"
+    lines = ["| " + " | ".join(headers) + " |", align]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def markdown_table(records: list[dict[str, Any]]) -> str:
     """A Markdown table (one row per record) with the verdict thresholds stated under it. Ratio and
     bits/elem count the bytes held per sequence; "model MB" is the per-model data the recipe needs
     (whitening, calibrated transforms), paid once per model and not in the ratio."""
-    align = "|" + "|".join("---:" if right else "---" for right in _RIGHT) + "|"
-    lines = ["| " + " | ".join(HEADERS) + " |", align]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(records)]
-    return "\n".join(lines) + "\n\n" + thresholds_note() + "\n"
+    return markdown_grid(HEADERS, _RIGHT, _rows(records)) + "\n\n" + thresholds_note() + "\n"
