@@ -367,7 +367,7 @@ class KakeyaCache(Cache):
         return report
 
 
-def compress(model: nn.Module, recipe: recipes.Recipe | str | Path = "kakeya-balanced",
+def compress(model: nn.Module, recipe: recipes.Recipe | recipes.KakeyaConfig | str | Path = "kakeya-balanced",
              calibration: CalibrationLike | None = None) -> KakeyaCache:
     """The one verb: a :class:`KakeyaCache` for ``model`` that stores its K/V as ``recipe`` says.
 
@@ -379,6 +379,8 @@ def compress(model: nn.Module, recipe: recipes.Recipe | str | Path = "kakeya-bal
     Raises:
         ConfigError: an unknown recipe, or one that needs a calibration without one.
     """
+    if isinstance(recipe, recipes.KakeyaConfig):
+        recipe = recipe.to_recipe()
     recipe = recipe if isinstance(recipe, recipes.Recipe) else recipes.load(recipe)
     if calibration is None and recipe.needs_calibration:
         raise ConfigError(f"recipe {recipe.name!r} is built from calibrated statistics: pass "
