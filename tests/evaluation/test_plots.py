@@ -39,8 +39,9 @@ def test_is_kakeya():
 
 @pytest.mark.parametrize(("recipe", "expected"), [
     ("turboquant-3", "turboquant"), ("turboquant-prod-4", "turboquant-prod"), ("rotated-int8", "rotated-int"),
-    ("kivi-2", "kivi"), ("fp8", "fp8"), ("kakeya-v2jo4-s1.5", "kakeya-v2jo4"), ("kakeya-v2-s2.875", "kakeya-v2"),
-    ("kakeya-v2-k3-v2.5", "kakeya-v2-kv"), ("rotated-int8-k-turboquant-3-v", "rotated-int8-k-turboquant-v"),
+    ("kivi-2", "kivi"), ("fp8", "fp8"), ("kakeya-1.5b", "kakeya-*b"),
+    ("kakeya-2.875b-head-refl0", "kakeya-*b-head-refl0"), ("kakeya-k3-v2.5b-uniform", "kakeya-kv*b-uniform"),
+    ("rotated-int8-k-turboquant-3-v", "rotated-int8-k-turboquant-v"),
     ("v1.3-l5-outliers2.0", "seed v1.x"), ("kakeya-max", "kakeya-max"), ("ablation-no-gain", "ablation-no-gain"),
 ])
 def test_family_strips_the_budget_suffix(recipe, expected):
@@ -72,9 +73,9 @@ def _sweep_like() -> list[dict]:
         out.append(_rec("exact", 16000, 0.0, 0.0, mode))
         for b in (2, 3, 4):
             out.append(_rec(f"turboquant-{b}", int(1000 * (b + 0.25)), 6.0 / b, 0.1 / b ** 2, mode))
-        for name, scale in (("kakeya-v2a", 1.0), ("kakeya-v2jo4", 0.8)):
+        for suffix, scale in (("-head", 1.0), ("", 0.8)):
             for s in (1.5, 1.75, 2.5, 2.625):
-                out.append(_rec(f"{name}-s{s}", int(1000 * s), 2.0 / s * scale, 0.02 / s ** 2 * scale, mode))
+                out.append(_rec(f"kakeya-{s:g}b{suffix}", int(1000 * s), 2.0 / s * scale, 0.02 / s ** 2 * scale, mode))
         for name, s in (("kakeya-quality", 2.625), ("kakeya-balanced", 2.5), ("kakeya-max", 1.5)):
             out.append(_rec(name, int(1000 * s), 2.0 / s * 0.8, 0.02 / s ** 2 * 0.8, mode))
     return out
@@ -93,8 +94,8 @@ def test_pareto_figure_draws_one_line_per_family_and_labels_only_front_and_shipp
         renderer = fig.canvas.get_renderer()
         for ax in axes:
             lines = [ln.get_label() for ln in ax.get_lines()]
-            fams = [t for t in lines if t in ("turboquant", "kakeya-v2a", "kakeya-v2jo4")]
-            assert sorted(fams) == ["kakeya-v2a", "kakeya-v2jo4", "turboquant"]  # one line each
+            fams = [t for t in lines if t in ("turboquant", "kakeya-*b-head", "kakeya-*b")]
+            assert sorted(fams) == ["kakeya-*b", "kakeya-*b-head", "turboquant"]  # one line each
             assert "exact" not in lines and lines.count("shipped recipe") == 1
             for ln in ax.get_lines():
                 if ln.get_label() in fams:

@@ -19,7 +19,8 @@ from kakeyaturbo.evaluation.report import check_record
 
 KAKEYA_PREFIXES = ("kakeya", "v1.")
 SHIPPED = ("kakeya-quality", "kakeya-balanced", "kakeya-max")
-_BUDGET_SUFFIXES = ((r"-k[\d.]+-v[\d.]+$", "-kv"), (r"-s[\d.]+$", ""), (r"-\d+(-v)$", r"\1"), (r"-\d+$", ""),
+_BUDGET_SUFFIXES = ((r"^kakeya-k[\d.]+-v[\d.]+b(?=-|$)", "kakeya-kv*b"), (r"^kakeya-[\d.]+b(?=-|$)", "kakeya-*b"),
+                    (r"-\d+(-v)$", r"\1"), (r"-\d+$", ""),
                     (r"(int)\d+$", r"\1"))
 _BIT_TICKS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
 _OUR_COLOURS = (0, 1, 2, 3, 4, 5, 6, 8, 9)  # tab10 without its grey (the seed's points and the front are grey)
@@ -56,9 +57,9 @@ def family(recipe: str) -> str:
     """The codec family of a recipe: its name with the budget suffix stripped.
 
     ``turboquant-3`` -> ``turboquant``, ``rotated-int8`` -> ``rotated-int``,
-    ``kakeya-v2jo4-s1.5`` -> ``kakeya-v2jo4``, ``kakeya-v2-k3-v2.5`` -> ``kakeya-v2-kv``,
-    ``rotated-int8-k-turboquant-3-v`` -> ``rotated-int8-k-turboquant-v``; the seed's ``v1.*`` ladder is
-    one family, ``seed v1.x``; a name without a budget suffix (``fp8``, ``kakeya-max``) is its own family.
+    ``rotated-int8-k-turboquant-3-v`` -> ``rotated-int8-k-turboquant-v``, generated kakeya names
+    ``kakeya-2.5b-head`` -> ``kakeya-*b-head``, ``kakeya-k3-v2.5b-refl0`` -> ``kakeya-kv*b-refl0``; the
+    seed's ``v1.*`` ladder is one family, ``seed v1.x``; a name without a budget suffix (``fp8``, ``kakeya-max``) is its own family.
     """
     if recipe.startswith("v1."):
         return "seed v1.x"
@@ -178,9 +179,10 @@ def pareto_figure(records: list[dict[str, Any]]) -> Any:
     colours = {f: plt.get_cmap("Dark2")(i % 8) for i, f in enumerate(baselines)}
     colours.update({f: plt.get_cmap("tab10")(_OUR_COLOURS[i % len(_OUR_COLOURS)]) for i, f in enumerate(ours)})
     colours["seed v1.x"] = "0.6"
-    height = 5.6 * len(groups) + 1.6  # inches: the panel rows and the legend under them
+    legend = 0.6 + 0.2 * math.ceil((len(names) + 4) / 4)  # inches under the panels: 4 legend columns
+    height = 5.6 * len(groups) + legend
     fig, axes = plt.subplots(len(groups), 2, figsize=(14, height), squeeze=False)
-    fig.subplots_adjust(left=0.065, right=0.985, bottom=1.6 / height, top=1 - 0.75 / height, wspace=0.16,
+    fig.subplots_adjust(left=0.065, right=0.985, bottom=legend / height, top=1 - 0.75 / height, wspace=0.16,
                         hspace=0.42)
     bits_all = np.array([float(r["bits_per_element"]) for r in drawn])
     lo, hi = float(bits_all.min()), float(bits_all.max())
@@ -241,7 +243,7 @@ def pareto_figure(records: list[dict[str, Any]]) -> Any:
             if t not in texts:
                 handles.append(h)
                 texts.append(t)
-    fig.legend(handles, texts, loc="lower center", ncol=5, fontsize=9, frameon=False,
+    fig.legend(handles, texts, loc="lower center", ncol=4, fontsize=9, frameon=False,
                title="codec family: one line through its points sorted by bits (dashed: baselines)",
                title_fontsize=9)
     return fig
