@@ -59,7 +59,8 @@ def family(recipe: str) -> str:
     ``turboquant-3`` -> ``turboquant``, ``rotated-int8`` -> ``rotated-int``,
     ``rotated-int8-k-turboquant-3-v`` -> ``rotated-int8-k-turboquant-v``, generated kakeya names
     ``kakeya-2.5b-head`` -> ``kakeya-*b-head``, ``kakeya-k3-v2.5b-refl0`` -> ``kakeya-kv*b-refl0``; the
-    seed's ``v1.*`` ladder is one family, ``seed v1.x``; a name without a budget suffix (``fp8``, ``kakeya-max``) is its own family.
+    seed's ``v1.*`` ladder is one family, ``seed v1.x``; a name without a budget suffix (``fp8``,
+    ``kakeya-max``) is its own family.
     """
     if recipe.startswith("v1."):
         return "seed v1.x"
