@@ -58,9 +58,22 @@ def _windows(cal: Calibration, count: int, ctx: int, n_eval: int) -> torch.Tenso
     return ids
 
 
+def _stacked(caches: list[Any]) -> Any:
+    """One ``DynamicCache`` whose batch rows are the (batch-1) caches given, layer by layer."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for idx in range(len(caches[0].layers)):
+        out.update(*(torch.cat(parts) for parts in zip(*(c.layers[idx].full() for c in caches))), idx)
+    return out
+
+
 @torch.no_grad()
 def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) -> dict[str, Any]:
     """Run the sensitivity probe ``setup`` (:meth:`kakeyaturbo.recipes.Recipe.sensitivity_setup`).
+
+    The probes of one layer (both streams, every budget) share one forward pass: their compressed
+    caches are the rows of one batch, the continuation repeated on each.
 
     Returns:
         ``{stream: {layer: {budget: KL}}}`` with string keys (JSON-ready), the KL averaged over
@@ -74,21 +87,28 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
     probe_model = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
     base = {"name": "sensitivity-probe", "sink_tokens": setup["sink_tokens"], "chunk_tokens": setup["chunk_tokens"],
             "layout": setup["layout"], "pre_rope_keys": setup["pre_rope_keys"]}
-    probes = [(layer, stream, bits) for layer in cal.full_layers for stream in ("k", "v") for bits in setup["budgets"]]
+    ropes = _ropes(probe_model)
     total: dict[tuple[int, str, float], float] = {}
-    with tqdm(total=windows * len(probes), desc="calibrate: sensitivity probe", unit="probe") as bar:
+    with tqdm(total=windows * len(cal.full_layers) * 2 * len(setup["budgets"]), desc="calibrate: sensitivity probe",
+              unit="probe") as bar:
         for w in range(windows):
             prefix, cont = ids[w : w + 1, :ctx], ids[w : w + 1, ctx : ctx + n]
             reference = prefill(probe_model, prefix)
             ref = logits(probe_model, cont, copy.deepcopy(reference))[:-1].log_softmax(-1)
-            for layer, stream, bits in probes:
-                spec = setup[stream]
-                coded = StreamRecipe.from_dict({**spec, "config": {**spec["config"], "bits": bits}}, "probe")
-                recipe = Recipe(**base, layer_overrides={layer: {stream: coded}})
-                cache = KakeyaCache(probe_model.config, recipe, cal, rope=_ropes(probe_model)).ingest(reference)
-                alt = logits(probe_model, cont, cache.to_dynamic())[:-1].log_softmax(-1)
-                total[layer, stream, bits] = total.get((layer, stream, bits), 0.0) + _kl(ref, alt) / windows
-                bar.update()
+            for layer in cal.full_layers:
+                probes = [(stream, bits) for stream in ("k", "v") for bits in setup["budgets"]]
+                caches = []
+                for stream, bits in probes:
+                    spec = setup[stream]
+                    coded = StreamRecipe.from_dict({**spec, "config": {**spec["config"], "bits": bits}}, "probe")
+                    recipe = Recipe(**base, layer_overrides={layer: {stream: coded}})
+                    caches.append(KakeyaCache(probe_model.config, recipe, cal, rope=ropes).ingest(reference))
+                batch = cont.expand(len(probes), -1)
+                alt = probe_model(input_ids=batch, cache=_stacked(caches), use_cache=True).logits.float()
+                for (stream, bits), row in zip(probes, alt):
+                    kl = _kl(ref, row[:-1].log_softmax(-1))
+                    total[layer, stream, bits] = total.get((layer, stream, bits), 0.0) + kl / windows
+                bar.update(len(probes))
     out: dict[str, dict[str, dict[str, float]]] = {"k": {}, "v": {}}
     for (layer, stream, bits), kl in total.items():
         out[stream].setdefault(str(layer), {})[f"{bits:g}"] = max(kl, 0.0)
