@@ -48,9 +48,9 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Config
+from kakeyaturbo.codecs.kakeya_v2 import ALLOCATIONS, CODINGS, LAYOUTS, KakeyaV2Config
 from kakeyaturbo.errors import ConfigError
-from kakeyaturbo.recipes.recipe import Recipe, SensitivityProbe, StreamRecipe
+from kakeyaturbo.recipes.recipe import LAYER_BITS_CHOICES, Recipe, SensitivityProbe, StreamRecipe
 
 CODEC = "kakeya-v2"
 PREFIX = "kakeya-"
@@ -61,8 +61,8 @@ KEY_SPACES: dict[str, tuple[bool, str]] = {
 }
 """``key_space`` -> (``Recipe.pre_rope_keys``, ``StreamRecipe.whiten`` of K)."""
 _CHOICES: dict[str, tuple[Any, ...]] = {
-    "layout": ("head", "joint"), "coding": ("fixed", "entropy", "auto"), "layer_bits": ("uniform", "sensitivity"),
-    "key_space": tuple(KEY_SPACES), "allocation": ("waterfill", "uniform"),
+    "layout": LAYOUTS, "coding": CODINGS, "layer_bits": LAYER_BITS_CHOICES, "key_space": tuple(KEY_SPACES),
+    "allocation": ALLOCATIONS,
 }
 _RANGES: dict[str, tuple[int, int | None]] = {
     "head_gain_bits": (0, 8), "v_head_gain_bits": (0, 8), "reflector_bits": (0, 8), "scale_bits": (0, 8),
