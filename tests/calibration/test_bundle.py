@@ -14,8 +14,8 @@ from kakeyaturbo import recipes
 from kakeyaturbo.cache import KakeyaCache
 from kakeyaturbo.calibration import Calibration, CalibrationSettings, config_hash, prepare
 from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Config, fit_transforms
-from kakeyaturbo.engine import join_heads
 from kakeyaturbo.errors import ConfigError, CorruptDataError
+from kakeyaturbo.layouts import join_heads
 from kakeyaturbo.ops.bitalloc import interpolate_costs
 from tests.conftest import TINY_PROBE
 
