@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from kakeyaturbo import codecs
-from kakeyaturbo.codecs.kakeya_v2 import LAYOUTS
 from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.layouts import CALIBRATED
 
 # the usual settings of every codec (issue: "every codec at its usual settings")
 USUAL: dict[str, list[dict[str, Any]]] = {
@@ -145,7 +145,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", choices=["synthetic", "captured"], default="synthetic",
                    help="synthetic KV-like data, or K/V captured from the default model on evaluation text "
                    "(calibrated codecs are then fitted on its K/V over calibration text)")
-    p.add_argument("--layout", choices=list(LAYOUTS), default="head",
+    p.add_argument("--layout", choices=list(CALIBRATED), default="head",
                    help="captured data: one vector per (layer, KV head, token), or per (layer, token) with the "
                    "layer's KV heads side by side (the engine's joint layout; calibrated codecs fitted so too)")
     p.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="head dims to test (synthetic data)")

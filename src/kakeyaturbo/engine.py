@@ -7,17 +7,9 @@ recipe means the same thing everywhere. A plan encodes a span of tokens of one l
 Token spans are cut into chunks of ``chunk_tokens``; one codec call encodes all chunks of a span,
 with the chunk as an extra leading (stream) axis, so a chunk never shares codec state (blocks,
 bases, group scales) with its neighbours and a span encoded in one call equals its chunks encoded
-one by one. Layouts of a chunk ``[B, n_kv, C, D]`` as the codec sees it:
-
-* ``"head"``: one stream per (sequence, chunk, KV head): ``[B, n_chunks, n_kv, C, D]`` (the KV
-  head is the innermost stream axis, so codecs with per-head calibrated transforms, such as
-  ``kakeya-v2``, find head ``h`` at stream index ``s % n_kv``).
-* ``"token_major"``: one stream per (sequence, chunk), rows token-major with the KV heads
-  interleaved (row ``t * n_kv + h``), as the seed's PPL harness: ``[B, n_chunks, C * n_kv, D]``.
-* ``"joint"``: one stream per (sequence, chunk), one row per token holding all its KV heads
-  (``x[b, :, t, :]`` flattened head-major): ``[B, n_chunks, C, n_kv * D]``. ``kakeya-v2`` fitted
-  on such rows decorrelates the heads of a layer jointly (about half the squared error of
-  per-head transforms at the same bits on SmolLM2).
+one by one. The layouts of a chunk as the codec sees it (``"head"``, ``"token_major"``, ``"joint"``)
+are :mod:`kakeyaturbo.layouts`; ``kakeya-v2`` fitted on joint rows decorrelates the heads of a layer
+jointly (about half the squared error of per-head transforms at the same bits on SmolLM2).
 """
 
 from __future__ import annotations
@@ -29,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kakeyaturbo import codecs
+from kakeyaturbo import codecs, layouts
 from kakeyaturbo.codecs.base import Codec
 from kakeyaturbo.container import Encoded
 from kakeyaturbo.errors import ConfigError, ShapeError
@@ -39,12 +31,6 @@ from kakeyaturbo.transforms.whitening import Whitening
 
 CALIBRATE_HINT = ("pass calibration=kt.calibrate(model, tokenizer, texts), or kt.Calibration.load(DIR) of a bundle "
                   "from `kakeya calibrate --out DIR`")
-
-
-def join_heads(x: torch.Tensor) -> torch.Tensor:
-    """The ``"joint"`` layout's rows: ``[..., n_kv, T, D] -> [..., T, n_kv * D]`` (heads side by side,
-    head-major), shared by the engine, the calibration fits and the captured-K/V bench."""
-    return x.transpose(-3, -2).flatten(-2)
 
 
 class CalibrationLike(Protocol):
@@ -106,7 +92,7 @@ class LayerPlan:
         whitening: the K whitening the plan applies (None: not whitened here; a codec that folds
             the whitening into its own transforms gets raw keys).
         exact: the layer stores K and V exactly (the cache keeps them in the model's dtype).
-        layout: ``"head"`` or ``"token_major"`` (module docstring).
+        layout: one of :data:`kakeyaturbo.layouts.NAMES`.
         n_kv_heads, head_dim: the model's KV geometry.
         chunk_tokens: tokens per chunk.
         whitening_skipped: why the calibration skipped this layer's whitening, if it did.
@@ -146,19 +132,13 @@ class LayerPlan:
             )
 
     def _to_rows(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, t, d = x.shape
-        c = min(self.chunk_tokens, t)
-        if self.layout == "head":
-            return x.reshape(b, h, t // c, c, d).transpose(1, 2)
-        if self.layout == "joint":
-            return join_heads(x.reshape(b, h, t // c, c, d).transpose(1, 2))
-        return x.reshape(b, h, t // c, c, d).permute(0, 2, 3, 1, 4).reshape(b, t // c, c * h, d)
+        """The codec input of ``x [B, n_kv, T, D]`` in the plan's layout."""
+        return layouts.LAYOUTS[self.layout].to_rows(x, self.chunk_tokens)
 
     def _from_rows(self, y: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
-        h, d, c = self.n_kv_heads, self.head_dim, min(self.chunk_tokens, tokens)
-        if self.layout == "head":
-            return y.reshape(batch, tokens // c, h, c, d).transpose(1, 2).reshape(batch, h, tokens, d)
-        return y.reshape(batch, tokens // c, c, h, d).permute(0, 3, 1, 2, 4).reshape(batch, h, tokens, d)
+        """``[B, n_kv, T, D]`` from the codec output ``y``."""
+        return layouts.LAYOUTS[self.layout].from_rows(y, batch, tokens, self.n_kv_heads, self.head_dim,
+                                                      self.chunk_tokens)
 
     def encode(self, k_pre: torch.Tensor, v: torch.Tensor) -> StoredChunk:
         """Encode a span of tokens.

@@ -20,6 +20,7 @@ from kakeyaturbo.calibration.bundle import Calibration, fit_key
 from kakeyaturbo.calibration.metric import cholesky_pair, lag_metric, regularise, rope_matrices, whitening_hazard
 from kakeyaturbo.calibration.statistics import CalibrationSettings, StoredRotary
 from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.layouts import join_heads
 from kakeyaturbo.ops import lloyd_max
 from kakeyaturbo.transforms.rope import Rope
 
@@ -154,7 +155,6 @@ def v2_transforms(cal: Calibration, layer: int, stream: str, space: str, layout:
     ``layout="joint"``: one row per token, its KV heads side by side) with the layer index as the
     rotation seed; memoised under the fit's fields."""
     from kakeyaturbo.codecs.kakeya_v2 import LAYOUTS, V2Transforms, fit_transforms
-    from kakeyaturbo.engine import join_heads
 
     layer = _layer(cal, layer)
     if layout not in LAYOUTS:

@@ -1,7 +1,8 @@
 """`kakeya-v2`: calibrated static transform coding, per token, no per-block side data.
 
-Calibration (:func:`fit_transforms`, offline, once per model) gives each stream ``s`` (a
-(layer, KV head, K-or-V) stream; the ``S`` leading streams of the codec input):
+Calibration (:func:`fit_transforms`, offline, once per model) gives each stream ``s`` (one of the
+``S`` leading rows of the codec input ``[S, N, D]``; in the engine, one (layer, KV head) of the K or V
+stream, or one layer's joint rows):
 
 - a basis ``B_s [D, D]``: PCA (of the centred covariance for keys, of the second moment for
   values) in the metric the error is measured in, optionally with a seeded random rotation mixed
@@ -62,6 +63,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kakeyaturbo import layouts
 from kakeyaturbo.codecs.base import (
     Codec,
     CodecConfig,
@@ -72,33 +74,44 @@ from kakeyaturbo.codecs.base import (
     expect_field,
     side_fingerprint,
 )
+from kakeyaturbo.codecs.v2_basis import (
+    TENSOR_NAMES,
+    Basis,
+    DenseBasis,
+    ReflectorBasis,
+    basis_from_tensors,
+    tensors_nbytes,
+)
+from kakeyaturbo.codecs.v2_quantiser import (
+    MAX_BITS,
+    TABLE_FIT_TOKENS,
+    TABLE_SLOTS,
+    Quantiser,
+    SlotQuantiser,
+    TableQuantiser,
+    fit_tables,
+    gain_codes,
+    gain_values,
+    gaussian_levels,
+    log_grid,
+    rms,
+    table_slice,
+)
 from kakeyaturbo.container import Encoded
-from kakeyaturbo.errors import ConfigError, CorruptDataError, NumericRangeError, ShapeError
+from kakeyaturbo.errors import ConfigError, CorruptDataError, ShapeError
 from kakeyaturbo.ops import householder
 from kakeyaturbo.ops.bitalloc import water_fill
-from kakeyaturbo.ops.ecsq import SlotCoder
 from kakeyaturbo.ops.hadamard import random_signs, wht
-from kakeyaturbo.ops.lloyd_max import gaussian_table
-from kakeyaturbo.ops.varpack import pack_varwidth, unpack_varwidth, varwidth_nbytes
 from kakeyaturbo.packing import narrow, pack_bits, packed_nbytes, unpack_bits
 
-MAX_BITS = 8
 ALLOCATIONS = ("waterfill", "uniform")
 CODINGS = ("fixed", "entropy", "auto")
-LAYOUTS = ("head", "joint")
-"""Engine layouts calibrated transforms exist for: one transform per KV head (``D = head_dim``) or
-one per layer over the KV heads concatenated (``D = n_kv * head_dim``)."""
+LAYOUTS = layouts.CALIBRATED
+"""Engine layouts calibrated transforms exist for (:data:`kakeyaturbo.layouts.CALIBRATED`)."""
 AUTO_ENTROPY_BITS = 2.125
 """``coding="auto"`` codes with entropy from this budget up (measured on SmolLM2 K/V: entropy
 coding has 3-10 % less error at 2 bits, 30-45 % more at 1.25-1.5 bits, 15-40 % less from 2.5 up)."""
-TABLE_SLOTS = sum(2**b for b in range(1, MAX_BITS + 1))  # 510: every width's levels, concatenated
 SIGMA_FLOOR = 1e-4  # normalised units (sum of sigma**2 is ~D): keeps every component codable
-_INT8_MAX = 127.0
-
-
-def _table_slice(bits: int) -> slice:
-    """Where the ``2**bits`` levels of width ``bits`` sit in a ``[..., TABLE_SLOTS]`` tensor."""
-    return slice(2**bits - 2, 2 ** (bits + 1) - 2)
 
 
 def code_bits_per_vector(bits: float, side_bits: int, d: int) -> int:
@@ -116,7 +129,7 @@ class KakeyaV2Config(CodecConfig):
 
     Attributes:
         bits: average bits per element, the per-vector gain code included.
-        stream: ``"k"`` or ``"v"``; picks the default of ``center``.
+        stream: the K/V stream, ``"k"`` or ``"v"``; picks the default of ``center``.
         center: subtract a static mean (None: keys yes, values no).
         scale_bits: bits of the per-vector log-gain code, 0..8 (0: no per-vector gain).
         head_gain_bits: bits of each head's log-gain code, 0..8 (0: none), for rows that hold
@@ -185,11 +198,11 @@ class KakeyaV2Config(CodecConfig):
 
     @property
     def centred(self) -> bool:
-        """Whether a static mean is subtracted (``center``, defaulting by stream)."""
+        """Whether a static mean is subtracted (``center``, defaulting by K/V stream: keys yes)."""
         return self.stream == "k" if self.center is None else self.center
 
     def fit_fields(self, seed: int) -> dict[str, Any]:
-        """The fields a calibrated fit of this config reads (``stream`` aside), with ``seed`` for its
+        """The fields a calibrated fit of this config reads (the K/V ``stream`` aside), with ``seed`` for its
         rotations and ``center`` resolved: what a calibration memoises the fit under."""
         return {"bits": float(self.bits), "center": self.centred, "scale_bits": self.scale_bits,
                 "head_gain_bits": self.head_gain_bits, "reflector_bits": self.reflector_bits,
@@ -198,7 +211,7 @@ class KakeyaV2Config(CodecConfig):
 
     @classmethod
     def for_calibration(cls, config: Mapping[str, Any], stream: str) -> KakeyaV2Config:
-        """The config of recipe fields ``config`` for ``stream``: ``fitted_tables`` defaults to true
+        """The config of recipe fields ``config`` for K/V stream ``stream``: ``fitted_tables`` defaults to true
         with fixed coding (tables fitted to the calibration coefficients), ``stream`` filled in."""
         coded = cls(**{**config, "stream": stream})
         return cls(**{"fitted_tables": not coded.entropy_coded, **config, "stream": stream})
@@ -208,17 +221,11 @@ class KakeyaV2Config(CodecConfig):
 class V2Transforms:
     """Calibrated per-stream transforms, as stored (their bytes are the codec's side data).
 
-    The basis is stored either dense (``basis_q`` and ``basis_scale``) or as Householder
-    reflectors (``reflectors``, ``reflector_scale``, ``reflector_bits``), never both.
-
     Attributes:
-        basis_q: int8 ``[S, D, D]``; column ``j`` of stream ``s`` is component ``j`` (in the
-            input's space: any whitening is folded in).
-        basis_scale: float16 ``[S, D]``: per-column scale, ``basis = basis_q * basis_scale[:, None, :]``.
-        reflectors: uint8 ``[reflectors_nbytes(reflector_bits)]``: the packed reflector entries
-            of an orthogonal basis (:func:`kakeyaturbo.ops.householder.quantize_orthogonal`).
-        reflector_scale: float16 ``[S, D]``: per-reflector scale.
-        reflector_bits: uint8 ``[S, D]``: bits of each reflector (0 for a trailing, unstored one).
+        basis: the basis of every stream, ``[S, D, D]`` once dequantised: a
+            :class:`~kakeyaturbo.codecs.v2_basis.DenseBasis` (stored as ``basis_q``, ``basis_scale``)
+            or a :class:`~kakeyaturbo.codecs.v2_basis.ReflectorBasis` (``reflectors``,
+            ``reflector_scale``, ``reflector_bits``).
         sigma: float16 ``[S, D]``, ``> 0``: rms of each gain-normalised coefficient.
         bits: uint8 ``[S, D]``, 0..8: bit width of each component.
         mean: float16 ``[S, D]``, or None (not centred: values).
@@ -230,22 +237,20 @@ class V2Transforms:
             concatenated; None means N(0,1) Lloyd–Max tables.
     """
 
+    basis: Basis
     sigma: torch.Tensor
     bits: torch.Tensor
-    basis_q: torch.Tensor | None = None
-    basis_scale: torch.Tensor | None = None
-    reflectors: torch.Tensor | None = None
-    reflector_scale: torch.Tensor | None = None
-    reflector_bits: torch.Tensor | None = None
     mean: torch.Tensor | None = None
     log_gain: torch.Tensor | None = None
     head_log_gain: torch.Tensor | None = None
     tables: torch.Tensor | None = None
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("mean", "log_gain", "head_log_gain", "tables")
 
     def __post_init__(self) -> None:
         specs = self._specs()
+        tensors = self._tensors()
         for name, (dtype, shape) in specs.items():
-            t = getattr(self, name)
+            t = tensors.get(name)
             if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
                 got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
                 raise CorruptDataError(f"transforms field {name!r} is {got}, expected {dtype} {shape}")
@@ -255,37 +260,24 @@ class V2Transforms:
             raise CorruptDataError(f"transforms bits must be 0..{MAX_BITS}, max is {int(self.bits.max())}")
         if bool((self.sigma <= 0).any()):
             raise CorruptDataError("transforms sigma must be > 0 everywhere")
-        for name in ("basis_scale", "reflector_scale"):
-            if getattr(self, name) is not None and bool((getattr(self, name) <= 0).any()):
-                raise CorruptDataError(f"transforms {name} must be > 0 everywhere")
+        if bool((tensors[self.basis.scale_name] <= 0).any()):
+            raise CorruptDataError(f"transforms {self.basis.scale_name} must be > 0 everywhere")
         for name in ("log_gain", "head_log_gain"):
             grid = getattr(self, name)
             if grid is not None and bool((grid[..., 1] <= grid[..., 0]).any()):
                 raise CorruptDataError(f"transforms {name} needs lo < hi in every stream")
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor by name, unchecked."""
+        optional = {name: getattr(self, name) for name in self.OPTIONAL if getattr(self, name) is not None}
+        return {"sigma": self.sigma, "bits": self.bits, **self.basis.tensors(), **optional}
 
     def _specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         if not isinstance(self.sigma, torch.Tensor) or self.sigma.dim() != 2 or 0 in self.sigma.shape:
             got = tuple(self.sigma.shape) if isinstance(self.sigma, torch.Tensor) else type(self.sigma).__name__
             raise CorruptDataError(f"transforms sigma must be a float16 tensor [S, D] with S, D > 0, got {got}")
         s, d = self.sigma.shape
-        specs = {"sigma": (torch.float16, (s, d)), "bits": (torch.uint8, (s, d))}
-        dense = {"basis_q": (torch.int8, (s, d, d)), "basis_scale": (torch.float16, (s, d))}
-        reflected = {"reflector_bits": (torch.uint8, (s, d)), "reflector_scale": (torch.float16, (s, d))}
-        given = {name for name in (*dense, *reflected, "reflectors") if getattr(self, name) is not None}
-        if given not in (set(dense), {*reflected, "reflectors"}):
-            raise CorruptDataError(f"transforms need either basis_q and basis_scale (int8 basis) or reflectors, "
-                                   f"reflector_scale and reflector_bits (orthogonal basis); got {sorted(given)}")
-        if "basis_q" in given:
-            specs |= dense
-        else:
-            rb = self.reflector_bits
-            if not isinstance(rb, torch.Tensor) or rb.dtype != torch.uint8 or tuple(rb.shape) != (s, d):
-                raise CorruptDataError(f"transforms field 'reflector_bits' must be uint8 {(s, d)}")
-            try:
-                size = householder.reflectors_nbytes(rb)
-            except NumericRangeError as e:
-                raise CorruptDataError(f"transforms reflector_bits: {e}") from e
-            specs |= reflected | {"reflectors": (torch.uint8, (size,))}
+        specs = {"sigma": (torch.float16, (s, d)), "bits": (torch.uint8, (s, d)), **self.basis.specs(s, d)}
         optional = {"mean": (torch.float16, (s, d)), "log_gain": (torch.float32, (s, 2)),
                     "tables": (torch.float16, (s, TABLE_SLOTS))}
         if isinstance(self.head_log_gain, torch.Tensor):
@@ -303,7 +295,7 @@ class V2Transforms:
 
     @property
     def dim(self) -> int:
-        """D, the head dim."""
+        """D, the width of a row (the head dim, or the heads of a joint row together)."""
         return self.sigma.shape[-1]
 
     @property
@@ -319,41 +311,36 @@ class V2Transforms:
         return self.mean.float()
 
     @property
-    def basis(self) -> torch.Tensor:
-        """Dequantised basis, float64 ``[S, D, D]`` (columns are components)."""
-        return stored_basis(self.basis_q, self.basis_scale, self.reflectors, self.reflector_scale, self.reflector_bits)
-
-    @property
     def levels(self) -> torch.Tensor:
         """float32 ``[S, 510]``: every width's levels (fitted, or N(0,1) Lloyd–Max), in units of sigma."""
         if self.tables is not None:
             return self.tables.float()
-        gauss = torch.cat([gaussian_table(b) for b in range(1, MAX_BITS + 1)]).to(self.sigma.device)
-        return gauss.expand(self.streams, TABLE_SLOTS)
+        return gaussian_levels(self.streams, self.sigma.device)
 
     def table(self, bits: int) -> torch.Tensor:
         """float32 ``[S, 2**bits]``: the levels of width ``bits`` (1..8), in units of sigma."""
-        return self.levels[:, _table_slice(bits)]
+        return self.levels[:, table_slice(bits)]
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name (for safetensors); optional ones only when present."""
-        return {name: getattr(self, name) for name in self._specs()}
+        tensors = self._tensors()
+        return {name: tensors[name] for name in self._specs()}
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> V2Transforms:
         """Inverse of :meth:`to_tensors`; missing, unknown or inconsistent tensors raise CorruptDataError."""
         required = {"sigma", "bits"}
-        optional = {f.name for f in dataclasses.fields(cls)} - required
         missing = sorted(required - set(tensors))
-        unknown = sorted(set(tensors) - required - optional)
+        unknown = sorted(set(tensors) - required - set(cls.OPTIONAL) - TENSOR_NAMES)
         if missing or unknown:
             raise CorruptDataError(f"transforms tensors: missing {missing}, unknown {unknown}")
-        return cls(**dict(tensors))
+        rest = {name: t for name, t in tensors.items() if name not in TENSOR_NAMES}
+        return cls(basis=basis_from_tensors(tensors), **rest)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the stored tensors (int8 basis, float16 scales, ...)."""
-        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+        return tensors_nbytes(self.to_tensors())
 
     def fingerprint(self) -> str:
         """Short SHA-256 of the stored tensors (goes into ``KakeyaV2Config.transforms_hash``)."""
@@ -361,86 +348,49 @@ class V2Transforms:
 
     def to(self, device: torch.device | str) -> V2Transforms:
         """A copy with every tensor on ``device``."""
-        return V2Transforms(**{k: v.to(device) for k, v in self.to_tensors().items()})
+        return V2Transforms.from_tensors({k: v.to(device) for k, v in self.to_tensors().items()})
 
     def without_tables(self) -> V2Transforms:
         """The same transforms with N(0,1) Lloyd–Max tables instead of fitted ones."""
         return dataclasses.replace(self, tables=None)
 
-
-def stored_basis(basis_q: torch.Tensor | None = None, basis_scale: torch.Tensor | None = None,
-                 reflectors: torch.Tensor | None = None, reflector_scale: torch.Tensor | None = None,
-                 reflector_bits: torch.Tensor | None = None) -> torch.Tensor:
-    """float64 ``[S, D, D]``: the basis the stored fields decode to (the reflectors when given, else
-    the int8 basis times its column scales); the fields as :class:`V2Transforms` holds them."""
-    if reflectors is not None:
-        return householder.dequantize_orthogonal(reflectors, reflector_scale, reflector_bits)
-    return basis_q.double() * basis_scale.double().unsqueeze(-2)
-
-
-def rms(x: torch.Tensor, groups: int | None = None) -> torch.Tensor:
-    """Root mean square over the last dim, ``[S, n, D] -> [S, n]``, or of each of ``groups`` equal
-    slices of it, ``-> [S, n, groups]``."""
-    s, n, d = x.shape
-    if groups is None:
-        return x.norm(dim=-1) / math.sqrt(d)
-    return x.reshape(s, n, groups, d // groups).norm(dim=-1) / math.sqrt(d // groups)
-
-
-def _log_grid(r: torch.Tensor) -> torch.Tensor:
-    """float32 log-gain grid ``[S, ..., 2]`` spanning the calibration rms ``r [S, N, ...]`` with a margin."""
-    lg = torch.log(r.clamp_min(1e-30))
-    lo, hi = lg.amin(1), lg.amax(1)
-    margin = 0.05 * (hi - lo) + 0.01
-    return torch.stack([lo - margin, hi + margin], dim=-1).float()
-
-
-def _gain_codes(r: torch.Tensor, log_gain: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Log-gain codes, int64 of the shape of ``r``, of the rms ``r [S, n]`` (grid ``log_gain [S, 2]``)
-    or ``r [S, n, G]`` (grid ``[S, G, 2]``); zeros without a grid."""
-    if log_gain is None:
-        return torch.zeros(r.shape, dtype=torch.int64, device=r.device)
-    lo, hi = log_gain[..., 0].unsqueeze(1), log_gain[..., 1].unsqueeze(1)
-    levels = 2**bits - 1
-    return torch.round((torch.clamp(torch.log(r), lo, hi) - lo) * (levels / (hi - lo))).to(torch.int64)
-
-
-def gain_values(q: torch.Tensor, log_gain: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Dequantised gains, float32 of the shape of ``q``, from codes ``q [S, n]`` (``log_gain [S, 2]``)
-    or ``q [S, n, G]`` (``log_gain [S, G, 2]``); ones without a grid."""
-    if log_gain is None:
-        return torch.ones(q.shape, device=q.device)
-    lo, hi = log_gain[..., 0].unsqueeze(1), log_gain[..., 1].unsqueeze(1)
-    return torch.exp(lo + q.float() * ((hi - lo) / (2**bits - 1)))
+    def check_serves(self, config: KakeyaV2Config) -> int:
+        """Check that these are the transforms ``config`` names and that they hold what it codes with;
+        return the code bits per vector. A mismatch raises ConfigError naming the config field."""
+        cfg = config
+        found = self.fingerprint()
+        if found != cfg.transforms_hash:
+            raise ConfigError(f"transforms fingerprint {found!r} differs from config.transforms_hash "
+                              f"{cfg.transforms_hash!r}: these are not the transforms this config names")
+        reflected = isinstance(self.basis, ReflectorBasis)
+        # (what the config says, whether it needs the part, whether the transforms have it, the part when
+        # present, when absent)
+        parts = (
+            (f"config.fitted_tables={cfg.fitted_tables}", cfg.fitted_tables, self.tables is not None,
+             "hold fitted tables", "lack fitted tables"),
+            (f"config says centred={cfg.centred} (stream {cfg.stream!r}, center={cfg.center})", cfg.centred,
+             self.mean is not None, "hold a mean", "lack a mean"),
+            (f"config.scale_bits={cfg.scale_bits}", cfg.scale_bits > 0, self.log_gain is not None,
+             "hold a gain grid", "lack a gain grid"),
+            (f"config.head_gain_bits={cfg.head_gain_bits}", cfg.head_gain_bits > 0, self.head_log_gain is not None,
+             "hold head gain grids", "lack head gain grids"),
+            (f"config.reflector_bits={cfg.reflector_bits}", cfg.reflector_bits > 0, reflected,
+             f"store {ReflectorBasis.description}", f"store {DenseBasis.description}"),
+        )
+        for said, wanted, held, present, absent in parts:
+            if wanted != held:
+                raise ConfigError(f"{said} but the transforms {present if held else absent}")
+        budget = code_bits_per_vector(cfg.bits, cfg.side_bits(self.heads), self.dim)
+        spent = self.bits.long().sum(1)
+        if bool((spent != budget).any()):
+            raise ConfigError(f"transforms spend {sorted(set(spent.tolist()))} code bits per vector; "
+                              f"config bits={cfg.bits}, scale_bits={cfg.scale_bits} need {budget}")
+        return budget
 
 
 def _per_element(head_gains: torch.Tensor, d: int) -> torch.Tensor:
     """``[S, n, G] -> [S, n, D]``: each head's gain repeated over its ``D / G`` elements."""
     return head_gains.repeat_interleave(d // head_gains.shape[-1], dim=-1)
-
-
-def _quantize(z: torch.Tensor, widths: torch.Tensor, tables: Mapping[int, torch.Tensor]) -> torch.Tensor:
-    """Codes int64 ``[S, n, D]`` of ``z [S, n, D]``; component ``(s, j)`` uses ``tables[widths[s, j]]``."""
-    s, n, d = z.shape
-    codes = torch.zeros(z.shape, dtype=torch.int64, device=z.device)
-    flat = z.reshape(s, n * d).contiguous()
-    for b, table in tables.items():
-        bnd = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
-        idx = torch.searchsorted(bnd, flat, right=False).reshape(s, n, d)
-        codes = torch.where((widths == b).unsqueeze(1), idx, codes)
-    return codes
-
-
-def _dequantize(
-    codes: torch.Tensor, widths: torch.Tensor, tables: Mapping[int, torch.Tensor]
-) -> torch.Tensor:
-    """Inverse of :func:`_quantize`: float32 ``[S, n, D]`` (0 where the width is 0)."""
-    s, n, d = codes.shape
-    z = torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
-    for b, table in tables.items():
-        idx = codes.reshape(s, n * d).clamp(max=table.shape[1] - 1)
-        z = torch.where((widths == b).unsqueeze(1), table.gather(1, idx).reshape(s, n, d), z)
-    return z
 
 
 def _rotation(w: int, seed: int) -> torch.Tensor:
@@ -471,45 +421,6 @@ def group_rotations(widths: torch.Tensor, seed: int) -> torch.Tensor:
             q = _rotation(w, seed * 1_000_003 + b * 1_009 + w).to(dev)
             rot[sel[:, None, None], pos[:, :, None], pos[:, None, :]] = q
     return rot
-
-
-TABLE_FIT_TOKENS = 2048
-"""Tokens per stream (evenly spaced) the fitted tables are estimated from; bounds calibration time."""
-
-
-def _fit_tables(
-    z: torch.Tensor, widths: torch.Tensor, max_iter: int = 100, tol: float = 1e-5
-) -> torch.Tensor:
-    """Lloyd–Max levels float32 ``[S, 510]`` fitted per (stream, width) to ``z [S, N, D]``.
-
-    Each width's pooled samples are sorted once; every Lloyd step then finds the cell edges by
-    binary search and the centroids from prefix sums, batched over streams. Levels start from
-    the N(0,1) table; an empty cell keeps its level; a stream without that width keeps N(0,1).
-    """
-    s, n, d = z.shape
-    out = torch.zeros(s, TABLE_SLOTS, dtype=torch.float32, device=z.device)
-    for b in range(1, MAX_BITS + 1):
-        member = (widths == b).unsqueeze(1).expand(s, n, d).reshape(s, n * d)
-        table = gaussian_table(b).to(device=z.device, dtype=torch.float64).repeat(s, 1)
-        if bool(member.any()):
-            flat = torch.where(member, z.reshape(s, n * d).double(), math.inf)
-            ordered = torch.sort(flat, dim=1).values
-            count = member.sum(1, keepdim=True)
-            finite = torch.where(torch.isfinite(ordered), ordered, 0.0)  # members first, +inf padding after
-            prefix = torch.cat([ordered.new_zeros(s, 1), finite.cumsum(1)], 1)
-            for _ in range(max_iter):
-                bnd = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
-                inner = torch.searchsorted(ordered, bnd, right=True)  # samples in cells up to each edge
-                edges = torch.cat([torch.zeros_like(count), inner, count], 1)
-                mass = (edges[:, 1:] - edges[:, :-1]).double()
-                sums = prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
-                new = torch.sort(torch.where(mass > 0, sums / mass.clamp_min(1), table), dim=1).values
-                moved = float((new - table).abs().max())
-                table = new
-                if moved < tol:
-                    break
-        out[:, _table_slice(b)] = table.float()
-    return out
 
 
 def reflector_widths(var: torch.Tensor, widths: torch.Tensor, min_bits: int) -> torch.Tensor:
@@ -581,8 +492,8 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
     head_log_gain = None
     if hb:
         r = rms(xc, heads)
-        head_log_gain = _log_grid(r)
-        xc = xc / _per_element(gain_values(_gain_codes(r.float(), head_log_gain, hb), head_log_gain, hb), d).double()
+        head_log_gain = log_grid(r)
+        xc = xc / _per_element(gain_values(gain_codes(r.float(), head_log_gain, hb), head_log_gain, hb), d).double()
     lw = torch.eye(d, dtype=torch.float64, device=x.device).expand(s, d, d) if whiten is None else whiten.double()
     w = xc @ lw  # the metric space
     _, vecs = torch.linalg.eigh(w.transpose(1, 2) @ w / n)
@@ -600,27 +511,23 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
         pca = pca.gather(2, order.unsqueeze(1).expand_as(pca))
     rot = group_rotations(widths, cfg.seed) if cfg.rotate_groups else None
     rotated = pca @ rot if rot is not None else pca
+    basis: Basis
     if cfg.reflector_bits:
         mixed = (var.unsqueeze(1) @ rot.pow(2)).squeeze(1) if rot is not None else var  # after the rotations
-        rw = reflector_widths(mixed, widths, cfg.reflector_bits)
-        packed, scale = householder.quantize_orthogonal(rotated, rw)
-        stored = {"reflectors": packed, "reflector_scale": scale, "reflector_bits": rw.to(torch.uint8)}
-    else:
-        basis = torch.linalg.solve(lw.transpose(1, 2), rotated).contiguous()  # L⁻ᵀ·P: components in the input space
-        col_scale = narrow(basis.abs().amax(1) / _INT8_MAX, torch.float16, "kakeya-v2 basis scale")
-        basis_q = torch.round(basis / col_scale.double().unsqueeze(1)).clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-        stored = {"basis_q": basis_q, "basis_scale": col_scale}
-    c = xc @ torch.linalg.inv(stored_basis(**stored)).transpose(1, 2)
-    log_gain = _log_grid(rms(c)) if cfg.scale_bits else None
-    g_hat = gain_values(_gain_codes(rms(c.float()), log_gain, cfg.scale_bits), log_gain, cfg.scale_bits)
+        basis = ReflectorBasis.quantise(rotated, reflector_widths(mixed, widths, cfg.reflector_bits))
+    else:  # L⁻ᵀ·P: components in the input space
+        basis = DenseBasis.quantise(torch.linalg.solve(lw.transpose(1, 2), rotated).contiguous())
+    c = xc @ torch.linalg.inv(basis.matrix()).transpose(1, 2)
+    log_gain = log_grid(rms(c)) if cfg.scale_bits else None
+    g_hat = gain_values(gain_codes(rms(c.float()), log_gain, cfg.scale_bits), log_gain, cfg.scale_bits)
     normed = c / g_hat.double().unsqueeze(-1)
     sigma = narrow(normed.pow(2).mean(1).sqrt().clamp_min(SIGMA_FLOOR), torch.float16, "kakeya-v2 sigma")
     tables = None
     if cfg.fitted_tables:
         z = (normed / sigma.double().unsqueeze(1)).float()
         keep = torch.linspace(0, z.shape[1] - 1, min(z.shape[1], TABLE_FIT_TOKENS), device=z.device).long()
-        tables = narrow(_fit_tables(z[:, keep], widths), torch.float16, "kakeya-v2 fitted tables")
-    return V2Transforms(**stored, sigma=sigma, bits=widths.to(torch.uint8), mean=mean16, log_gain=log_gain,
+        tables = narrow(fit_tables(z[:, keep], widths), torch.float16, "kakeya-v2 fitted tables")
+    return V2Transforms(basis=basis, sigma=sigma, bits=widths.to(torch.uint8), mean=mean16, log_gain=log_gain,
                         head_log_gain=head_log_gain, tables=tables)
 
 
@@ -639,40 +546,19 @@ class KakeyaV2Codec(Codec):
         if transforms is None:
             raise ConfigError("kakeya-v2 needs its calibrated transforms: pass "
                               "transforms=fit_transforms(...) (or build it with KakeyaV2Codec.calibrate)")
-        found = transforms.fingerprint()
-        if found != cfg.transforms_hash:
-            raise ConfigError(f"transforms fingerprint {found!r} differs from config.transforms_hash "
-                              f"{cfg.transforms_hash!r}: these are not the transforms this config names")
-        if (transforms.tables is not None) != cfg.fitted_tables:
-            raise ConfigError(f"config.fitted_tables={cfg.fitted_tables} but the transforms "
-                              f"{'hold' if transforms.tables is not None else 'lack'} fitted tables")
-        if (transforms.mean is not None) != cfg.centred:
-            raise ConfigError(f"config says centred={cfg.centred} (stream {cfg.stream!r}, center={cfg.center}) "
-                              f"but the transforms {'hold' if transforms.mean is not None else 'lack'} a mean")
-        if (transforms.log_gain is not None) != (cfg.scale_bits > 0):
-            raise ConfigError(f"config.scale_bits={cfg.scale_bits} but the transforms "
-                              f"{'hold' if transforms.log_gain is not None else 'lack'} a gain grid")
-        if (transforms.head_log_gain is not None) != (cfg.head_gain_bits > 0):
-            raise ConfigError(f"config.head_gain_bits={cfg.head_gain_bits} but the transforms "
-                              f"{'hold' if transforms.head_log_gain is not None else 'lack'} head gain grids")
-        if (transforms.reflectors is not None) != (cfg.reflector_bits > 0):
-            raise ConfigError(f"config.reflector_bits={cfg.reflector_bits} but the transforms store "
-                              f"{'Householder reflectors' if transforms.reflectors is not None else 'an int8 basis'}")
-        budget = code_bits_per_vector(cfg.bits, cfg.side_bits(transforms.heads), transforms.dim)
-        spent = transforms.bits.long().sum(1)
-        if bool((spent != budget).any()):
-            raise ConfigError(f"transforms spend {sorted(set(spent.tolist()))} code bits per vector; "
-                              f"config bits={cfg.bits}, scale_bits={cfg.scale_bits} need {budget}")
+        budget = transforms.check_serves(cfg)
         self.transforms = transforms
-        dec = transforms.basis
+        dec = transforms.basis.matrix()
         self._dec = dec.float()
         self._enc = torch.linalg.inv(dec).transpose(1, 2).float()
-        used = sorted(set(transforms.bits.unique().tolist()) - {0})
-        self._tables = {} if cfg.entropy_coded else {b: transforms.table(b) for b in used}
-        self._slots = None
+        self._quantiser: Quantiser
         if cfg.entropy_coded:
-            self._slots = SlotCoder.build(transforms.sigma.float(), transforms.bits > 0, transforms.log_gain,
-                                          cfg.scale_bits, budget)
+            self._quantiser = SlotQuantiser(transforms.sigma.float(), transforms.bits > 0, transforms.log_gain,
+                                            cfg.scale_bits, budget)
+        else:
+            used = sorted(set(transforms.bits.unique().tolist()) - {0})
+            self._quantiser = TableQuantiser(transforms.sigma.float(), transforms.bits.long(), transforms.log_gain,
+                                             cfg.scale_bits, {b: transforms.table(b) for b in used})
 
     @classmethod
     def calibrate(cls, x: torch.Tensor, *, whiten: torch.Tensor | None = None, heads: int = 1,
@@ -687,14 +573,17 @@ class KakeyaV2Codec(Codec):
     @classmethod
     def from_calibration(cls, config: Mapping[str, Any], calibration: Any, layer: int, stream: str,
                          space: str, layout: str = "head") -> KakeyaV2Codec:
-        """The codec of one (layer, stream) with transforms a calibration bundle fits for it (on demand).
+        """The codec of one (layer, K/V stream) with transforms a calibration bundle fits for it (on demand).
 
         Args:
             config: config fields from a recipe (:meth:`KakeyaV2Config.for_calibration` fills in
                 ``stream`` and the ``fitted_tables`` default; ``transforms_hash`` comes from the fit).
             calibration: an object with ``v2_transforms(layer, stream, space, layout, config)``.
-            space: the key space the input is in: a whitening ("sigma_q", "lag", folded into the
-                basis), "post_rope", or "none" (always "none" for V).
+            layer: the layer index (also the seed of the rotations).
+            stream: the K/V stream, ``"k"`` or ``"v"``.
+            space: the key space the input is in, one of :data:`kakeyaturbo.calibration.fits.KEY_SPACES`:
+                a whitening ("sigma_q", "lag", folded into the basis), "post_rope", or "none" (always
+                "none" for V).
             layout: the engine layout of the input, one of :data:`LAYOUTS` (per-head or joint transforms).
         """
         cfg = KakeyaV2Config.for_calibration(config, stream)
@@ -714,14 +603,6 @@ class KakeyaV2Codec(Codec):
                                    f"transforms {self.config.transforms_hash!r}")
         return super().decode(enc)
 
-    def _state(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        t = self.transforms
-        log_gain = t.log_gain.to(device) if t.log_gain is not None else None
-        return t.centre.to(device), t.sigma.float().to(device), t.bits.long().to(device), log_gain
-
-    def _tables_on(self, device: torch.device) -> dict[int, torch.Tensor]:
-        return {b: table.to(device) for b, table in self._tables.items()}
-
     def _streams(self, s: int, d: int, error: type[Exception]) -> int:
         """How many times the transforms' ``S`` streams repeat in ``s`` flattened streams."""
         t = self.transforms
@@ -735,53 +616,27 @@ class KakeyaV2Codec(Codec):
         t = self.transforms
         m = self._streams(s, d, ShapeError)
         x = x.reshape(m, t.streams, n, d).transpose(0, 1).reshape(t.streams, m * n, d)  # per-transform rows
-        mean, sigma, widths, log_gain = self._state(x.device)
-        x = x - mean.unsqueeze(1)
+        x = x - t.centre.to(x.device).unsqueeze(1)
         fields = {}
         hb = self.config.head_gain_bits
         if hb:
             grid = t.head_log_gain.to(x.device)
-            qh = _gain_codes(rms(x, t.heads), grid, hb)
+            qh = gain_codes(rms(x, t.heads), grid, hb)
             x = x / _per_element(gain_values(qh, grid, hb), d)
             fields["head_scale"] = pack_bits(qh, hb)
-        c = x @ self._enc.to(x.device)
-        if self._slots is not None:
-            q, packed = self._slots.encode(c)
-            return fields | {"codes": packed, "scale": pack_bits(q, self.config.scale_bits)}
-        q = _gain_codes(rms(c), log_gain, self.config.scale_bits)
-        g_hat = gain_values(q, log_gain, self.config.scale_bits)
-        z = c / (g_hat.unsqueeze(-1) * sigma.unsqueeze(1))
-        codes = _quantize(z, widths, self._tables_on(x.device))
-        fields["codes"] = pack_varwidth(codes, widths)
-        if self.config.scale_bits:
-            fields["scale"] = pack_bits(q, self.config.scale_bits)
-        return fields
+        return fields | self._quantiser.encode(x @ self._enc.to(x.device))
 
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         t = self.transforms
         m = self._streams(s, d, CorruptDataError)
         s, n = t.streams, m * n
-        sb = self.config.scale_bits
-        code_bytes = (packed_nbytes(s * n * self._slots.slot_bits, 1) if self._slots is not None
-                      else varwidth_nbytes(t.bits, (s, n, d)))
-        packed = expect_field(fields, "codes", torch.uint8, (code_bytes,))
-        device = packed.device
-        q = torch.zeros(s, n, dtype=torch.int64, device=device)
-        if sb:
-            scale = expect_field(fields, "scale", torch.uint8, (packed_nbytes(s * n, sb),))
-            q = unpack_bits(scale, sb, s * n).reshape(s, n)
-        mean, sigma, widths, log_gain = self._state(device)
-        if self._slots is not None:
-            c = self._slots.decode(q, packed)
-        else:
-            codes = unpack_varwidth(packed, widths, (s, n, d))
-            z = _dequantize(codes, widths, self._tables_on(device))
-            c = z * sigma.unsqueeze(1) * gain_values(q, log_gain, sb).unsqueeze(-1)
+        c = self._quantiser.decode(fields, s, n, d)
+        device = c.device
         y = c @ self._dec.to(device).transpose(1, 2)  # [S, m*n, D]
         hb = self.config.head_gain_bits
         if hb:
             head = expect_field(fields, "head_scale", torch.uint8, (packed_nbytes(s * n * t.heads, hb),))
             qh = unpack_bits(head, hb, s * n * t.heads).reshape(s, n, t.heads)
             y = y * _per_element(gain_values(qh, t.head_log_gain.to(device), hb), d)
-        y = mean.unsqueeze(1) + y
+        y = t.centre.to(device).unsqueeze(1) + y
         return y.reshape(s, m, n // m, d).transpose(0, 1).reshape(m * s, n // m, d)

@@ -212,7 +212,7 @@ class V2Segment:
     def unprojection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean [n_kv, D], Bᵀ [n_kv, D, D])``, float32."""
         t = self.codec.transforms
-        return self._head(t.centre), self._head(t.basis.float().transpose(1, 2).contiguous())
+        return self._head(t.centre), self._head(t.basis.matrix().float().transpose(1, 2).contiguous())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -133,19 +133,17 @@ def captured_kv_for_bench(tokens: int, split: str = "evaluation", layout: str = 
     (after k-norm where present): what the codecs see once the cache stores pre-RoPE keys.
     """
     from kakeyaturbo.codecs.base import check_choice
-    from kakeyaturbo.codecs.kakeya_v2 import LAYOUTS
+    from kakeyaturbo.layouts import CALIBRATED, join_heads
     from kakeyaturbo.models.loading import load_model
     from kakeyaturbo.models.text import load_corpus, token_windows
 
     if split not in ("evaluation", "calibration"):
         raise ConfigError(f"split must be 'evaluation' or 'calibration', got {split!r}")
-    check_choice("layout", layout, LAYOUTS)
+    check_choice("layout", layout, CALIBRATED)
     model, tokenizer = load_model()
     text = getattr(load_corpus("austen"), split)
     ids = token_windows(tokenizer, text[: 8 * tokens + 10_000], 1, tokens)
     layers = capture(model, ids)
     if layout == "joint":
-        from kakeyaturbo.engine import join_heads
-
         return [torch.stack([join_heads(t) for t in ts]) for ts in ([c.k_pre for c in layers], [c.v for c in layers])]
     return [torch.cat([c.k_pre for c in layers]), torch.cat([c.v for c in layers])]

@@ -2,8 +2,9 @@
 
 ``gaussian_table(b)`` is the MSE-optimal ``2**b``-level quantiser for a standard normal,
 computed from the exact density (it reproduces the seed's published tables, e.g. ±0.7979 at
-1 bit and MSE 0.3634 / 0.1175 / 0.03454 / 0.009497 for b = 1..4). ``fit`` runs the same
-iteration on samples, for calibrated tables.
+1 bit and MSE 0.3634 / 0.1175 / 0.03454 / 0.009497 for b = 1..4). :func:`fit_batch` runs the
+iteration on samples, batched over independent sets (the ``kakeya-v2`` tables per stream and
+width); :func:`fit` is one set, for the ``kakeya`` codec's calibrated tables.
 """
 
 from __future__ import annotations
@@ -98,12 +99,49 @@ def dequantize(idx: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return table.to(torch.float32)[idx]
 
 
+def fit_batch(samples: torch.Tensor, member: torch.Tensor, table: torch.Tensor, *, max_iter: int,
+              tol: float) -> torch.Tensor:
+    """Lloyd–Max iteration on ``B`` independent sample sets at once.
+
+    Each row's member samples are sorted once; every step then finds the cell edges by binary
+    search and the centroids from prefix sums (a sample on an edge goes to the lower cell, as in
+    :func:`quantize`); an empty cell keeps its level. Stops when no level of any row moved by
+    ``tol`` or more, or after ``max_iter`` steps.
+
+    Args:
+        samples: float64 ``[B, M]``.
+        member: bool ``[B, M]``: which samples belong to each row's set.
+        table: float64 ``[B, L]``, ascending: the starting levels.
+        max_iter: most steps.
+        tol: convergence threshold on the largest level move.
+
+    Returns:
+        float64 ``[B, L]``, ascending.
+    """
+    b = samples.shape[0]
+    ordered = torch.sort(torch.where(member, samples, math.inf), dim=1).values
+    count = member.sum(1, keepdim=True)
+    finite = torch.where(torch.isfinite(ordered), ordered, 0.0)  # members first, +inf padding after
+    prefix = torch.cat([ordered.new_zeros(b, 1), finite.cumsum(1)], 1)
+    for _ in range(max_iter):
+        bnd = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
+        inner = torch.searchsorted(ordered, bnd, right=True)  # samples in cells up to each edge
+        edges = torch.cat([torch.zeros_like(count), inner, count], 1)
+        mass = (edges[:, 1:] - edges[:, :-1]).double()
+        sums = prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
+        new = torch.sort(torch.where(mass > 0, sums / mass.clamp_min(1), table), dim=1).values
+        moved = float((new - table).abs().max())
+        table = new
+        if moved < tol:
+            break
+    return table
+
+
 def fit(samples: torch.Tensor, bits: int, *, max_iter: int = 200, tol: float = 1e-6) -> torch.Tensor:
     """Fit a ``2**bits``-level Lloyd–Max quantiser to 1-D samples.
 
-    Starts from the N(0,1) table scaled to the samples' mean and std, then alternates
-    nearest-level assignment and centroid update (an empty cell keeps its level) until the
-    largest level moves less than ``tol`` or ``max_iter`` iterations.
+    Starts from the N(0,1) table scaled to the samples' mean and std, then runs :func:`fit_batch`
+    (a batch of one) until the largest level moves less than ``tol * std`` or ``max_iter`` iterations.
 
     Args:
         samples: float tensor of any shape (flattened), finite, at least ``2**bits`` values.
@@ -119,17 +157,9 @@ def fit(samples: torch.Tensor, bits: int, *, max_iter: int = 200, tol: float = 1
     if not bool(torch.isfinite(x).all()):
         raise ShapeError("fit: samples hold NaN/Inf")
     std = float(x.std()) or 1.0
-    table = _gaussian_table64(bits).to(x.device) * std + float(x.mean())
-    for _ in range(max_iter):
-        idx = torch.searchsorted(boundaries(table).contiguous(), x, right=False)
-        sums = torch.zeros(levels, dtype=x.dtype, device=x.device).scatter_add_(0, idx, x)
-        counts = torch.bincount(idx, minlength=levels).to(x.dtype)
-        new = torch.where(counts > 0, sums / counts.clamp_min(1), table)
-        new, _ = torch.sort(new)
-        moved = float((new - table).abs().max())
-        table = new
-        if moved < tol * std:
-            break
+    start = _gaussian_table64(bits).to(x.device) * std + float(x.mean())
+    table = fit_batch(x.unsqueeze(0), torch.ones_like(x, dtype=torch.bool).unsqueeze(0), start.unsqueeze(0),
+                      max_iter=max_iter, tol=tol * std).squeeze(0)
     # keep strictly increasing even when cells collapse
     eps = 1e-9 * std
     table = table + torch.arange(levels, dtype=x.dtype, device=x.device) * eps

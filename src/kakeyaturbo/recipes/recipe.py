@@ -15,13 +15,13 @@ from typing import Any, Literal
 
 from kakeyaturbo.codecs import names as codec_names
 from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.layouts import NAMES as LAYOUT_CHOICES
+from kakeyaturbo.layouts import LayoutName as Layout
 
 Whiten = Literal["none", "sigma_q", "lag"]
-Layout = Literal["head", "token_major", "joint"]
 WHITEN_CHOICES: tuple[str, ...] = ("none", "sigma_q", "lag")
 CALIBRATED_CODECS: tuple[str, ...] = ("kakeya-v2",)
 """Codecs whose per-model transforms come from the calibration bundle."""
-LAYOUT_CHOICES: tuple[str, ...] = ("head", "token_major", "joint")
 LayerBits = Literal["uniform", "sensitivity"]
 LAYER_BITS_CHOICES: tuple[str, ...] = ("uniform", "sensitivity")
 SENSITIVITY_GRID: tuple[float, ...] = (1.0, 1.25, 1.5, 1.625, 1.75, 1.875, 2.0, 2.125, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0,
@@ -197,10 +197,9 @@ class Recipe:
         boundary_k, boundary_v: what boundary layers use (exact bf16 by default).
         sink_tokens: the first tokens of every sequence kept exact.
         chunk_tokens: the cache encodes tokens in chunks of this many (block codecs: their block_size).
-        layout: ``"head"`` (one stream per KV head over tokens), ``"token_major"`` (one stream per
-            sequence, rows token-major with heads interleaved, as the seed's PPL harness) or
-            ``"joint"`` (one stream per sequence, each row one token with its KV heads concatenated
-            into ``n_kv * D`` features, so a calibrated transform can use the heads' correlation).
+        layout: how the engine cuts K and V into codec rows, one of :data:`kakeyaturbo.layouts.NAMES`
+            (``"head"``, ``"token_major"``, ``"joint"``: a token's KV heads side by side, so a calibrated
+            transform can use the heads' correlation).
         layer_overrides: ``{layer: {"k": {...}, "v": {...}}}`` stream recipes replacing the defaults.
         layer_bits: ``"uniform"``: every layer codes K at ``k.config.bits`` and V at
             ``v.config.bits``. ``"sensitivity"`` (``kakeya-v2`` K and V only): the layers that use the
