@@ -19,10 +19,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from kakeyaturbo.calibration.bundle import Calibration, fit_key
 from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.models.arch import decoder_layers
 from kakeyaturbo.models.forward import logits, prefill
 
 SENSITIVITY = "sensitivity"
@@ -58,6 +60,32 @@ def _windows(cal: Calibration, count: int, ctx: int, n_eval: int) -> torch.Tenso
     return ids
 
 
+class _Skipped(nn.Module):
+    """Stands in for a decoder layer whose output is already known: returns its input unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@torch.no_grad()
+def _logits_from(model: Any, layer: int, hidden: torch.Tensor, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    """float32 logits ``[B, T, V]`` of ``ids [B, T]`` over ``cache`` when the decoder layers below
+    ``layer`` hold exact K/V: their output is ``hidden [1, T, H]`` (measured once on the exact cache),
+    so they are skipped and ``layer`` starts from it."""
+    layers = decoder_layers(model)
+    below = [layers[i] for i in range(layer)]
+    handle = layers[layer].register_forward_pre_hook(
+        lambda _m, args, kwargs: ((hidden.expand(ids.shape[0], -1, -1), *args[1:]), kwargs), with_kwargs=True)
+    try:
+        for i in range(layer):
+            layers[i] = _Skipped()
+        return model(input_ids=ids, cache=cache, use_cache=True).logits.float()
+    finally:
+        handle.remove()
+        for i, module in enumerate(below):
+            layers[i] = module
+
+
 def _stacked(caches: list[Any]) -> Any:
     """One ``DynamicCache`` whose batch rows are the (batch-1) caches given, layer by layer."""
     from transformers import DynamicCache
@@ -73,7 +101,9 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
     """Run the sensitivity probe ``setup`` (:meth:`kakeyaturbo.recipes.Recipe.sensitivity_setup`).
 
     The probes of one layer (both streams, every budget) share one forward pass: their compressed
-    caches are the rows of one batch, the continuation repeated on each.
+    caches are the rows of one batch, the continuation repeated on each; the layers below it, whose
+    caches are exact, are not run again (their output is the exact pass's). The KL is bit-identical
+    to one full forward pass per probe.
 
     Returns:
         ``{stream: {layer: {budget: KL}}}`` with string keys (JSON-ready), the KL averaged over
@@ -94,7 +124,9 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
         for w in range(windows):
             prefix, cont = ids[w : w + 1, :ctx], ids[w : w + 1, ctx : ctx + n]
             reference = prefill(probe_model, prefix)
-            ref = logits(probe_model, cont, copy.deepcopy(reference))[:-1].log_softmax(-1)
+            exact = probe_model(input_ids=cont, cache=copy.deepcopy(reference), use_cache=True,
+                                output_hidden_states=True)
+            ref = exact.logits[0].float()[:-1].log_softmax(-1)
             for layer in cal.full_layers:
                 probes = [(stream, bits) for stream in ("k", "v") for bits in setup["budgets"]]
                 caches = []
@@ -104,7 +136,7 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
                     recipe = Recipe(**base, layer_overrides={layer: {stream: coded}})
                     caches.append(KakeyaCache(probe_model.config, recipe, cal, rope=ropes).ingest(reference))
                 batch = cont.expand(len(probes), -1)
-                alt = probe_model(input_ids=batch, cache=_stacked(caches), use_cache=True).logits.float()
+                alt = _logits_from(probe_model, layer, exact.hidden_states[layer], batch, _stacked(caches))
                 for (stream, bits), row in zip(probes, alt):
                     kl = _kl(ref, row[:-1].log_softmax(-1))
                     total[layer, stream, bits] = total.get((layer, stream, bits), 0.0) + kl / windows
