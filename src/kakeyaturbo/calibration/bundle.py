@@ -96,9 +96,9 @@ class Calibration:
         """The measured KL of coding each (layer, stream) alone, ``{stream: {layer: {budget: KL}}}``, for
         a probe ``setup`` (:meth:`kakeyaturbo.recipes.Recipe.sensitivity_setup`); it must have been
         measured (:func:`kakeyaturbo.calibration.probes.prepare`, which runs the model)."""
-        from kakeyaturbo.calibration.probes import SENSITIVITY, stored_sensitivity
+        from kakeyaturbo.calibration.probes import sensitivity_key, stored_sensitivity
 
-        found = self.memo_get(fit_key(SENSITIVITY, stats=self.stats_id, setup=setup))
+        found = self.memo_get(sensitivity_key(self, setup))
         if found is None:
             raise ConfigError(self._needs_model("the sensitivity probe of this recipe's layer budgets"))
         return stored_sensitivity(found)
@@ -106,10 +106,9 @@ class Calibration:
     @property
     def boundary_ranking(self) -> list[int]:
         """Layers ordered from most to least sensitive to the seed's codec (for ``boundary_top``)."""
-        from kakeyaturbo.calibration.probes import BOUNDARY, boundary_setup
+        from kakeyaturbo.calibration.probes import boundary_key
 
-        setup = boundary_setup(int(self.stat("ids").shape[1]))
-        found = self.memo_get(fit_key(BOUNDARY, stats=self.stats_id, setup=setup))
+        found = self.memo_get(boundary_key(self))
         if found is None:
             raise ConfigError(self._needs_model("the boundary-layer ranking (boundary_top)"))
         return [int(i) for i in found]
@@ -253,9 +252,10 @@ class Calibration:
             CorruptDataError: unreadable manifest or statistics.
         """
         d = Path(directory)
+        not_a_bundle = (f"{d} is not a calibration bundle (needs {MANIFEST} and {STATISTICS}); create one with "
+                        "`kakeya calibrate --out DIR`")
         if not (d / MANIFEST).is_file():
-            raise ConfigError(f"{d} is not a calibration bundle (needs {MANIFEST} and {STATISTICS}); "
-                              "create one with `kakeya calibrate --out DIR`")
+            raise ConfigError(not_a_bundle)
         try:
             manifest = json.loads((d / MANIFEST).read_text())
         except (ValueError, OSError) as exc:
@@ -269,8 +269,7 @@ class Calibration:
                               f"{BUNDLE_VERSION} (statistics, with transforms fitted on demand); rebuild it with "
                               f"`{calibrate_command(model, d)}`")
         if not (d / STATISTICS).is_file():
-            raise ConfigError(f"{d} is not a calibration bundle (needs {MANIFEST} and {STATISTICS}); "
-                              "create one with `kakeya calibrate --out DIR`")
+            raise ConfigError(not_a_bundle)
         try:
             statistics = load_file(str(d / STATISTICS))
         except (ValueError, OSError, RuntimeError, SafetensorError) as exc:

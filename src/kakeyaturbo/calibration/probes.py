@@ -41,6 +41,16 @@ def boundary_setup(tokens: int) -> dict[str, Any]:
     return {"ctx": ctx, "n_eval": n, **BOUNDARY_PROBE}
 
 
+def sensitivity_key(cal: Calibration, setup: Mapping[str, Any]) -> str:
+    """The memo key of the sensitivity probe ``setup`` on ``cal``'s statistics."""
+    return fit_key(SENSITIVITY, stats=cal.stats_id, setup=setup)
+
+
+def boundary_key(cal: Calibration) -> str:
+    """The memo key of ``cal``'s boundary ranking (its setup follows the calibration windows' length)."""
+    return fit_key(BOUNDARY, stats=cal.stats_id, setup=boundary_setup(int(cal.stat("ids").shape[1])))
+
+
 def stored_sensitivity(raw: Mapping[str, Any]) -> dict[str, dict[int, dict[float, float]]]:
     """A memoised probe result (JSON: string keys) as ``{stream: {layer: {budget: KL}}}``."""
     return {stream: {int(layer): {float(b): float(kl) for b, kl in costs.items()} for layer, costs in layers.items()}
@@ -118,8 +128,9 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
     base = {"name": "sensitivity-probe", "sink_tokens": setup["sink_tokens"], "chunk_tokens": setup["chunk_tokens"],
             "layout": setup["layout"], "pre_rope_keys": setup["pre_rope_keys"]}
     ropes = _ropes(probe_model)
+    probes = [(stream, bits) for stream in ("k", "v") for bits in setup["budgets"]]
     total: dict[tuple[int, str, float], float] = {}
-    with tqdm(total=windows * len(cal.full_layers) * 2 * len(setup["budgets"]), desc="calibrate: sensitivity probe",
+    with tqdm(total=windows * len(cal.full_layers) * len(probes), desc="calibrate: sensitivity probe",
               unit="probe") as bar:
         for w in range(windows):
             prefix, cont = ids[w : w + 1, :ctx], ids[w : w + 1, ctx : ctx + n]
@@ -128,7 +139,6 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
                                 output_hidden_states=True)
             ref = exact.logits[0].float()[:-1].log_softmax(-1)
             for layer in cal.full_layers:
-                probes = [(stream, bits) for stream in ("k", "v") for bits in setup["budgets"]]
                 caches = []
                 for stream, bits in probes:
                     spec = setup[stream]
@@ -192,11 +202,10 @@ def prepare(recipe: Any, calibration: Calibration | None, model: Any) -> None:
     with calibration.fitting(f"fitting {recipe.name}"):
         if recipe.layer_bits == "sensitivity":
             setup = recipe.sensitivity_setup()
-            calibration.memoised(fit_key(SENSITIVITY, stats=calibration.stats_id, setup=setup),
+            calibration.memoised(sensitivity_key(calibration, setup),
                                  lambda: measure_sensitivity(model, calibration, setup), "sensitivity probe")
         if recipe.boundary_top:
-            setup = boundary_setup(int(calibration.stat("ids").shape[1]))
-            calibration.memoised(fit_key(BOUNDARY, stats=calibration.stats_id, setup=setup),
-                                 lambda: measure_boundary(model, calibration), "boundary ranking")
+            calibration.memoised(boundary_key(calibration), lambda: measure_boundary(model, calibration),
+                                 "boundary ranking")
         f = facts(model)
         build_plans(recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration)

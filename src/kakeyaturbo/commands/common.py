@@ -57,11 +57,13 @@ def load_calibration(path: Path | None, model_name: str, model_config: Any, requ
     return cal
 
 
-def statistics_of(model: Any, tokenizer: Any, corpus: Any, model_name: str, text: str) -> Callable[[], Any]:
-    """A ``measure`` argument for :func:`load_calibration`: default statistics of ``model`` on ``corpus``."""
+def statistics_of(model: Any, tokenizer: Any, model_name: str, text: str) -> Callable[[], Any]:
+    """A ``measure`` argument for :func:`load_calibration`: default statistics of ``model`` on the
+    calibration split of ``text`` (a ``--text`` value, read only when the statistics are measured)."""
     from kakeyaturbo.calibration import measure
+    from kakeyaturbo.models.text import load_corpus
 
-    return lambda: measure(model, tokenizer, corpus, model_name=model_name, text=text)
+    return lambda: measure(model, tokenizer, load_corpus(text), model_name=model_name, text=text)
 
 
 def write_json(path: Path | None, data: Any) -> None:

@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     session = Session(settings)
     calibration = load_calibration(args.calibration, args.model, session.model.config,
                                    required=any(r.needs_calibration for r in chosen),
-                                   measure=statistics_of(session.model, session.tokenizer, session.corpus,
-                                                         args.model, args.text))
+                                   measure=statistics_of(session.model, session.tokenizer, args.model, args.text))
     records = evaluate(settings, chosen, calibration, session=session)
     print(summary_table(records))
     write_json(args.json, records if len(records) > 1 else records[0])

@@ -34,13 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from kakeyaturbo.cache import KakeyaCache
     from kakeyaturbo.evaluation.harness import DTYPES
     from kakeyaturbo.models.loading import load_model
-    from kakeyaturbo.models.text import load_corpus
 
     recipe = recipes.load(args.recipe)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     calibration = load_calibration(args.calibration, args.model, model.config, required=recipe.needs_calibration,
-                                   measure=lambda: statistics_of(model, tokenizer, load_corpus(args.text), args.model,
-                                                                 args.text)())
+                                   measure=statistics_of(model, tokenizer, args.model, args.text))
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                              add_generation_prompt=True)

@@ -49,8 +49,8 @@ def _evaluator() -> Any:
             chosen = [recipes.load(cells[i]["recipe"]) for i in idx]
             cal = load_calibration(Path(cal_path) if cal_path else None, settings.model, session.model.config,
                                    required=any(r.needs_calibration for r in chosen),
-                                   measure=statistics_of(session.model, session.tokenizer, session.corpus,
-                                                         settings.model, settings.text))
+                                   measure=statistics_of(session.model, session.tokenizer, settings.model,
+                                                         settings.text))
             for i, rec in zip(idx, evaluate(settings, chosen, cal, session=session)):
                 results[i] = {**rec, "recipe_source": cells[i]["recipe"]}  # a built-in name or a file
         return [results[i] for i in range(len(cells))]
