@@ -24,6 +24,7 @@ _BUDGET_SUFFIXES = ((r"^kakeya-k[\d.]+-v[\d.]+b(?=-|$)", "kakeya-kv*b"), (r"^kak
                     (r"(int)\d+$", r"\1"))
 _BIT_TICKS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
 _OUR_COLOURS = (0, 1, 2, 3, 4, 5, 6, 8, 9)  # tab10 without its grey (the seed's points and the front are grey)
+_OUR_MARKERS = ("s", "^", "v", "P")  # after every len(_OUR_COLOURS) families, the next marker
 _RATIO_TICKS = (2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0)
 _LABEL_ANGLES = tuple(math.radians(a) for a in (45, -45, 135, -135, 0, 180, 90, -90))
 _LABEL_RINGS = (6.0, 16.0, 30.0, 48.0, 70.0)
@@ -179,8 +180,12 @@ def pareto_figure(records: list[dict[str, Any]]) -> Any:
     ours = [f for f in names if is_kakeya(f) and not f.startswith("seed")]
     colours = {f: plt.get_cmap("Dark2")(i % 8) for i, f in enumerate(baselines)}
     colours.update({f: plt.get_cmap("tab10")(_OUR_COLOURS[i % len(_OUR_COLOURS)]) for i, f in enumerate(ours)})
+    markers = {f: _OUR_MARKERS[i // len(_OUR_COLOURS) % len(_OUR_MARKERS)] for i, f in enumerate(ours)}
     colours["seed v1.x"] = "0.6"
-    legend = 0.6 + 0.2 * math.ceil((len(names) + 4) / 4)  # inches under the panels: 4 legend columns
+    # legend columns as wide as the longest family name (about 0.066 in a character at 9 pt, plus the
+    # handle) in the figure's 14 inches; under the panels: the x label, the legend title and its rows
+    ncol = max(1, min(4, int(13.5 // (0.066 * max(map(len, names)) + 0.7))))
+    legend = 0.8 + 0.22 * math.ceil((len(names) + 4) / ncol)
     height = 5.6 * len(groups) + legend
     fig, axes = plt.subplots(len(groups), 2, figsize=(14, height), squeeze=False)
     fig.subplots_adjust(left=0.065, right=0.985, bottom=legend / height, top=1 - 0.75 / height, wspace=0.16,
@@ -203,7 +208,7 @@ def pareto_figure(records: list[dict[str, Any]]) -> Any:
                 idx.sort(key=lambda i: (bits[i], y[i]))
                 seed, base = name.startswith("seed"), not is_kakeya(name)
                 ax.plot(bits[idx], y[idx], ls="none" if seed else "--" if base else "-",
-                        marker="D" if seed else "o" if base else "s", ms=4 if base else 3.5, lw=1.2,
+                        marker="D" if seed else "o" if base else markers[name], ms=4 if base else 3.5, lw=1.2,
                         color=colours[name], label=name, zorder=3)
             shipped = [i for i, n in enumerate(recipe) if n in SHIPPED]
             if shipped:
@@ -244,7 +249,7 @@ def pareto_figure(records: list[dict[str, Any]]) -> Any:
             if t not in texts:
                 handles.append(h)
                 texts.append(t)
-    fig.legend(handles, texts, loc="lower center", ncol=4, fontsize=9, frameon=False,
+    fig.legend(handles, texts, loc="lower center", ncol=ncol, fontsize=9, frameon=False,
                title="codec family: one line through its points sorted by bits (dashed: baselines)",
                title_fontsize=9)
     return fig
