@@ -10,6 +10,7 @@ import kakeyaturbo as kt
 from kakeyaturbo.cache import KakeyaCache, KakeyaLayer
 from kakeyaturbo.engine import build_plans
 from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.models.arch import facts
 from kakeyaturbo.recipes import Recipe, StreamRecipe
 
 SIZES = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -224,3 +225,89 @@ def test_tiny_architectures_generate_through_the_cache(family):
     assert torch.equal(generate(model, ids, KakeyaCache.from_model(model, "exact"), do_sample=False), ref)
     cache = KakeyaCache.from_model(model, "fp8")
     assert generate(model, ids, cache, do_sample=False).shape == ref.shape and cache.get_seq_length() == 31
+
+
+# --- sliding-window layers (tiny random Mistral with a window on every layer, Gemma 3 with two) ---
+
+def _sliding(family: str, dtype: torch.dtype = torch.float32, **overrides: int) -> torch.nn.Module:
+    from tests.models.tiny_models import tiny_model
+
+    return tiny_model(family, **overrides).to(dtype)
+
+
+def _steps(model, cache, ids, prefill):
+    """Logits ``[T - prefill, V]`` of a prefill then one token per forward through ``cache``."""
+    with torch.no_grad():
+        out = [model(ids[:, :prefill], cache=cache).logits[0, -1:]]
+        out += [model(ids[:, t : t + 1], cache=cache).logits[0] for t in range(prefill, ids.shape[1])]
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_exact_recipe_equals_dynamic_cache_past_the_window(family):
+    from tests.models.tiny_models import WINDOW
+
+    model = _sliding(family)
+    ids = prompt(2, 10)
+    ref = generate(model, ids, DynamicCache(config=model.config), do_sample=False, max_new_tokens=5 * WINDOW)
+    cache = KakeyaCache.from_model(model, "exact")
+    assert torch.equal(generate(model, ids, cache, do_sample=False, max_new_tokens=5 * WINDOW), ref)
+    report = cache.memory_report()
+    sliding = [layer for layer in report["layers"] if layer["window"] == WINDOW]
+    assert sliding and all(layer["held_tokens"] == WINDOW - 1 for layer in sliding)
+    assert report["total"] == 2 * report["bf16_equivalent"]  # float32: twice the bf16 reference, token for token
+    one = _steps(model, KakeyaCache.from_model(model, "exact"), ids[:1], 3)
+    assert torch.equal(one, _steps(model, DynamicCache(config=model.config), ids[:1], 3))
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_layers_drop_chunks_and_hold_flat_memory(family):
+    model = _sliding(family, torch.bfloat16, sliding_window=24)
+    recipe = Recipe("fp8-8", StreamRecipe("fp8"), StreamRecipe("fp8"), chunk_tokens=8, sink_tokens=2)
+    cache = KakeyaCache.from_model(model, recipe)
+    ids = prompt(1, 120)
+    totals = []
+    with torch.no_grad():
+        model(ids[:, :40], cache=cache)
+        for t in range(40, 120):
+            model(ids[:, t : t + 1], cache=cache)
+            totals.append(cache.memory_report()["total"])
+    kinds = facts(model).layer_types
+    for layer, kind in zip(cache.memory_report()["layers"], kinds):
+        if kind == "sliding_attention":  # the window (23 tokens) on the grid of 8-token chunks, no sink
+            assert layer["window"] == 24 and layer["sink"] == 0 and 23 <= layer["held_tokens"] < 23 + 8
+            assert layer["chunks"] <= 4 and layer["bf16_equivalent"] == 2 * 2 * 2 * 23 * 16
+        else:
+            assert layer["held_tokens"] == layer["tokens"] == 120
+    if all(kind == "sliding_attention" for kind in kinds):
+        assert totals[-16:] == totals[-32:-16]  # flat: the same 8-step cycle of the hot window, not growing
+    else:
+        assert totals[-1] > totals[-40]  # the full layer grows
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_snapshot_view_continues_like_the_cache(family):
+    model = _sliding(family, sliding_window=12)
+    recipe = Recipe("fp8-4", StreamRecipe("fp8"), StreamRecipe("fp8"), chunk_tokens=4, sink_tokens=2)
+    ids = prompt(1, 40)
+    cache = KakeyaCache.from_model(model, recipe)
+    with torch.no_grad():
+        model(ids[:, :36], cache=cache)
+        plain = cache.to_dynamic()
+        a = model(ids[:, 36:37], cache=plain).logits
+        b = model(ids[:, 36:37], cache=cache).logits
+    assert torch.allclose(a, b, atol=1e-5) and plain.get_seq_length() == 37
+
+
+def test_sliding_layer_crop_within_and_below_the_window():
+    model = _sliding("mistral", sliding_window=12)
+    recipe = Recipe("fp8-4", StreamRecipe("fp8"), StreamRecipe("fp8"), chunk_tokens=4, sink_tokens=2)
+    cache = KakeyaCache.from_model(model, recipe)
+    with torch.no_grad():
+        model(prompt(1, 30), cache=cache)
+    layer = cache.layers[0]
+    assert layer.held_start == 18 and layer.get_mask_sizes(1) == (12, 19)  # the chunk holding 19 starts at 18
+    layer.crop(-3)
+    assert layer.get_seq_length() == 27 and layer.held_start == 18
+    with pytest.raises(ConfigError, match="sliding window already dropped"):
+        layer.crop(-20)

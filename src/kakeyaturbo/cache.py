@@ -26,6 +26,15 @@ tokens complete are encoded right after. Feeding tokens one by one or in groups 
 boundaries therefore gives the same attention inputs. Those decoded tensors are transient; what the cache
 holds between steps is only what :meth:`KakeyaCache.memory_report` counts.
 
+**Sliding-window layers** (Gemma 2/3, Mistral with a window, ...) hold only what a later query can
+see, like transformers' ``DynamicSlidingWindowLayer``: once the window of ``W`` tokens has passed
+them, sink tokens and hot-window tokens of exact layers are dropped one by one and stored chunks (or
+whole chunks of a prefill's hot window, before they are encoded) whole, so a compressed sliding layer
+holds its last ``W - 1`` tokens plus at most one chunk's worth before them. ``update`` returns the
+positions the model's sliding mask expects (``get_mask_sizes`` says which), and ``memory_report``
+measures every layer against what an exact ``DynamicCache`` of the same model holds (a sliding
+layer's last ``W - 1`` tokens).
+
 Supported: batch size >= 1, greedy/sampled ``generate``, ``crop`` (negative counts), ``reset``.
 A crop that lands inside a stored chunk group decodes that group into the hot window: its surviving
 tokens are then held exactly as decoded, and whole chunks of them are encoded a second time on the
@@ -39,7 +48,7 @@ not supported.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +59,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kakeyaturbo import recipes
 from kakeyaturbo.engine import CalibrationLike, LayerPlan, StoredChunk, build_plans
 from kakeyaturbo.errors import ConfigError, ShapeError
+from kakeyaturbo.models.arch import SLIDING, facts
 from kakeyaturbo.transforms.rope import Rope
 
 RopeFactory = Callable[[int], Rope]
-_SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -71,21 +80,31 @@ class KakeyaLayer(CacheLayerMixin):
         plan: the layer's :class:`LayerPlan`.
         sink_tokens: leading tokens kept exact.
         rope: the layer's RoPE when keys are stored pre-RoPE, else None.
+        sliding_window: the layer's attention window ``W`` (a query sees itself and the ``W - 1``
+            tokens before it), or None for full attention.
     """
 
     is_compileable = False
     is_croppable = True
-    is_sliding = False
 
-    def __init__(self, plan: LayerPlan, sink_tokens: int = 0, rope: Rope | None = None) -> None:
+    def __init__(self, plan: LayerPlan, sink_tokens: int = 0, rope: Rope | None = None,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
+        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                           or sliding_window < 1):
+            raise ConfigError(f"layer {plan.layer}: sliding_window must be a positive integer or None, "
+                              f"got {sliding_window!r}")
         self.plan = plan
         self.sink_tokens = sink_tokens
         self.rope = rope
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
         self._clear()
 
     def _clear(self) -> None:
         self.length = 0
+        self.sunk = 0
+        self.chunks_start = 0
         self.chunks: list[StoredChunk] = []
         self.sink_k = self.sink_v = self.hot_k = self.hot_v = None
         self.is_initialized = False
@@ -103,6 +122,16 @@ class KakeyaLayer(CacheLayerMixin):
         """Tokens held in encoded chunks."""
         return sum(c.tokens for c in self.chunks)
 
+    @property
+    def held_start(self) -> int:
+        """Position of the first token held (0 until a sliding window drops tokens)."""
+        held_sink = self.sink_k.shape[-2] if self.is_initialized else 0
+        return self.sunk - held_sink if held_sink else self.chunks_start
+
+    def window_start(self, length: int) -> int:
+        """First position a query at position ``length`` attends to (0 for full attention)."""
+        return 0 if self.sliding_window is None else max(length - self.sliding_window + 1, 0)
+
     def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         p = self.plan
         for name, x in (("key_states", key_states), ("value_states", value_states)):
@@ -115,26 +144,51 @@ class KakeyaLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``T`` new tokens (post-RoPE keys ``[B, n_kv, T, D]``) and return the full K/V.
+        """Append ``T`` new tokens (post-RoPE keys ``[B, n_kv, T, D]``) and return the K/V attention
+        sees: every token held (full attention), or from the window start of the first new token on
+        (sliding attention, as ``DynamicSlidingWindowLayer`` returns them).
 
         Returns:
-            ``(keys, values)`` each ``[B, n_kv, length, D]`` in the model's dtype.
+            ``(keys, values)`` each ``[B, n_kv, n, D]`` in the model's dtype.
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check(key_states, value_states)
-        room = self.sink_tokens - self.sink_k.shape[-2]
+        room = self.sink_tokens - self.sunk
         if room > 0:
             self.sink_k = torch.cat([self.sink_k, key_states[..., :room, :]], dim=-2)
             self.sink_v = torch.cat([self.sink_v, value_states[..., :room, :]], dim=-2)
+            self.sunk = self.sink_k.shape[-2]
+            self.chunks_start = self.sunk
         skip = max(room, 0)
         self.hot_k = torch.cat([self.hot_k, key_states[..., skip:, :]], dim=-2)
         self.hot_v = torch.cat([self.hot_v, value_states[..., skip:, :]], dim=-2)
         prefill = self.length == 0
+        visible = self.window_start(self.length) - self.held_start
         self.length += key_states.shape[-2]
-        out = self.full()
+        keys, values = self.full()
+        self._evict()
         self._flush(everything=prefill)
-        return out
+        return keys[..., visible:, :], values[..., visible:, :]
+
+    def _evict(self) -> None:
+        """Drop what no later query can see (sliding layers): sink tokens one by one, stored chunks
+        whole, and hot-window tokens one by one on exact layers, whole chunks otherwise (so chunks stay
+        on the same grid of positions)."""
+        start = self.window_start(self.length)
+        if start <= self.held_start:
+            return
+        cut = self.sink_k.shape[-2] - min(max(self.sunk - start, 0), self.sink_k.shape[-2])
+        self.sink_k, self.sink_v = self.sink_k[..., cut:, :], self.sink_v[..., cut:, :]
+        while self.chunks and self.chunks_start + self.chunks[0].tokens <= start:
+            self.chunks_start += self.chunks.pop(0).tokens
+        if self.chunks or start <= self.chunks_start:
+            return
+        drop = start - self.chunks_start
+        if not self.plan.exact:
+            drop -= drop % self.plan.chunk_tokens
+        self.hot_k, self.hot_v = self.hot_k[..., drop:, :].clone(), self.hot_v[..., drop:, :].clone()
+        self.chunks_start += drop
 
     def _flush(self, everything: bool) -> None:
         """Encode the hot window's whole chunks (one :class:`StoredChunk`, each chunk its own codec
@@ -147,7 +201,7 @@ class KakeyaLayer(CacheLayerMixin):
             spans.append((n, held))
         if self.plan.exact or not spans:
             return
-        start = self.sink_k.shape[-2] + self.stored_tokens
+        start = self.chunks_start + self.stored_tokens
         k_all = self.hot_k.float()
         if self.rope is not None:
             k_all = self.rope.invert(k_all, _positions(start, held))
@@ -165,14 +219,14 @@ class KakeyaLayer(CacheLayerMixin):
         return k.to(self.dtype), v.to(self.dtype)
 
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Everything held, for attention: ``(keys, values)`` each ``[B, n_kv, length, D]``, post-RoPE,
+        """Everything held: ``(keys, values)`` each ``[B, n_kv, length - held_start, D]``, post-RoPE,
         model dtype (stored chunks decoded, exact parts as they are)."""
         keys, values = [self.sink_k], [self.sink_v]
         if self.chunks:
             decoded = [self.plan.decode(c) for c in self.chunks]
             k = torch.cat([d[0] for d in decoded], dim=-2)
             if self.rope is not None:
-                k = self.rope.apply(k, _positions(self.sink_k.shape[-2], k.shape[-2]))
+                k = self.rope.apply(k, _positions(self.chunks_start, k.shape[-2]))
             keys.append(k.to(self.dtype))
             values.append(torch.cat([d[1] for d in decoded], dim=-2).to(self.dtype))
         keys.append(self.hot_k)
@@ -180,16 +234,22 @@ class KakeyaLayer(CacheLayerMixin):
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
     def get_seq_length(self) -> int:
-        """Tokens held (sink + chunks + hot window)."""
+        """Tokens seen (sink + chunks + hot window, and on a sliding layer those it dropped)."""
         return self.length
 
+    def reference_tokens(self) -> int:
+        """Tokens an exact transformers cache of this layer holds now (``DynamicLayer``: all of them,
+        ``DynamicSlidingWindowLayer``: the last ``W - 1``)."""
+        return self.length if self.sliding_window is None else min(self.length, self.sliding_window - 1)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` for the mask of a query of ``query_length`` new tokens."""
-        return self.length + query_length, 0
+        """``(kv_length, kv_offset)`` for the mask of a query of ``query_length`` new tokens: the
+        positions :meth:`update` returns."""
+        return self.reference_tokens() + query_length, self.window_start(self.length)
 
     def get_max_length(self) -> int:
-        """No maximum: ``-1``."""
-        return -1
+        """The window on a sliding layer, else no maximum (``-1``)."""
+        return -1 if self.sliding_window is None else self.sliding_window
 
     def reset(self) -> None:
         """Drop everything held."""
@@ -198,20 +258,26 @@ class KakeyaLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens (a negative count, as ``DynamicLayer``).
 
-        A crop inside a stored chunk decodes that chunk into the hot window (module docstring).
+        A crop inside a stored chunk decodes that chunk into the hot window (module docstring); a
+        sliding layer cannot be cropped below the tokens it still holds.
         """
         if tokens_to_remove > 0:
             raise ConfigError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
         new_len = max(0, self.length + tokens_to_remove)
-        sink = self.sink_k.shape[-2]
-        if new_len <= sink:
-            self.sink_k, self.sink_v = self.sink_k[..., :new_len, :], self.sink_v[..., :new_len, :]
+        if new_len < self.held_start:
+            raise ConfigError(f"layer {self.plan.layer}: cannot crop to {new_len} tokens, the sliding window "
+                              f"already dropped the tokens before position {self.held_start}")
+        if new_len <= self.sunk:
+            cut = self.sunk - new_len
+            self.sink_k = self.sink_k[..., : self.sink_k.shape[-2] - cut, :]
+            self.sink_v = self.sink_v[..., : self.sink_v.shape[-2] - cut, :]
+            self.sunk = self.chunks_start = new_len
             self.chunks = []
             self.hot_k, self.hot_v = self.hot_k[..., :0, :], self.hot_v[..., :0, :]
         else:
-            start = sink
+            start = self.chunks_start
             for i, chunk in enumerate(self.chunks):
                 if start + chunk.tokens > new_len:
                     self.hot_k, self.hot_v = self._decode(chunk, start)
@@ -243,7 +309,9 @@ class KakeyaLayer(CacheLayerMixin):
         self._reindex("batch_select_indices", lambda t: t[indices, ...])
 
     def memory(self) -> dict[str, int]:
-        """Bytes held now: packed, hot_window, sink, exact_layers, total, bf16_equivalent (and counts)."""
+        """Bytes held now: packed, hot_window, sink, exact_layers, total, bf16_equivalent (what an exact
+        transformers cache holds for this layer in bf16: every token, or a sliding layer's last ``W - 1``)
+        and counts (``tokens`` seen, ``held_tokens``)."""
         exact_parts = _nbytes(self.sink_k) + _nbytes(self.sink_v) + _nbytes(self.hot_k) + _nbytes(self.hot_v)
         packed = sum(c.nbytes for c in self.chunks)
         batch = self.sink_k.shape[0] if self.is_initialized else 0
@@ -251,15 +319,35 @@ class KakeyaLayer(CacheLayerMixin):
             "layer": self.plan.layer,
             "exact": self.plan.exact,
             "tokens": self.length,
+            "held_tokens": self.length - self.held_start if self.is_initialized else 0,
+            "window": self.sliding_window,
             "chunks": len(self.chunks),
             "packed": packed,
             "hot_window": 0 if self.plan.exact else _nbytes(self.hot_k) + _nbytes(self.hot_v),
             "sink": 0 if self.plan.exact else _nbytes(self.sink_k) + _nbytes(self.sink_v),
             "exact_layers": exact_parts if self.plan.exact else 0,
             "total": packed + exact_parts,
-            "bf16_equivalent": 2 * 2 * batch * self.plan.n_kv_heads * self.length * self.plan.head_dim,
+            "bf16_equivalent": 2 * 2 * batch * self.plan.n_kv_heads * self.reference_tokens() * self.plan.head_dim,
         }
         return out
+
+
+def exact_cache(model_config: Any, states: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                lengths: Sequence[int]) -> Cache:
+    """A transformers ``DynamicCache`` for ``model_config`` (its sliding layers windowed) holding
+    ``states``: per layer ``(keys, values)`` each ``[B, n_kv, n, D]``, the last ``n`` of that layer's
+    ``lengths[i]`` tokens (a sliding layer needs at least its last ``W - 1``)."""
+    from transformers import DynamicCache
+
+    out = DynamicCache(config=model_config)
+    for idx, ((k, v), length) in enumerate(zip(states, lengths)):
+        out.update(k, v, idx)
+        layer = out.layers[idx]
+        if layer.is_sliding:
+            layer.cumulative_length = length
+        elif k.shape[-2] != length:
+            raise ShapeError(f"layer {idx}: a full-attention layer needs all {length} tokens, got {k.shape[-2]}")
+    return out
 
 
 def _text_config(model_config: Any) -> Any:
@@ -304,19 +392,14 @@ class KakeyaCache(Cache):
                  calibration: CalibrationLike | None = None, rope: RopeFactory | None = None) -> None:
         config = _text_config(model_config)
         self.recipe = recipe if isinstance(recipe, recipes.Recipe) else recipes.load(recipe)
-        layer_types = getattr(config, "layer_types", None) or []
-        unsupported = sorted(set(layer_types) - set(_SUPPORTED_LAYER_TYPES))
-        if unsupported:
-            raise ConfigError(f"KakeyaCache supports attention layers {list(_SUPPORTED_LAYER_TYPES)}, "
-                              f"this model also has {unsupported}")
-        n_heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-        self.plans = build_plans(self.recipe, config.num_hidden_layers, n_kv, head_dim, calibration)
+        f = facts(config)
+        self.model_config = config
+        self.plans = build_plans(self.recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration)
         needs_rope = self.recipe.pre_rope_keys and not all(p.exact for p in self.plans)
         rope_for = (rope or _default_rope(config)) if needs_rope else None
         super().__init__(layers=[
-            KakeyaLayer(p, self.recipe.sink_tokens, rope_for(p.layer) if rope_for and not p.exact else None)
+            KakeyaLayer(p, self.recipe.sink_tokens, rope_for(p.layer) if rope_for and not p.exact else None,
+                        f.sliding_window if f.layer_types[p.layer] == SLIDING else None)
             for p in self.plans
         ])
 
@@ -340,13 +423,10 @@ class KakeyaCache(Cache):
 
     def to_dynamic(self) -> Cache:
         """A plain ``DynamicCache`` holding what this cache would hand attention now (decoded chunks,
-        RoPE re-applied): the snapshot-mode view. The copy is transient float storage."""
-        from transformers import DynamicCache
-
-        out = DynamicCache()
-        for idx, layer in enumerate(self.layers):
-            out.update(*layer.full(), idx)
-        return out
+        RoPE re-applied; sliding layers as ``DynamicSlidingWindowLayer``): the snapshot-mode view.
+        The copy is transient float storage."""
+        return exact_cache(self.model_config, [layer.full() for layer in self.layers],
+                           [layer.get_seq_length() for layer in self.layers])
 
     def memory_report(self) -> dict[str, Any]:
         """Bytes held now.

@@ -265,7 +265,9 @@ def sensitivity_budgets(recipe: Recipe, layers: list[int],
     missing = [f"{layer}{stream}" for layer, stream in items if layer not in measured[stream]]
     if missing:
         raise ConfigError(f"recipe {recipe.name!r}: the sensitivity probe did not measure layer/stream "
-                          f"{', '.join(missing)} (kakeya-v2 serves full-attention layers only)")
+                          f"{', '.join(missing)} (a probe memoised by an older version, which skipped "
+                          f"sliding-window layers: delete the bundle's fits/sensitivity-*.safetensors, or "
+                          f"run `kakeya calibrate --force` with the same --model and --text)")
     options = list(recipe.probe.grid)
     tables = [interpolate_costs(measured[stream][layer], recipe.probe.grid) for layer, stream in items]
     costs = torch.tensor([[t[b] for b in options] for t in tables], dtype=torch.float64)

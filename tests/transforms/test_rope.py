@@ -26,7 +26,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_round_trip_tiny(family: str, start: int, n: int, seed: int) -> None:
     model = _MODELS[family]
     g = torch.Generator().manual_seed(seed)
-    k = torch.randn(2, n, 16, generator=g) * 10
+    k = torch.randn(2, n, model.config.head_dim, generator=g) * 10
     positions = torch.arange(start, start + n)
     for layer in range(model.config.num_hidden_layers):
         rope = Rope.from_model(model, layer)
@@ -39,7 +39,7 @@ def test_matches_hf_apply_rotary(family: str) -> None:
     """Same result as the modelling file's apply_rotary_pos_emb with the model's cos/sin."""
     model = _MODELS[family]
     module = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
-    k = torch.randn(1, 2, 7, 16)
+    k = torch.randn(1, 2, 7, model.config.head_dim)
     positions = torch.arange(3, 10)
     for layer, layer_type in enumerate(getattr(model.config, "layer_types", None) or ["x"] * 2):
         args = (layer_type,) if family == "gemma3" else ()

@@ -132,9 +132,9 @@ class Calibration:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
-    def full_layers(self) -> list[int]:
-        """Layers with full attention (the ones calibrated codecs serve)."""
-        return [i for i, t in enumerate(self.manifest["layer_types"]) if t == "full_attention"]
+    def n_layers(self) -> int:
+        """Decoder layers the statistics cover (every layer, sliding or full attention)."""
+        return len(self.manifest["layer_types"])
 
     def check_model(self, model_id: str, config_hash: str) -> None:
         """Raise :class:`ConfigError` if the bundle was made for another model or head layout."""
@@ -142,7 +142,8 @@ class Calibration:
         if mine[1] != config_hash:
             raise ConfigError(
                 f"calibration bundle was made for model {mine[0]!r} (config {mine[1]}), not for {model_id!r} "
-                f"(config {config_hash}); run `kakeya calibrate --model {model_id}`"
+                f"(config {config_hash}); run `kakeya calibrate --model {model_id}` (its bundle is then found "
+                f"by default) or pass that model's bundle with --calibration DIR"
             )
 
     def stat(self, name: str) -> torch.Tensor:

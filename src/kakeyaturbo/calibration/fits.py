@@ -6,7 +6,7 @@
 * :func:`whitening`: Cholesky factors of the regularised Σ_q and lag-averaged metrics, with the
   layers where whitening is unsafe left out (cheap: memoised in memory only);
 * :func:`table`: the Lloyd–Max tables of the seed's ``kakeya`` codec, fitted on the residuals it
-  produces for the calibration K (Σ_q-whitened where the layer is) or V of every full layer.
+  produces for the calibration K (Σ_q-whitened where the layer is) or V of every layer.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def settings(cal: Calibration) -> CalibrationSettings:
 
 
 def _layer(cal: Calibration, layer: int) -> int:
-    n = len(cal.manifest["layer_types"])
+    n = cal.n_layers
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
         raise ConfigError(f"layer {layer!r} is out of range for a bundle of {n} layers")
     return layer
@@ -77,11 +77,6 @@ def _whitenings(cal: Calibration, layer: int) -> dict[str, Any]:
     key = fit_key("whitening", stats=cal.stats_id, layer=layer)
     if key in cal.local:
         return cal.local[key]
-    kind = cal.manifest["layer_types"][layer]
-    if kind != "full_attention":
-        out: dict[str, Any] = {"sigma_q": None, "lag": None, "metric": None, "skipped": f"{kind} layer (kept exact)"}
-        cal.local[key] = out
-        return out
     s = settings(cal)
     sigma = regularise(cal.stat(f"gram/{layer}") / s.windows, s.ridge, s.cond_cap)
     mass = cal.stat(f"lag_mass/{layer}")
@@ -104,7 +99,7 @@ def _whitenings(cal: Calibration, layer: int) -> dict[str, Any]:
 
 def whitening(cal: Calibration, layer: int, mode: str = "sigma_q") -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(L, L⁻¹)`` float32 each ``[n_kv, D, D]`` of ``mode`` ("sigma_q" or "lag") for ``layer``, or
-    None where the layer is not whitened (not full attention, or unsafe: :attr:`skipped_whitening`)."""
+    None where the layer is not whitened (unsafe: :attr:`skipped_whitening`)."""
     if mode not in WHITEN_MODES:
         raise ConfigError(f"whitening mode must be one of {list(WHITEN_MODES)}, got {mode!r}")
     return _whitenings(cal, _layer(cal, layer))[mode]
@@ -112,18 +107,15 @@ def whitening(cal: Calibration, layer: int, mode: str = "sigma_q") -> tuple[torc
 
 def metric(cal: Calibration, layer: int, mode: str = "sigma_q") -> torch.Tensor:
     """float32 ``[n_kv, D, D]``: the regularised Σ_q (``"sigma_q"``) or lag-averaged (``"lag"``) logit-error
-    metric of a full-attention ``layer`` (whitened or not)."""
+    metric of ``layer`` (whitened or not)."""
     if mode not in WHITEN_MODES:
         raise ConfigError(f"metric mode must be one of {list(WHITEN_MODES)}, got {mode!r}")
-    found = _whitenings(cal, _layer(cal, layer))["metric"]
-    if found is None:
-        raise ConfigError(f"layer {layer} is not a full-attention layer: no logit-error metric")
-    return found[mode]
+    return _whitenings(cal, _layer(cal, layer))["metric"][mode]
 
 
 def skipped_whitening(cal: Calibration) -> dict[int, str]:
     """Layers left unwhitened, with the reason."""
-    found = {layer: _whitenings(cal, layer)["skipped"] for layer in range(len(cal.manifest["layer_types"]))}
+    found = {layer: _whitenings(cal, layer)["skipped"] for layer in range(cal.n_layers)}
     return {layer: why for layer, why in found.items() if why}
 
 
@@ -135,7 +127,7 @@ def table(cal: Calibration, stream: str, bits: int) -> tuple[float, ...]:
     def make() -> dict[str, torch.Tensor]:
         codec = codecs.get("kakeya", bits=bits, **TABLE_CODEC)
         samples = []
-        for layer in cal.full_layers:
+        for layer in range(cal.n_layers):
             x = keys_and_values(cal, layer, stream)
             white = whitening(cal, layer, "sigma_q") if stream == "k" else None
             samples.append(codec.scaled_residuals(x if white is None else x @ white[0]))

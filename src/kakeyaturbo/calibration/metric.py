@@ -81,14 +81,16 @@ def lag_metric(sigma: torch.Tensor, rot: torch.Tensor, weights: torch.Tensor) ->
     return (weights.to(sigma.dtype)[..., None, None] * per_lag).sum(1)
 
 
-def lag_weights(q_post: torch.Tensor, k_post: torch.Tensor, n_lags: int, scaling: float) -> tuple[
-        torch.Tensor, torch.Tensor]:
+def lag_weights(q_post: torch.Tensor, k_post: torch.Tensor, n_lags: int, scaling: float,
+                window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention mass per lag, measured: the mean softmax probability a query puts at lag Δ.
 
     Args:
         q_post: ``[n_kv, g, T, D]`` post-RoPE queries; k_post: ``[n_kv, T, D]`` post-RoPE keys.
         n_lags: number of lag bins (log-spaced representative lags are returned).
         scaling: the attention's softmax scale (``1/sqrt(D)`` usually).
+        window: a sliding layer's window ``W`` (lags ``>= W`` are masked, as the model masks them),
+            or None.
 
     Returns:
         ``(lags [L] int64, weights [n_kv, L] float64)`` with the probability mass of each
@@ -97,6 +99,8 @@ def lag_weights(q_post: torch.Tensor, k_post: torch.Tensor, n_lags: int, scaling
     n_kv, g, t, _ = q_post.shape
     scores = torch.einsum("hgtd,hsd->hgts", q_post.double(), k_post.double()) * scaling
     causal = torch.ones(t, t, dtype=torch.bool).tril()
+    if window is not None:
+        causal &= ~torch.ones(t, t, dtype=torch.bool).tril(-window)
     scores = scores.masked_fill(~causal, float("-inf"))
     probs = scores.softmax(-1)  # [n_kv, g, T, T]
     idx = torch.arange(t)

@@ -57,16 +57,20 @@ def stored_sensitivity(raw: Mapping[str, Any]) -> dict[str, dict[int, dict[float
             for stream, layers in raw.items()}
 
 
-def _kl(ref: torch.Tensor, alt: torch.Tensor) -> float:
-    """Mean KL(ref ‖ alt) over positions of log-probabilities ``[T, V]``."""
-    return float((ref.exp() * (ref - alt)).sum(-1).mean())
+def _kl(ref: torch.Tensor, alt: torch.Tensor, ref_probs: torch.Tensor | None = None) -> float:
+    """Mean KL(ref ‖ alt) over positions of log-probabilities ``[T, V]`` (``ref_probs``: ``ref.exp()``,
+    when the caller has it)."""
+    return float(((ref.exp() if ref_probs is None else ref_probs) * (ref - alt)).sum(-1).mean())
 
 
 def _windows(cal: Calibration, count: int, ctx: int, n_eval: int) -> torch.Tensor:
     ids = cal.stat("ids")
     if count > ids.shape[0] or ctx + n_eval > ids.shape[1]:
+        where = "" if cal.directory is None else f" --out {cal.directory}"
         raise ConfigError(f"the probe needs {count} windows of {ctx} + {n_eval} tokens; the calibration has "
-                          f"{ids.shape[0]} of {ids.shape[1]} (recalibrate with more `--windows` / `--tokens`)")
+                          f"{ids.shape[0]} of {ids.shape[1]}: measure more with `kakeya calibrate --force --model "
+                          f"{cal.model}{where} --windows {max(count, ids.shape[0])} "
+                          f"--tokens {max(ctx + n_eval, ids.shape[1])}`")
     return ids
 
 
@@ -97,13 +101,13 @@ def _logits_from(model: Any, layer: int, hidden: torch.Tensor, ids: torch.Tensor
 
 
 def _stacked(caches: list[Any]) -> Any:
-    """One ``DynamicCache`` whose batch rows are the (batch-1) caches given, layer by layer."""
-    from transformers import DynamicCache
+    """One exact transformers cache whose batch rows are what the (batch-1) ``KakeyaCache`` objects
+    given hand attention, layer by layer (sliding layers windowed)."""
+    from kakeyaturbo.cache import exact_cache
 
-    out = DynamicCache()
-    for idx in range(len(caches[0].layers)):
-        out.update(*(torch.cat(parts) for parts in zip(*(c.layers[idx].full() for c in caches))), idx)
-    return out
+    states = [tuple(torch.cat(parts) for parts in zip(*(c.layers[idx].full() for c in caches)))
+              for idx in range(len(caches[0].layers))]
+    return exact_cache(caches[0].model_config, states, [layer.get_seq_length() for layer in caches[0].layers])
 
 
 @torch.no_grad()
@@ -130,7 +134,7 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
     ropes = _ropes(probe_model)
     probes = [(stream, bits) for stream in ("k", "v") for bits in setup["budgets"]]
     total: dict[tuple[int, str, float], float] = {}
-    with tqdm(total=windows * len(cal.full_layers) * len(probes), desc="calibrate: sensitivity probe",
+    with tqdm(total=windows * cal.n_layers * len(probes), desc="calibrate: sensitivity probe",
               unit="probe") as bar:
         for w in range(windows):
             prefix, cont = ids[w : w + 1, :ctx], ids[w : w + 1, ctx : ctx + n]
@@ -138,7 +142,8 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
             exact = probe_model(input_ids=cont, cache=copy.deepcopy(reference), use_cache=True,
                                 output_hidden_states=True)
             ref = exact.logits[0].float()[:-1].log_softmax(-1)
-            for layer in cal.full_layers:
+            ref_probs = ref.exp()
+            for layer in range(cal.n_layers):
                 caches = []
                 for stream, bits in probes:
                     spec = setup[stream]
@@ -148,7 +153,7 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
                 batch = cont.expand(len(probes), -1)
                 alt = _logits_from(probe_model, layer, exact.hidden_states[layer], batch, _stacked(caches))
                 for (stream, bits), row in zip(probes, alt):
-                    kl = _kl(ref, row[:-1].log_softmax(-1))
+                    kl = _kl(ref, row[:-1].log_softmax(-1), ref_probs)
                     total[layer, stream, bits] = total.get((layer, stream, bits), 0.0) + kl / windows
                 bar.update(len(probes))
     out: dict[str, dict[str, dict[str, float]]] = {"k": {}, "v": {}}
@@ -159,7 +164,7 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
 
 @torch.no_grad()
 def measure_boundary(model: Any, cal: Calibration) -> list[int]:
-    """Full layers ordered by the KL (most first) that coding one of them alone with the seed's codec
+    """Layers ordered by the KL (most first) that coding one of them alone with the seed's codec
     causes, on the first calibration window."""
     from kakeyaturbo.cache import KakeyaCache
     from kakeyaturbo.recipes import Recipe, StreamRecipe
@@ -172,7 +177,7 @@ def measure_boundary(model: Any, cal: Calibration) -> list[int]:
     ref = logits(model, cont, copy.deepcopy(reference)).log_softmax(-1)
     probe = StreamRecipe(codec=setup["codec"], config=setup["config"])
     kl = {}
-    for layer in tqdm(cal.full_layers, desc="calibrate: boundary ranking", unit="layer"):
+    for layer in tqdm(range(cal.n_layers), desc="calibrate: boundary ranking", unit="layer"):
         recipe = Recipe(name=f"probe-{layer}", chunk_tokens=setup["chunk_tokens"],
                         layer_overrides={layer: {"k": probe, "v": probe}})
         cache = KakeyaCache(model.config, recipe, rope=_ropes(model)).ingest(reference)

@@ -13,7 +13,7 @@ What a bundle's statistics hold (``/``-separated names):
   (a bf16 model's projections are bf16), else float32;
 * ``gram/{layer}``: float64 ``[n_kv, D, D]``, the sum over windows of the per-window Gram of the
   pre-RoPE queries of each KV head's group; ``lag_mass/{layer}``: float64 ``[n_kv, L]``, the summed
-  attention mass at each lag bin; ``lags``: int64 ``[L]``;
+  attention mass at each lag bin (within the window on a sliding layer); ``lags``: int64 ``[L]``;
 * ``rope/{layer_type}/cos|sin``: float32 ``[T, r]``, the model's rotary tables at positions
   ``0..T-1`` for each layer type, so post-RoPE keys and lag rotations are rebuilt exactly
   without the model.
@@ -33,7 +33,7 @@ from kakeyaturbo import __version__
 from kakeyaturbo.calibration.bundle import Calibration, config_hash
 from kakeyaturbo.calibration.metric import gram, lag_weights
 from kakeyaturbo.errors import ConfigError
-from kakeyaturbo.models.arch import decoder_layers, facts
+from kakeyaturbo.models.arch import SLIDING, decoder_layers, facts
 from kakeyaturbo.models.capture import capture
 from kakeyaturbo.models.text import Corpus, token_windows
 from kakeyaturbo.transforms.rope import Rope
@@ -124,7 +124,8 @@ def measure(model: Any, tokenizer: Any, corpus: Corpus, settings: CalibrationSet
         for layer, c in enumerate(capture(model, ids[w : w + 1])):
             q_post = ropes[layer].apply(c.q_pre, positions)
             scaling = getattr(attention[layer], "scaling", f.head_dim**-0.5)
-            lags, mass = lag_weights(q_post, c.k_post, settings.n_lags, float(scaling))
+            window = f.sliding_window if f.layer_types[layer] == SLIDING else None
+            lags, mass = lag_weights(q_post, c.k_post, settings.n_lags, float(scaling), window)
             g = gram(c.q_pre)
             if w == 0:
                 stats[f"gram/{layer}"], stats[f"lag_mass/{layer}"], stats["lags"] = g, mass, lags

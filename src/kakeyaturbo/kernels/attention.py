@@ -351,7 +351,7 @@ class LayerStore:
             raise ShapeError("LayerStore.from_layer: the layer must be initialised and hold batch size 1")
         if plan.layout != "head":
             raise ConfigError(f"compressed decode attention reads the 'head' layout, not {plan.layout!r}")
-        spans, start = [], layer.sink_k.shape[-2]
+        spans, start = [], layer.chunks_start
         for chunk in layer.chunks:
             k = segment_from_encoded(chunk.k, plan.k_codec, plan.n_kv_heads)
             v = segment_from_encoded(chunk.v, plan.v_codec, plan.n_kv_heads)
