@@ -77,6 +77,15 @@ def test_lag_weights_sum_to_one():
     assert lags[0] == 0 and torch.allclose(w.sum(-1), torch.ones(2, dtype=torch.float64))
 
 
+def test_lag_weights_of_a_sliding_layer_stay_inside_its_window():
+    q, k = torch.randn(2, 3, 40, 8), torch.randn(2, 40, 8)
+    lags, full = lag_weights(q, k, 12, 8**-0.5)
+    _, windowed = lag_weights(q, k, 12, 8**-0.5, window=5)
+    beyond = lags >= 5  # each bin is labelled by its smallest lag
+    assert bool(beyond.any()) and float(windowed[:, beyond].abs().max()) == 0.0
+    assert float(full[:, beyond].min()) > 0 and torch.allclose(windowed.sum(-1), torch.ones(2, dtype=torch.float64))
+
+
 def test_whitening_hazards_f16_overflow_and_condition():
     k = torch.randn(2, 30, 8)
     chol, _ = cholesky_pair(regularise(_spd(), 1e-3, None))
