@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("kakeyaturbo.commands.report", "rebuild benchmarks/RESULTS.md from the committed records"),
     "recipes": ("kakeyaturbo.commands.recipes", "list the built-in recipes or print one as JSON"),
     "bench": ("kakeyaturbo.bench", "codec speed, ratio and error on synthetic or captured KV"),
+    "fuzz": ("kakeyaturbo.commands.fuzz", "decode forged containers of every codec; count how each case ends"),
 }
 
 

@@ -24,7 +24,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from kakeyaturbo.codecs.base import Codec, CodecConfig, check_choice, check_int, expect_field
+from kakeyaturbo.codecs.base import Codec, CodecConfig, Field, check_choice, check_int, expect_field
 from kakeyaturbo.codecs.rotated_int import read_codes
 from kakeyaturbo.errors import ConfigError, ShapeError
 from kakeyaturbo.ops.lloyd_max import dequantize, gaussian_table, quantize
@@ -85,7 +85,7 @@ class BesicovitchConfig(CodecConfig):
         check_choice("magnitude_mode", self.magnitude_mode, ("quantized", "f16"))
         check_int("magnitude_bits", self.magnitude_bits, 1, 8)
         check_choice("subtract_mean", self.subtract_mean, (True, False))
-        check_int("block_size", self.block_size, 1)
+        check_int("block_size", self.block_size, 1, 1 << 24)
         if self.magnitude_scales is None:
             return
         if self.magnitude_mode != "quantized":
@@ -111,6 +111,12 @@ class BesicovitchCodec(Codec):
 
     name = "besicovitch"
     config_class = BesicovitchConfig
+    payload = {
+        "directions": Field(torch.uint8, 1),
+        "magnitudes": Field((torch.float16, torch.uint8), (3, 1)),
+        "scale": Field(torch.float16, 2, lambda c: c.magnitude_mode == "quantized" and c.magnitude_scales is None),
+        "mean": Field(torch.float16, 3, lambda c: c.subtract_mean),
+    }
 
     def _groups(self, d: int) -> int:
         groups = -(-d // self.config.group_size)

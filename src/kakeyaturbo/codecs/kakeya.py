@@ -43,6 +43,7 @@ import torch
 from kakeyaturbo.codecs.base import (
     Codec,
     CodecConfig,
+    Field,
     check_choice,
     check_codebook,
     check_float,
@@ -195,6 +196,10 @@ def unrotate_residual(z: torch.Tensor, signs: torch.Tensor, norm: torch.Tensor) 
     return wht(z * norm.unsqueeze(-1)) * signs / z.shape[-1]
 
 
+def _with_outliers(config: KakeyaConfig) -> bool:
+    return config.outlier_threshold is not None
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise CorruptDataError(f"kakeya: {msg}")
@@ -241,6 +246,14 @@ class KakeyaCodec(Codec):
     name = "kakeya"
     config_class = KakeyaConfig
     config: KakeyaConfig
+    payload = {
+        **{k: Field((torch.uint8, torch.int16, torch.int32), 1) for k in ("d_eff", "k_eff")},
+        "mean": Field(tuple(SKELETON_DTYPES.values()), 2),
+        **{k: Field(tuple(SKELETON_DTYPES.values()), 1) for k in ("basis", "centres", "t", "rnorm")},
+        **{k: Field(torch.uint8, 1) for k in ("seg", "codes")},
+        **{k: Field((torch.uint8, torch.int16), 1, _with_outliers) for k in ("outlier_count", "outlier_index")},
+        "outlier_value": Field(torch.float16, 1, _with_outliers),
+    }
 
     @property
     def _sdtype(self) -> torch.dtype:

@@ -67,6 +67,7 @@ from kakeyaturbo import layouts
 from kakeyaturbo.codecs.base import (
     Codec,
     CodecConfig,
+    Field,
     check_choice,
     check_float,
     check_input,
@@ -538,6 +539,8 @@ class KakeyaV2Codec(Codec):
     config_class = KakeyaV2Config
     needs_calibration = True
     folds_whitening = True
+    payload = {"codes": Field(torch.uint8, 1), "scale": Field(torch.uint8, 1, lambda c: c.scale_bits > 0),
+               "head_scale": Field(torch.uint8, 1, lambda c: c.head_gain_bits > 0)}
 
     def __init__(self, config: KakeyaV2Config | None = None, *, transforms: V2Transforms | None = None,
                  **overrides: Any) -> None:

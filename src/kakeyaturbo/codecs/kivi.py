@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from kakeyaturbo.codecs.base import Codec, CodecConfig, check_choice, check_int, expect_field
+from kakeyaturbo.codecs.base import Codec, CodecConfig, Field, check_choice, check_int, expect_field
 from kakeyaturbo.codecs.rotated_int import dequantize_minmax, group_last, quantize_minmax, read_codes
 from kakeyaturbo.packing import pack_bits
 
@@ -49,6 +49,7 @@ class KiviCodec(Codec):
 
     name = "kivi"
     config_class = KiviConfig
+    payload = {"codes": Field(torch.uint8, 1), "scale": Field(torch.float16, 3), "zero": Field(torch.float16, 3)}
 
     def _axes(self, n: int, d: int) -> tuple[int, int, int]:
         """``(A, L, G)`` for an ``[S, n, d]`` input."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,25 @@ def statistics_of(model: Any, tokenizer: Any, model_name: str, text: str) -> Cal
     from kakeyaturbo.models.text import load_corpus
 
     return lambda: measure(model, tokenizer, load_corpus(text), model_name=model_name, text=text)
+
+
+def check_output_path(*paths: Path | None) -> None:
+    """Raise :class:`ConfigError` unless every given path can be written (checked before any work):
+    not a directory, and the nearest existing folder above it a writable folder."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise ConfigError(f"cannot write {path}: it is a directory")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ConfigError(f"cannot write {path}: permission denied")
+        parent = path.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"cannot write {path}: {parent} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write {path}: {parent} is not writable")
 
 
 def write_json(path: Path | None, data: Any) -> None:
