@@ -233,6 +233,12 @@ class Codec(ABC):
         for the engine ``layout`` its input comes in."""
         raise ConfigError(f"codec {cls.name!r} is not built from a calibration bundle")
 
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        """Validate config fields as a recipe gives them (before any model loads); raise
+        :class:`ConfigError` naming the bad one."""
+        cls.config_class.from_dict(config)
+
     @property
     def side_nbytes(self) -> int:
         """Bytes of per-model calibration data this codec needs (0 for self-contained codecs)."""

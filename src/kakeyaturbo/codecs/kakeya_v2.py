@@ -225,6 +225,7 @@ class KakeyaV2Config(CodecConfig):
     def for_calibration(cls, config: Mapping[str, Any], stream: str) -> KakeyaV2Config:
         """The config of recipe fields ``config`` for K/V stream ``stream``: ``fitted_tables`` defaults to true
         with fixed coding (tables fitted to the calibration coefficients), ``stream`` filled in."""
+        cls.check_keys(config)
         coded = cls(**{**config, "stream": stream})
         return cls(**{"fitted_tables": not coded.entropy_coded, **config, "stream": stream})
 
@@ -603,6 +604,11 @@ class KakeyaV2Codec(Codec):
         cfg = KakeyaV2Config.for_calibration(config, stream)
         t = calibration.v2_transforms(layer, stream, space, layout, cfg)
         return cls(dataclasses.replace(cfg, transforms_hash=t.fingerprint()), transforms=t)
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        """As :meth:`Codec.check_config`, for recipe fields (``stream`` and the fit's hash filled in later)."""
+        KakeyaV2Config.for_calibration(config, "k")
 
     @property
     def side_nbytes(self) -> int:
