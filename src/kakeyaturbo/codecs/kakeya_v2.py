@@ -617,10 +617,11 @@ class KakeyaV2Codec(Codec):
 
     def decode(self, enc: Encoded) -> torch.Tensor:
         """As :meth:`Codec.decode`, refusing payloads encoded with other transforms by name."""
-        theirs = enc.config.get("transforms_hash") if isinstance(enc.config, Mapping) else None
-        if enc.codec == self.name and theirs != self.config.transforms_hash:
-            raise CorruptDataError(f"payload was encoded with transforms {theirs!r}; this codec holds "
-                                   f"transforms {self.config.transforms_hash!r}")
+        if isinstance(enc, Encoded) and enc.codec == self.name:
+            theirs = enc.config.get("transforms_hash") if isinstance(enc.config, Mapping) else None
+            if theirs != self.config.transforms_hash:
+                raise CorruptDataError(f"payload was encoded with transforms {theirs!r}; this codec holds "
+                                       f"transforms {self.config.transforms_hash!r}")
         return super().decode(enc)
 
     def _streams(self, s: int, d: int, error: type[Exception]) -> int:
