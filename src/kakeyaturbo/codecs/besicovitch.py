@@ -92,7 +92,7 @@ class BesicovitchConfig(CodecConfig):
             raise ConfigError("magnitude_scales (Riemann variant) needs magnitude_mode='quantized'")
         scales = self.magnitude_scales
         ok = isinstance(scales, tuple) and len(scales) > 0 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
             for v in scales
         )
         if not ok:
@@ -130,7 +130,8 @@ class BesicovitchCodec(Codec):
 
     def _row_means(self, mean: torch.Tensor, n: int) -> torch.Tensor:
         """Expand block means ``[S, B, D]`` to rows ``[S, n, D]`` (float32)."""
-        return mean.float().repeat_interleave(self.config.block_size, dim=1)[:, :n]
+        block = torch.arange(n, device=mean.device) // self.config.block_size
+        return mean.float()[:, block]
 
     def _block_means(self, x: torch.Tensor) -> torch.Tensor:
         """f16 means ``[S, B, D]`` of each block of ``block_size`` rows of ``x [S, n, D]``."""
