@@ -115,6 +115,8 @@ def test_header_config_errors_are_corrupt_data():
     (lambda: kt.codecs.codec_class("fp8")(kt.codecs.get("fp8").config, scale=2), "unknown field"),
     (lambda: kt.codecs.codec_class("kakeya-v2").config_class.from_dict(["bits"]), "expected a mapping"),
     (lambda: kt.codecs.get("kakeya", variance_ratio=10**400), "variance_ratio must be a number"),
+    (lambda: kt.codecs.get("kakeya", bits=1, codebook=(10**400, 1.0)), "within the float32 range"),
+    (lambda: kt.codecs.get("besicovitch", magnitude_scales=(10**400,) * 32), "within the float32 range"),
 ])
 def test_api_misuse_raises_config_error(call, message):
     with pytest.raises(kt.ConfigError, match=message):

@@ -280,8 +280,8 @@ class Calibration:
         for key, kind in MANIFEST_FIELDS.items():
             value = manifest.get(key)
             if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
-                raise CorruptDataError(f"calibration bundle {d}: manifest {key!r} must be "
-                                       f"{'a positive integer' if kind is int else f'a {kind.__name__}'}, got {value!r}")
+                wanted = "a positive integer" if kind is int else f"a {kind.__name__}"
+                raise CorruptDataError(f"calibration bundle {d}: manifest {key!r} must be {wanted}, got {value!r}")
         if len(manifest["layer_types"]) != manifest["n_layers"] or not all(
                 isinstance(t, str) for t in manifest["layer_types"]):
             raise CorruptDataError(f"calibration bundle {d}: manifest 'layer_types' must be n_layers strings")

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -90,6 +91,14 @@ def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ConfigError(f"{name} must be an integer in {rng}, got {value!r}")
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def finite_number(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool) a float32 holds: magnitude at most :data:`FLOAT32_MAX`."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and -FLOAT32_MAX <= value <= FLOAT32_MAX
 
 
 def check_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> None:

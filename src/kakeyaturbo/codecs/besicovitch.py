@@ -24,7 +24,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from kakeyaturbo.codecs.base import Codec, CodecConfig, Field, check_choice, check_int, expect_field
+from kakeyaturbo.codecs.base import Codec, CodecConfig, Field, check_choice, check_int, expect_field, finite_number
 from kakeyaturbo.codecs.rotated_int import read_codes
 from kakeyaturbo.errors import ConfigError, ShapeError
 from kakeyaturbo.ops.lloyd_max import dequantize, gaussian_table, quantize
@@ -92,12 +92,13 @@ class BesicovitchConfig(CodecConfig):
             raise ConfigError("magnitude_scales (Riemann variant) needs magnitude_mode='quantized'")
         scales = self.magnitude_scales
         ok = isinstance(scales, tuple) and len(scales) > 0 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+            finite_number(v) and v > 0
             for v in scales
         )
         if not ok:
             raise ConfigError(
-                f"magnitude_scales must be a non-empty tuple of finite positive numbers, got {scales!r}"
+                f"magnitude_scales must be a non-empty tuple of positive numbers within the float32 range, "
+                f"got {scales!r}"
             )
 
 

@@ -35,7 +35,6 @@ per stream, k-means still per block). Nothing else is needed to decode.
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -51,6 +50,7 @@ from kakeyaturbo.codecs.base import (
     check_input,
     check_int,
     expect_field,
+    finite_number,
 )
 from kakeyaturbo.errors import ConfigError, CorruptDataError
 from kakeyaturbo.ops.hadamard import random_signs, wht
@@ -109,8 +109,8 @@ class KakeyaConfig(CodecConfig):
             vals = tuple(vals)
             if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in vals):
                 raise ConfigError(f"codebook must hold only numbers, got {list(vals)}")
-            if not all(-math.inf < v < math.inf for v in vals):
-                raise ConfigError(f"codebook must hold only finite numbers, got {list(vals)}")
+            if not all(finite_number(v) for v in vals):
+                raise ConfigError(f"codebook must hold only numbers within the float32 range, got {list(vals)}")
             object.__setattr__(self, "codebook", tuple(float(v) for v in vals))
         super().__post_init__()
 

@@ -19,7 +19,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="bundle directory to write (default: the model's bundle in the cache directory, which "
                    "`kakeya eval` and `kakeya generate` pick up automatically)")
     p.add_argument("--windows", type=positive_int, default=8, help="calibration windows (default: %(default)s)")
-    p.add_argument("--tokens", type=positive_int, default=1024, help="tokens per calibration window (default: %(default)s)")
+    p.add_argument("--tokens", type=positive_int, default=1024,
+                   help="tokens per calibration window (default: %(default)s)")
     p.add_argument("--ridge", type=float, default=1e-3,
                    help="Σ_q ridge, times mean(diag), of the whitening metrics (default: %(default)s)")
     p.add_argument("--cond-cap", type=float, default=None,

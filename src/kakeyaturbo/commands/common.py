@@ -11,7 +11,6 @@ from typing import Any
 
 from kakeyaturbo.errors import ConfigError
 
-
 MAX_SEED = 2**63 - 1
 
 

@@ -23,7 +23,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_calibration_arg(p)
     p.add_argument("--ctx", type=positive_int, default=1024, help="prefill tokens per window (default: %(default)s)")
-    p.add_argument("--n-eval", type=positive_int, default=128, help="continuation tokens per window (default: %(default)s)")
+    p.add_argument("--n-eval", type=positive_int, default=128,
+                   help="continuation tokens per window (default: %(default)s)")
     p.add_argument("--windows", type=positive_int, default=8, help="disjoint evaluation windows (default: %(default)s)")
     p.add_argument("--mode", choices=["snapshot", "streaming"], default="snapshot",
                    help="snapshot: compress the prefilled cache once; streaming: also compress the continuation "

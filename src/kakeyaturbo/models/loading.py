@@ -113,9 +113,9 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise ConfigError(
-            f"cannot load model {name!r}: {type(err).__name__}: {err}. Use {DEFAULT_MODEL!r} (packaged, offline), a local folder "
-            "holding config.json, weights and tokenizer files, or a hub id already in the local Hugging Face "
-            "cache (the hub itself may be unreachable)."
+            f"cannot load model {name!r}: {type(err).__name__}: {err}. Use {DEFAULT_MODEL!r} (packaged, offline), "
+            "a local folder holding config.json, weights and tokenizer files, or a hub id already in the local "
+            "Hugging Face cache (the hub itself may be unreachable)."
         ) from err
     facts(model)
     return model.to(device).eval(), tokenizer
