@@ -78,9 +78,28 @@ CASES = {
         "eval", "--model", str(f["truncated"]), "--recipe",
         str(_recipe(f, "bits.json", b'{"name": "r", "k": {"codec": "kakeya", "config": {"bits": 9}}}'))],
     "bad fuzz count": lambda f: ["fuzz", "--cases", "0"],
+    "sweep out under a file": lambda f: ["sweep", "--grid", str(_recipe(f, "grid.json", b"{}")), "--out",
+                                         "/etc/passwd/sweep"],
 }
 """What each case runs; every one must fail before loading a model, except the truncated weights,
 the empty prompt and the bundles (which need the model's config)."""
+
+
+MESSAGES = {
+    "truncated weights": "cannot load model",
+    "cuda without CUDA": "no CUDA device is available",
+    "nonsense device": "'nonsense' is not a device",
+    "manifest is a list": "manifest.json is not a JSON object",
+    "manifest string for a number": "manifest 'n_kv_heads' must be a positive integer, got 'two'",
+    "empty prompt, no chat template": "gives no tokens",
+    "zero new tokens": "must be at least 1, got 0",
+    "huge seed": "must be in 0..",
+    "binary recipe": "not UTF-8 text",
+    "recipe without name": "the field 'name' is missing",
+    "deeply nested recipe": "not valid JSON",
+    "sweep out under a file": "/etc/passwd is not a folder",
+}
+"""What the error line says, where the case has a message of its own."""
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -93,6 +112,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(case, folders, capsys):
     assert code not in (0, None)
     assert err and err[-1].startswith("kakeya ") and ": error: " in err[-1]
     assert "Traceback" not in "\n".join(err)
+    assert MESSAGES.get(case, "") in err[-1]
 
 
 def test_a_bad_recipe_config_is_reported_before_the_model_loads(folders, capsys):
