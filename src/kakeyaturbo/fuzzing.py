@@ -79,11 +79,13 @@ CONFIGS: dict[str, list[dict[str, Any]]] = {
 """The configs each codec's bases are encoded with (each optional payload field used by one)."""
 
 
-def bases(seed: int = 0) -> list[Base]:
-    """Small valid encodings of every codec and config of :data:`CONFIGS` (``[2, 20, 16]`` inputs,
-    float32 and bfloat16; kakeya-v2 fitted on another draw)."""
+def bases(seed: int = 0, names: list[str] | None = None) -> list[Base]:
+    """Small valid encodings of every config of :data:`CONFIGS` of the codecs ``names`` (None: all),
+    ``[2, 20, 16]`` inputs, float32 and bfloat16; kakeya-v2 fitted on another draw."""
     out = []
     for name, configs in CONFIGS.items():
+        if names is not None and name not in names:
+            continue
         cls = codecs.codec_class(name)
         for i, cfg in enumerate(configs):
             x = _kv(2, 20, 16, seed + i)

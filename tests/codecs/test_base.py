@@ -128,3 +128,10 @@ def test_narrow_outputs_saturate_instead_of_becoming_inf():
     assert output_cast(x, torch.float16).tolist() == [65504.0, -65504.0, 3.0]
     assert torch.isfinite(output_cast(x, torch.bfloat16)).all()
     assert output_cast(x, torch.float64).dtype == torch.float64
+
+
+def test_identity_refuses_values_beyond_bfloat16_instead_of_storing_inf():
+    x = torch.ones(2, 4)
+    x[1, 2] = 3.4e38
+    with pytest.raises(kt.NumericRangeError, match=r"identity values: value 3.4e\+38 at index \(1, 2\)"):
+        kt.codecs.get("identity").encode(x)

@@ -48,15 +48,15 @@ def _address_space() -> int:
         return int(f.read().split()[0]) * resource.getpagesize()
 
 
-def _worker(conn: Connection, seed: int) -> None:
-    """Build the bases, then answer ``(base index, mutation, case seed)`` with
+def _worker(conn: Connection, seed: int, names: list[str]) -> None:
+    """Build the bases of the codecs ``names``, then answer ``(base index, mutation, case seed)`` with
     ``(outcome, detail, seconds, peak bytes)`` until sent None."""
     import torch
 
     from kakeyaturbo import fuzzing
 
     torch.set_num_threads(1)
-    base_list = fuzzing.bases(seed)
+    base_list = fuzzing.bases(seed, names)
     for base in base_list:
         fuzzing.decode(base, base.blob)
     limit = _address_space() + ADDRESS_SPACE_HEADROOM
@@ -74,10 +74,10 @@ def _worker(conn: Connection, seed: int) -> None:
 class _Worker:
     """The worker process and the pipe to it."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, names: list[str]) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, seed), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, seed, names), daemon=True)
         self.proc.start()
         self.bases: list[tuple[str, str]] = self.conn.recv()
         self.baseline = 0
@@ -119,7 +119,7 @@ def fuzz(names: list[str], cases: int, seed: int, timeout: float, memory_mb: int
     memory = memory_mb << 20
     counts: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: defaultdict(Counter))
     details: dict[str, Counter[str]] = defaultdict(Counter)
-    worker = _Worker(seed)
+    worker = _Worker(seed, names)
     by_codec = {n: [i for i, (name, _) in enumerate(worker.bases) if name == n] for n in names}
     worker.baseline = _first_peak(worker)
     t0 = time.perf_counter()
@@ -135,7 +135,7 @@ def fuzz(names: list[str], cases: int, seed: int, timeout: float, memory_mb: int
                 details[kind][f"{name}/{mutation}/{detail}"] += 1
             if kind in ("hang", "over_allocation"):  # a fresh worker: killed, or its peak memory is spent
                 worker.stop()
-                worker = _Worker(seed)
+                worker = _Worker(seed, names)
                 worker.baseline = _first_peak(worker)
     finally:
         worker.stop()
