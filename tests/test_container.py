@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from hypothesis import given
@@ -54,3 +56,35 @@ def test_fuzz_never_crashes(data):
     except CorruptDataError:
         return
     assert out.to_bytes() == bytes(blob)
+
+
+def _forged(edit) -> bytes:
+    """The sample container with its header JSON text replaced by ``edit(text)``, CRC recomputed."""
+    from kakeyaturbo.fuzzing import assemble, split
+
+    meta, payload = split(_sample().to_bytes())
+    return assemble(edit(json.dumps(meta, separators=(",", ":"), sort_keys=True)), payload)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda h: h.replace('"shape":[2,3,4]', '"shape":[2,Infinity,4]'), "Infinity: numbers must be finite"),
+    (lambda h: h.replace('"shape":[2,3,4]', '"shape":[2,1e999,4]'), "not finite"),
+    (lambda h: h.replace('["empty","float16",[0]]', f'["empty","float16",[{2**64},0]]'), "field 'empty'"),
+    (lambda h: h.replace('"a":1', '"a":' + "[" * 100_000 + "]" * 100_000), "nests deeper than 6"),
+    (lambda h: h.replace('"shape":[2,3,4]', f'"shape":[2,{2**70},4]'), "shape must be"),
+    (lambda h: h.replace('"dtype":"float32"', '"dtype":"int8"'), "input dtype 'int8'"),
+    (lambda h: h.replace('"float16",[3]', '"complex64",[3]'), "field 'scale' dtype 'complex64'"),
+    (lambda h: h.replace('"codec":"identity"', '"codec":["identity"]'), "codec must be a string"),
+    (lambda h: h.replace('"config":{', '"extra":1,"config":{'), "must be an object with keys"),
+    (lambda h: "[1, 2]", "must be an object with keys"),
+    (lambda h: h.replace('["codes","uint8",[10]]', '["scale","uint8",[10]]'), "names a field twice"),
+])
+def test_forged_headers_are_corrupt_data_naming_the_entry(edit, message):
+    with pytest.raises(CorruptDataError, match=message):
+        Encoded.from_bytes(_forged(edit))
+
+
+@pytest.mark.parametrize("blob", [None, "KKTC", 3, [1, 2]])
+def test_from_bytes_of_something_else_is_corrupt_data(blob):
+    with pytest.raises(CorruptDataError, match="expected bytes"):
+        Encoded.from_bytes(blob)

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from kakeyaturbo import codecs
-from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.commands.common import device_arg
 from kakeyaturbo.layouts import CALIBRATED
 
 # the usual settings of every codec (issue: "every codec at its usual settings")
@@ -152,7 +152,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=8, help="independent streams (layers x heads) per tensor")
     p.add_argument("--tokens", type=int, default=2048, help="tokens per stream")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda[:N]")
     p.add_argument("--json", type=Path, metavar="P", help="write the results as a JSON list here")
     p.add_argument("--markdown", type=Path, metavar="P", help="write a Markdown table here")
 
@@ -180,8 +180,6 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         codecs.codec_class(name)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA device is available")
     rows: list[dict[str, Any]] = []
     inputs = _inputs(args, fits=any(codecs.codec_class(n).needs_calibration for n in names))
     jobs = [(stream, x, fit, name, cfg) for stream, x, fit in inputs for name, cfg in cells(names, x.shape[-1])]

@@ -9,6 +9,9 @@ import sys
 
 from kakeyaturbo.errors import KakeyaError
 
+OUTPUT_FILES = ("json", "markdown", "plot")
+"""Arguments naming files a command writes: checked to be writable before the command runs."""
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("kakeyaturbo.commands.eval", "perplexity, KL and top-1 of recipes against an exact cache"),
     "calibrate": ("kakeyaturbo.commands.calibrate", "measure Σ_q, tables, boundary sensitivity, v2 transforms"),
@@ -18,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("kakeyaturbo.commands.report", "rebuild benchmarks/RESULTS.md from the committed records"),
     "recipes": ("kakeyaturbo.commands.recipes", "list the built-in recipes or print one as JSON"),
     "bench": ("kakeyaturbo.bench", "codec speed, ratio and error on synthetic or captured KV"),
+    "fuzz": ("kakeyaturbo.commands.fuzz", "decode forged containers of every codec; count how each case ends"),
 }
 
 
@@ -45,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from kakeyaturbo.commands.common import check_output_path
+
     try:
+        check_output_path(*(getattr(args, name, None) for name in OUTPUT_FILES))
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
-    except KakeyaError as exc:
+    except (KakeyaError, OSError) as exc:
         print(f"kakeya {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

@@ -18,6 +18,8 @@ Layout (little-endian)::
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 import zlib
 from collections.abc import Mapping
@@ -32,7 +34,7 @@ MAGIC = b"KKTC"
 VERSION = 1
 _PREFIX = struct.Struct("<4sHHI")
 
-_DTYPES: dict[str, torch.dtype] = {
+FIELD_DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "int8": torch.int8,
     "int16": torch.int16,
@@ -43,7 +45,26 @@ _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float8_e4m3fn": torch.float8_e4m3fn,
 }
-_NAMES = {v: k for k, v in _DTYPES.items()}
+"""Storage dtypes a payload field may have."""
+OUTPUT_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+"""Dtypes an encoded input may have (decode returns this dtype)."""
+_NAMES = {v: k for k, v in FIELD_DTYPES.items()} | {v: k for k, v in OUTPUT_DTYPES.items()}
+
+MAX_HEADER_BYTES = 1 << 20
+MAX_NESTING = 6
+"""Deepest nesting of the header JSON (``{"fields": [[name, dtype, [dims]]]}`` is 4)."""
+MAX_DIMS = 8
+MAX_DIM = 2**31 - 1
+MAX_FIELDS = 64
+MAX_NAME = 64
+_HEADER_KEYS = frozenset({"codec", "config", "shape", "dtype", "fields"})
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -54,12 +75,102 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise CorruptDataError(f"dtype {dtype} cannot be stored in an Encoded container") from None
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    """Inverse of :func:`dtype_name`; unknown names raise :class:`CorruptDataError`."""
+def dtype_from_name(name: str, allowed: Mapping[str, torch.dtype] = FIELD_DTYPES, what: str = "field") -> torch.dtype:
+    """Inverse of :func:`dtype_name` among ``allowed``; other names raise :class:`CorruptDataError`."""
     try:
-        return _DTYPES[name]
+        return allowed[name]
     except (KeyError, TypeError):
-        raise CorruptDataError(f"unknown dtype {name!r} in header") from None
+        raise CorruptDataError(f"{what} dtype {name!r} in header is not one of {sorted(allowed)}") from None
+
+
+def _bad(what: str, value: Any, expected: str) -> CorruptDataError:
+    text = repr(value)
+    return CorruptDataError(f"header {what} must be {expected}, got {text[:80]}{'...' if len(text) > 80 else ''}")
+
+
+def _dims(what: str, value: Any, least: int, lo: int) -> tuple[int, ...]:
+    """A header shape: a list of ``least..MAX_DIMS`` integers in ``lo..MAX_DIM``."""
+    ok = isinstance(value, (list, tuple)) and least <= len(value) <= MAX_DIMS and all(
+        isinstance(v, int) and not isinstance(v, bool) and lo <= v <= MAX_DIM for v in value)
+    if not ok:
+        raise _bad(what, value, f"a list of {least}..{MAX_DIMS} integers in {lo}..{MAX_DIM}")
+    return tuple(value)
+
+
+def _name(what: str, value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
+        raise _bad(what, value, f"a string of 1..{MAX_NAME} characters")
+    return value
+
+
+def check_header(codec: Any, config: Any, shape: Any, dtype: Any,
+                 fields: Any) -> tuple[tuple[int, ...], list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """The container-level schema of a header, checked before anything is allocated.
+
+    Args:
+        codec, config, shape, dtype: the header's values (as parsed, or held by an :class:`Encoded`).
+        fields: ``[[name, dtype name, shape], ...]``.
+
+    Returns:
+        ``(shape, specs)``: the shape as a tuple and ``(name, dtype, shape)`` of every field.
+
+    Raises:
+        CorruptDataError: naming the first header entry of the wrong type or out of range: the codec
+            name (1..64 characters), the config (an object with string keys), the shape (2..8 dims of
+            1..2**31-1), the dtype (:data:`OUTPUT_DTYPES`), the fields (at most 64, unique names,
+            :data:`FIELD_DTYPES`, 0..8 dims of 0..2**31-1).
+    """
+    _name("codec", codec)
+    if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
+        raise _bad("config", config, "an object with string keys")
+    dims = _dims("shape", shape, 2, 1)
+    dtype_from_name(dtype, OUTPUT_DTYPES, "input")
+    if not isinstance(fields, (list, tuple)) or len(fields) > MAX_FIELDS:
+        raise _bad("fields", fields, f"a list of at most {MAX_FIELDS} [name, dtype, shape] entries")
+    specs = []
+    for entry in fields:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+            raise _bad("field entry", entry, "[name, dtype, shape]")
+        name = _name("field name", entry[0])
+        specs.append((name, dtype_from_name(entry[1], FIELD_DTYPES, f"field {name!r}"),
+                      _dims(f"shape of field {name!r}", entry[2], 0, 0)))
+    if len({n for n, _, _ in specs}) != len(specs):
+        raise CorruptDataError("header names a field twice")
+    return dims, specs
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise CorruptDataError(f"header number {text[:40]} is not finite")
+    return value
+
+
+def _constant(text: str) -> Any:
+    raise CorruptDataError(f"header holds {text}: numbers must be finite")
+
+
+def parse_header(raw: bytes) -> dict[str, Any]:
+    """Parse header bytes: UTF-8 JSON object, at most :data:`MAX_HEADER_BYTES`, nested at most
+    :data:`MAX_NESTING` deep, finite numbers only, exactly the keys of a header."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise CorruptDataError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    depth = peak = 0
+    for ch in _STRING.sub(b'""', raw).translate(None, _NOT_BRACKETS):
+        depth += 1 if ch in b"[{" else -1
+        peak = max(peak, depth)
+        if peak > MAX_NESTING:
+            raise CorruptDataError(f"header nests deeper than {MAX_NESTING} levels")
+    try:
+        meta = json.loads(raw.decode(), parse_float=_finite_float, parse_constant=_constant)
+    except CorruptDataError:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CorruptDataError(f"unreadable container header: {exc}") from None
+    if not isinstance(meta, dict) or set(meta) != _HEADER_KEYS:
+        got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise CorruptDataError(f"container header must be an object with keys {sorted(_HEADER_KEYS)}, got {got}")
+    return meta
 
 
 @dataclass
@@ -89,6 +200,14 @@ class Encoded:
             "fields": [[k, dtype_name(v.dtype), list(v.shape)] for k, v in self.fields.items()],
         }
         return json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+
+    def validate(self) -> None:
+        """Check the header schema (:func:`check_header`) and that every field is a tensor of a
+        storage dtype; raise :class:`CorruptDataError` naming what is wrong."""
+        if not isinstance(self.fields, Mapping) or not all(isinstance(t, torch.Tensor) for t in self.fields.values()):
+            raise CorruptDataError("Encoded.fields must map names to tensors")
+        entries = [[k, _NAMES.get(t.dtype), list(t.shape)] for k, t in self.fields.items()]
+        check_header(self.codec, self.config, self.shape, self.dtype, entries)
 
     @property
     def payload_nbytes(self) -> int:
@@ -129,6 +248,8 @@ class Encoded:
             CorruptDataError: wrong magic or version, truncation, checksum mismatch, or a header
                 that does not describe the payload exactly. Never returns a partial object.
         """
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise CorruptDataError(f"expected bytes, got {type(blob).__name__}")
         blob = bytes(blob)
         if len(blob) < _PREFIX.size + 4:
             raise CorruptDataError(f"blob of {len(blob)} bytes is shorter than the minimal container")
@@ -143,19 +264,9 @@ class Encoded:
         start = _PREFIX.size
         if start + header_len > len(blob) - 4:
             raise CorruptDataError(f"header length {header_len} runs past the end of the blob")
-        try:
-            meta = json.loads(blob[start : start + header_len].decode())
-            codec, config, dtype = meta["codec"], meta["config"], meta["dtype"]
-            shape = tuple(int(s) for s in meta["shape"])
-            specs = [(str(n), dtype_from_name(d), tuple(int(s) for s in shp)) for n, d, shp in meta["fields"]]
-        except CorruptDataError:
-            raise
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise CorruptDataError(f"unreadable container header: {exc}") from None
-        if not isinstance(codec, str) or not isinstance(config, Mapping) or not isinstance(dtype, str):
-            raise CorruptDataError("container header has fields of the wrong type")
-        if any(s < 0 for s in shape) or any(s < 0 for _, _, shp in specs for s in shp):
-            raise CorruptDataError("negative dimension in container header")
+        meta = parse_header(blob[start : start + header_len])
+        codec, config, dtype = meta["codec"], meta["config"], meta["dtype"]
+        shape, specs = check_header(codec, config, meta["shape"], dtype, meta["fields"])
         offset = start + header_len
         end = len(blob) - 4
         fields: dict[str, torch.Tensor] = {}

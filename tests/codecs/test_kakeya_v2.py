@@ -102,11 +102,26 @@ def test_repeated_streams_use_transform_i_mod_s(codec):
     assert torch.equal(y[1], codec.decode(codec.encode(x * 0.5)))
 
 
-def test_zero_and_huge_vectors_stay_finite(codec):
+def test_zero_vectors_stay_finite_and_huge_ones_raise_naming_the_vector(codec):
     x = _x("cpu", n=4).reshape(S, 4, D)
     x[:, 0] = 0.0
-    x[:, 1] *= 1e6
     assert torch.isfinite(codec.decode(codec.encode(x))).all()
+    x[2, 1] *= 1e6
+    with pytest.raises(kt.NumericRangeError, match=r"vector at index \(2, 1\)"):
+        codec.encode(x)
+
+
+def test_one_large_element_raises_and_tiny_vectors_keep_the_smallest_gains_absolute_error(codec):
+    x = _x("cpu", n=4).reshape(S, 4, D)
+    y = x.clone()
+    y[1, 3, 5] = 7e4
+    with pytest.raises(kt.NumericRangeError, match=r"\(1, 3\) \(largest value 70000 at channel 5\)"):
+        codec.encode(y)
+    t = codec.transforms
+    tiny = t.centre.unsqueeze(1) + 1e-9 * (x - t.centre.unsqueeze(1))  # coefficients far below the grid
+    err = (codec.decode(codec.encode(tiny)) - tiny).pow(2).mean(-1).sqrt()  # [S, n]
+    smallest = t.log_gain[:, 0].exp() * t.sigma.float().pow(2).mean(-1).sqrt() * 4
+    assert bool((err <= smallest.unsqueeze(1)).all())
 
 
 def test_payload_fields_of_the_wrong_size_raise_corrupt_data(codec):

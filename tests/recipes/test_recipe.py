@@ -95,6 +95,30 @@ def test_bad_stream_names_the_field(kwargs, field):
         StreamRecipe(**kwargs)
 
 
+def test_codec_configs_are_checked_when_the_recipe_is_read():
+    with pytest.raises(ConfigError, match=r"k: config of codec 'kakeya': bits must be an integer in 1..4, got 9"):
+        Recipe.from_dict({"name": "r", "k": {"codec": "kakeya", "config": {"bits": 9}}})
+    with pytest.raises(ConfigError, match=r"v: config of codec 'kakeya-v2': KakeyaV2Config: unknown field\(s\)"):
+        Recipe.from_dict({"name": "r", "v": {"codec": "kakeya-v2", "config": {"bits": 2.0, "foo": 1}}})
+    assert Recipe.from_dict({"name": "r", "k": {"codec": "kakeya-v2", "config": {"bits": 2.5}}}).k.config == {
+        "bits": 2.5}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x80\xff\x00binary", "not UTF-8 text"),
+    (b'{"k": {"codec": "fp8"}}', "the field 'name' is missing"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+    (b'{"name": "r", "k": {"codec": "kakeya", "config": {"bits": 9}}}', "bits must be an integer"),
+    (b'["a", "list"]', "must be a JSON object"),
+])
+def test_bad_recipe_files_raise_config_error_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "recipe.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as exc:
+        kt.recipes.load(path)
+    assert str(path) in str(exc.value)
+
+
 def test_unknown_keys_and_bad_json(tmp_path):
     with pytest.raises(ConfigError, match="unknown field"):
         Recipe.from_dict({"name": "r", "bits": 3})
@@ -114,11 +138,16 @@ def test_layer_override_keys_become_ints():
     assert Recipe.from_dict(json.loads(recipe.to_json())) == recipe
 
 
+_codec_configs = st.one_of(
+    st.tuples(st.sampled_from(["identity", "fp8"]), st.just({})),
+    st.tuples(st.just("rotated-int"), st.fixed_dictionaries({"bits": st.sampled_from([2, 3, 4, 8]),
+                                                             "group_size": st.sampled_from([8, 16, 32])})),
+    st.tuples(st.just("kivi"), st.fixed_dictionaries({"bits": st.sampled_from([2, 4]),
+                                                      "group_size": st.integers(1, 64)})),
+)
 _streams = st.builds(
-    StreamRecipe,
-    codec=st.sampled_from(["identity", "fp8", "rotated-int", "kivi"]),
-    config=st.dictionaries(st.sampled_from(["bits", "group_size"]), st.integers(1, 64), max_size=2),
-    calibrated_table=st.booleans(),
+    lambda cc, table: StreamRecipe(codec=cc[0], config=cc[1], calibrated_table=table),
+    _codec_configs, st.booleans(),
 )
 
 

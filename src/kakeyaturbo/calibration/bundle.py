@@ -33,6 +33,9 @@ from kakeyaturbo.errors import ConfigError, CorruptDataError
 BUNDLE_VERSION = 3
 STATISTICS = "statistics.safetensors"
 MANIFEST = "manifest.json"
+MANIFEST_FIELDS: dict[str, type] = {"model": str, "config_hash": str, "layer_types": list, "settings": dict,
+                                    "n_layers": int, "n_kv_heads": int, "head_dim": int}
+"""What a bundle's manifest must hold, and of which type (checked when it is loaded)."""
 FITS = "fits"
 
 
@@ -275,9 +278,14 @@ class Calibration:
             statistics = load_file(str(d / STATISTICS))
         except (ValueError, OSError, RuntimeError, SafetensorError) as exc:
             raise CorruptDataError(f"calibration bundle {d} is unreadable: {exc}") from None
-        for key in ("model", "config_hash", "layer_types", "settings", "n_kv_heads", "head_dim"):
-            if key not in manifest:
-                raise CorruptDataError(f"calibration bundle {d}: manifest lacks {key!r}")
+        for key, kind in MANIFEST_FIELDS.items():
+            value = manifest.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+                wanted = "a positive integer" if kind is int else f"a {kind.__name__}"
+                raise CorruptDataError(f"calibration bundle {d}: manifest {key!r} must be {wanted}, got {value!r}")
+        if len(manifest["layer_types"]) != manifest["n_layers"] or not all(
+                isinstance(t, str) for t in manifest["layer_types"]):
+            raise CorruptDataError(f"calibration bundle {d}: manifest 'layer_types' must be n_layers strings")
         return cls(manifest, statistics, d)
 
 

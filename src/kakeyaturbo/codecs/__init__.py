@@ -11,7 +11,7 @@ from typing import Any
 
 from kakeyaturbo.codecs.base import Codec, CodecConfig
 from kakeyaturbo.container import Encoded
-from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.errors import ConfigError, CorruptDataError
 
 _REGISTRY: dict[str, str] = {
     "identity": "kakeyaturbo.codecs.identity:IdentityCodec",
@@ -32,10 +32,10 @@ def names() -> list[str]:
 
 
 def codec_class(name: str) -> type[Codec]:
-    """The class registered under ``name``; unknown names raise :class:`ConfigError`."""
+    """The class registered under ``name``; unknown names (or not a string) raise :class:`ConfigError`."""
     try:
         target = _REGISTRY[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ConfigError(f"unknown codec {name!r}; registered: {names()}") from None
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)
@@ -47,9 +47,22 @@ def get(name: str, **config: Any) -> Codec:
 
 
 def decode(enc: Encoded) -> Any:
-    """Decode an :class:`Encoded` with the codec and config recorded in it."""
-    cls = codec_class(enc.codec)
-    return cls(cls.config_class.from_dict(enc.config)).decode(enc)
+    """Decode an :class:`Encoded` with the codec and config recorded in it.
+
+    Raises:
+        CorruptDataError: ``enc`` is not a valid container of a registered codec and a valid config
+            of it (the message names the field), or its payload does not decode.
+        ConfigError: the codec needs calibrated data besides the payload (decode with that codec).
+    """
+    if not isinstance(enc, Encoded):
+        raise CorruptDataError(f"expected an Encoded, got {type(enc).__name__}")
+    enc.validate()
+    try:
+        cls = codec_class(enc.codec)
+        config = cls.config_class.from_dict(enc.config)
+    except ConfigError as exc:
+        raise CorruptDataError(f"header of a {enc.codec!r} payload: {exc}") from None
+    return cls(config).decode(enc)
 
 
 __all__ = ["Codec", "CodecConfig", "codec_class", "decode", "get", "names"]

@@ -4,7 +4,14 @@ A codec sees plain tensors ``x`` of shape ``[..., n, D]``: the leading dims are 
 streams (e.g. layers x KV heads), ``n`` is the token axis and ``D`` the head dim. The base
 class does the plumbing (input checks, flattening to ``[S, n, D]`` float32, the
 :class:`~kakeyaturbo.container.Encoded` envelope, output dtype); a codec implements only
-``_encode`` and ``_decode``.
+``_encode`` and ``_decode`` and declares its payload fields (:attr:`Codec.payload`).
+
+Before a codec's ``_decode`` runs, :meth:`Codec.decode` checks the whole header against the
+schema: the container's (:func:`kakeyaturbo.container.check_header`), the config's (the config
+class's validation, by the codec's own config), the declared payload fields (names, dtypes,
+ranks, which ones the config needs, floats finite) and the output size (at most
+:data:`MAX_EXPANSION` elements per byte of container, so decoding costs at most a bounded
+multiple of the blob's size). Every failure raises :class:`CorruptDataError` naming the field.
 """
 
 from __future__ import annotations
@@ -12,16 +19,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
 
-from kakeyaturbo.container import Encoded, dtype_from_name, dtype_name
+from kakeyaturbo.container import OUTPUT_DTYPES, Encoded, dtype_from_name, dtype_name
 from kakeyaturbo.errors import ConfigError, CorruptDataError, NonFiniteInputError, ShapeError
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = tuple(OUTPUT_DTYPES.values())
+"""Input dtypes every codec accepts; decode returns the input's dtype."""
+MAX_EXPANSION = 256
+"""Most decoded elements a container may claim per byte of its size (1/32 bit per element; the
+sparsest codec settings store well over a bit per element), checked before decoding."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +69,19 @@ class CodecConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CodecConfig:
-        """Build from :meth:`to_dict` output; unknown keys raise :class:`ConfigError`."""
+    def check_keys(cls, data: Any) -> None:
+        """Raise :class:`ConfigError` unless ``data`` is a mapping whose keys are field names."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.__name__}: expected a mapping of config fields, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(str(k) for k in set(data) - names)
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CodecConfig:
+        """Build from :meth:`to_dict` output; unknown keys raise :class:`ConfigError`."""
+        cls.check_keys(data)
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**kwargs)
 
@@ -73,12 +93,19 @@ def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
         raise ConfigError(f"{name} must be an integer in {rng}, got {value!r}")
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def finite_number(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool) a float32 holds: magnitude at most :data:`FLOAT32_MAX`."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and -FLOAT32_MAX <= value <= FLOAT32_MAX
+
+
 def check_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> None:
     """Raise :class:`ConfigError` unless ``value`` is a real number in ``[lo, hi]`` (or ``(lo, hi]``)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
-        v = float(value)
-        ok = (v > lo if lo_open else v >= lo) and v <= hi
+        ok = (value > lo if lo_open else value >= lo) and value <= hi
     if not ok:
         left = "(" if lo_open else "["
         raise ConfigError(f"{name} must be a number in {left}{lo}, {hi}], got {value!r}")
@@ -132,6 +159,41 @@ def check_input(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x32, x32.shape[0], n, d
 
 
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """A payload field a codec declares (:attr:`Codec.payload`).
+
+    Attributes:
+        dtype: its storage dtype, or the dtypes it may have (the config or shape picks one; the
+            codec's ``_decode`` checks the exact one and the shape with :func:`expect_field`).
+        rank: its number of dims, or the numbers it may have.
+        when: predicate on the codec config saying whether the field is present (None: always).
+    """
+
+    dtype: torch.dtype | tuple[torch.dtype, ...]
+    rank: int | tuple[int, ...]
+    when: Callable[[Any], bool] | None = None
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        """The dtypes the field may have."""
+        return self.dtype if isinstance(self.dtype, tuple) else (self.dtype,)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The numbers of dims the field may have."""
+        return self.rank if isinstance(self.rank, tuple) else (self.rank,)
+
+
+def output_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in the output ``dtype``; values beyond a narrower float type's range saturate at its
+    largest finite value instead of becoming Inf."""
+    if dtype in (torch.float16, torch.bfloat16):
+        big = torch.finfo(dtype).max
+        x = x.clamp(-big, big)
+    return x.to(dtype)
+
+
 def side_fingerprint(side: Mapping[str, torch.Tensor]) -> str:
     """Short SHA-256 of calibration tensors a codec needs besides its config (stored in the config)."""
     h = hashlib.sha256()
@@ -152,6 +214,8 @@ class Codec(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[CodecConfig]]
+    payload: ClassVar[Mapping[str, Field]]
+    """Every payload field the codec writes, by name: the schema :meth:`decode` checks first."""
     needs_calibration: ClassVar[bool] = False
     """True for codecs built from per-model calibrated data, through :meth:`from_calibration`."""
     folds_whitening: ClassVar[bool] = False
@@ -159,6 +223,7 @@ class Codec(ABC):
     hands them raw keys and the whitening's name instead of whitening the keys itself."""
 
     def __init__(self, config: CodecConfig | None = None, **overrides: Any) -> None:
+        self.config_class.check_keys(overrides)
         if config is None:
             config = self.config_class(**overrides)
         elif overrides:
@@ -177,6 +242,12 @@ class Codec(ABC):
         for the engine ``layout`` its input comes in."""
         raise ConfigError(f"codec {cls.name!r} is not built from a calibration bundle")
 
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        """Validate config fields as a recipe gives them (before any model loads); raise
+        :class:`ConfigError` naming the bad one."""
+        cls.config_class.from_dict(config)
+
     @property
     def side_nbytes(self) -> int:
         """Bytes of per-model calibration data this codec needs (0 for self-contained codecs)."""
@@ -189,7 +260,31 @@ class Codec(ABC):
         return Encoded(self.name, self.config.to_dict(), tuple(x.shape), dtype_name(x.dtype), fields)
 
     def decode(self, enc: Encoded) -> torch.Tensor:
-        """Decode to a tensor of the encoded shape and dtype on the payload's device."""
+        """Decode to a tensor of the encoded shape and dtype on the payload's device.
+
+        Raises:
+            CorruptDataError: ``enc`` is not an :class:`Encoded`, is another codec's or config's,
+                breaks the header schema (module docstring), or its payload is inconsistent with
+                its header or decodes to values beyond float32.
+        """
+        self.check_encoded(enc)
+        n, d = enc.shape[-2], enc.shape[-1]
+        s = math.prod(enc.shape[:-2])
+        try:
+            out = self._decode(enc.fields, s, n, d)
+        except (RuntimeError, IndexError, ValueError) as exc:
+            if isinstance(exc, CorruptDataError):
+                raise
+            raise CorruptDataError(f"{self.name}: payload inconsistent with its header: {exc}") from None
+        if not bool(torch.isfinite(out).all()):
+            raise CorruptDataError(f"{self.name}: payload decodes to values beyond the float32 range")
+        return output_cast(out.reshape(enc.shape), dtype_from_name(enc.dtype, OUTPUT_DTYPES, "input"))
+
+    def check_encoded(self, enc: Any) -> None:
+        """Check ``enc`` against this codec's header schema (module docstring) before anything is decoded."""
+        if not isinstance(enc, Encoded):
+            raise CorruptDataError(f"expected an Encoded, got {type(enc).__name__}")
+        enc.validate()
         if enc.codec != self.name:
             raise CorruptDataError(f"this is a {enc.codec!r} payload; the {self.name!r} codec cannot decode it")
         if enc.config != self.config.to_dict():
@@ -197,19 +292,21 @@ class Codec(ABC):
                 f"payload was encoded with config {enc.config}, this codec has {self.config.to_dict()}; "
                 "use kakeyaturbo.codecs.decode(enc) to decode with the payload's own config"
             )
-        if len(enc.shape) < 2 or any(s <= 0 for s in enc.shape):
-            raise CorruptDataError(f"invalid encoded shape {enc.shape}")
-        n, d = enc.shape[-2], enc.shape[-1]
-        s = 1
-        for v in enc.shape[:-2]:
-            s *= v
-        try:
-            out = self._decode(enc.fields, s, n, d)
-        except (RuntimeError, IndexError, ValueError) as exc:
-            if isinstance(exc, CorruptDataError):
-                raise
-            raise CorruptDataError(f"{self.name}: payload inconsistent with its header: {exc}") from None
-        return out.reshape(enc.shape).to(dtype_from_name(enc.dtype))
+        wanted = {k: f for k, f in self.payload.items() if f.when is None or f.when(self.config)}
+        if set(enc.fields) != set(wanted):
+            raise CorruptDataError(f"{self.name}: payload holds fields {sorted(enc.fields)}; its config "
+                                   f"writes {sorted(wanted)}")
+        for key, spec in wanted.items():
+            t = enc.fields[key]
+            if t.dtype not in spec.dtypes or t.dim() not in spec.ranks:
+                raise CorruptDataError(f"{self.name}: field {key!r} is {t.dtype} with {t.dim()} dims, expected "
+                                       f"{' or '.join(map(str, spec.dtypes))} with {' or '.join(map(str, spec.ranks))}")
+            if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+                raise CorruptDataError(f"{self.name}: field {key!r} holds NaN/Inf")
+        elements = math.prod(enc.shape)
+        if elements > MAX_EXPANSION * enc.nbytes:
+            raise CorruptDataError(f"{self.name}: header shape {list(enc.shape)} claims {elements} elements, more "
+                                   f"than {MAX_EXPANSION} per byte of its {enc.nbytes}-byte container")
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(encode(x))``."""

@@ -24,7 +24,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from kakeyaturbo.codecs.base import Codec, CodecConfig, check_choice, check_int, expect_field
+from kakeyaturbo.codecs.base import Codec, CodecConfig, Field, check_choice, check_int, expect_field, finite_number
 from kakeyaturbo.codecs.rotated_int import read_codes
 from kakeyaturbo.errors import ConfigError, ShapeError
 from kakeyaturbo.ops.lloyd_max import dequantize, gaussian_table, quantize
@@ -85,19 +85,20 @@ class BesicovitchConfig(CodecConfig):
         check_choice("magnitude_mode", self.magnitude_mode, ("quantized", "f16"))
         check_int("magnitude_bits", self.magnitude_bits, 1, 8)
         check_choice("subtract_mean", self.subtract_mean, (True, False))
-        check_int("block_size", self.block_size, 1)
+        check_int("block_size", self.block_size, 1, 1 << 24)
         if self.magnitude_scales is None:
             return
         if self.magnitude_mode != "quantized":
             raise ConfigError("magnitude_scales (Riemann variant) needs magnitude_mode='quantized'")
         scales = self.magnitude_scales
         ok = isinstance(scales, tuple) and len(scales) > 0 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            finite_number(v) and v > 0
             for v in scales
         )
         if not ok:
             raise ConfigError(
-                f"magnitude_scales must be a non-empty tuple of finite positive numbers, got {scales!r}"
+                f"magnitude_scales must be a non-empty tuple of positive numbers within the float32 range, "
+                f"got {scales!r}"
             )
 
 
@@ -111,6 +112,12 @@ class BesicovitchCodec(Codec):
 
     name = "besicovitch"
     config_class = BesicovitchConfig
+    payload = {
+        "directions": Field(torch.uint8, 1),
+        "magnitudes": Field((torch.float16, torch.uint8), (3, 1)),
+        "scale": Field(torch.float16, 2, lambda c: c.magnitude_mode == "quantized" and c.magnitude_scales is None),
+        "mean": Field(torch.float16, 3, lambda c: c.subtract_mean),
+    }
 
     def _groups(self, d: int) -> int:
         groups = -(-d // self.config.group_size)
@@ -124,7 +131,8 @@ class BesicovitchCodec(Codec):
 
     def _row_means(self, mean: torch.Tensor, n: int) -> torch.Tensor:
         """Expand block means ``[S, B, D]`` to rows ``[S, n, D]`` (float32)."""
-        return mean.float().repeat_interleave(self.config.block_size, dim=1)[:, :n]
+        block = torch.arange(n, device=mean.device) // self.config.block_size
+        return mean.float()[:, block]
 
     def _block_means(self, x: torch.Tensor) -> torch.Tensor:
         """f16 means ``[S, B, D]`` of each block of ``block_size`` rows of ``x [S, n, D]``."""

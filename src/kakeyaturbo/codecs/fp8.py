@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from kakeyaturbo.codecs.base import Codec, CodecConfig, expect_field
+from kakeyaturbo.codecs.base import Codec, CodecConfig, Field, expect_field
 from kakeyaturbo.packing import narrow
 
 E4M3_MAX = 448.0
@@ -26,6 +26,7 @@ class Fp8Codec(Codec):
 
     name = "fp8"
     config_class = Fp8Config
+    payload = {"values": Field(torch.float8_e4m3fn, 3), "scale": Field(torch.float16, 2)}
 
     def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         amax = x.abs().amax(-1, keepdim=True)  # [S, n, 1]

@@ -6,7 +6,8 @@ import dataclasses
 
 import torch
 
-from kakeyaturbo.codecs.base import Codec, CodecConfig, expect_field
+from kakeyaturbo.codecs.base import Codec, CodecConfig, Field, expect_field
+from kakeyaturbo.packing import narrow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,9 +20,10 @@ class IdentityCodec(Codec):
 
     name = "identity"
     config_class = IdentityConfig
+    payload = {"values": Field(torch.bfloat16, 3)}
 
     def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"values": x.to(torch.bfloat16)}
+        return {"values": narrow(x, torch.bfloat16, "identity values")}
 
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         return expect_field(fields, "values", torch.bfloat16, (s, n, d)).float()

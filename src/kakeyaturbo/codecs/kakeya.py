@@ -43,12 +43,14 @@ import torch
 from kakeyaturbo.codecs.base import (
     Codec,
     CodecConfig,
+    Field,
     check_choice,
     check_codebook,
     check_float,
     check_input,
     check_int,
     expect_field,
+    finite_number,
 )
 from kakeyaturbo.errors import ConfigError, CorruptDataError
 from kakeyaturbo.ops.hadamard import random_signs, wht
@@ -107,6 +109,8 @@ class KakeyaConfig(CodecConfig):
             vals = tuple(vals)
             if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in vals):
                 raise ConfigError(f"codebook must hold only numbers, got {list(vals)}")
+            if not all(finite_number(v) for v in vals):
+                raise ConfigError(f"codebook must hold only numbers within the float32 range, got {list(vals)}")
             object.__setattr__(self, "codebook", tuple(float(v) for v in vals))
         super().__post_init__()
 
@@ -195,6 +199,10 @@ def unrotate_residual(z: torch.Tensor, signs: torch.Tensor, norm: torch.Tensor) 
     return wht(z * norm.unsqueeze(-1)) * signs / z.shape[-1]
 
 
+def _with_outliers(config: KakeyaConfig) -> bool:
+    return config.outlier_threshold is not None
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise CorruptDataError(f"kakeya: {msg}")
@@ -241,6 +249,14 @@ class KakeyaCodec(Codec):
     name = "kakeya"
     config_class = KakeyaConfig
     config: KakeyaConfig
+    payload = {
+        **{k: Field((torch.uint8, torch.int16, torch.int32), 1) for k in ("d_eff", "k_eff")},
+        "mean": Field(tuple(SKELETON_DTYPES.values()), 2),
+        **{k: Field(tuple(SKELETON_DTYPES.values()), 1) for k in ("basis", "centres", "t", "rnorm")},
+        **{k: Field(torch.uint8, 1) for k in ("seg", "codes")},
+        **{k: Field((torch.uint8, torch.int16), 1, _with_outliers) for k in ("outlier_count", "outlier_index")},
+        "outlier_value": Field(torch.float16, 1, _with_outliers),
+    }
 
     @property
     def _sdtype(self) -> torch.dtype:
@@ -365,9 +381,6 @@ class KakeyaCodec(Codec):
         seg_v = unpack_bits(expect_field(fields, "seg", torch.uint8, (packed_nbytes(nvec, ib),)), ib, nvec)
         t_v = expect_field(fields, "t", sd, (nvec,)).float()
         rn_v = expect_field(fields, "rnorm", sd, (nvec,)).float()
-        floats = {"mean": mean, "basis": basis_flat, "centres": cen_flat, "t": t_v, "rnorm": rn_v}
-        for name, v in floats.items():
-            _check(bool(torch.isfinite(v).all()), f"field {name!r} holds NaN/Inf")
         _check(bool((rn_v >= 0).all()), "negative residual norm")
         vec_rows = rmask.sum(-1)
         vec_width = torch.repeat_interleave(width, vec_rows)
@@ -389,7 +402,6 @@ class KakeyaCodec(Codec):
             total = int(count.sum())
             oidx = expect_field(fields, "outlier_index", small, (total,)).long()
             oval = expect_field(fields, "outlier_value", torch.float16, (total,)).float()
-            _check(bool(torch.isfinite(oval).all()), "field 'outlier_value' holds NaN/Inf")
             owner_vec = torch.repeat_interleave(torch.arange(nvec, device=dev), count)
             _check(bool(((oidx >= 0) & (oidx < vec_width[owner_vec])).all()), "outlier index >= W")
             pos = rmask.nonzero()[owner_vec]

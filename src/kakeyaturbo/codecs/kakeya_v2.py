@@ -50,6 +50,15 @@ its component's variance into the others, so high-variance components get finer 
 none for the trailing components that get no code bits. For a joint basis over 3 KV heads
 (D = 192) this is about a third of the int8 basis, at a cost of about 1-4 % squared error.
 
+Range: a vector's gain is coded on its stream's calibrated grid. A vector whose coefficient rms
+lies more than :data:`GAIN_HEADROOM` times above the grid's top cannot be represented (its gain code
+saturates and the error approaches its norm): :meth:`KakeyaV2Codec.encode` raises
+:class:`~kakeyaturbo.errors.NumericRangeError` naming the vector and its largest value, like the
+other codecs do for values beyond their f16 fields. Below the grid nothing underflows to zero
+silently in the sense of a lost scale: a vector is coded at the grid's smallest gain, so its
+absolute error stays that of the smallest calibrated vectors (values far below the calibration's
+scale, e.g. ``x * 1e-9``, keep that absolute error; their relative error is unbounded).
+
 The fit options (``center``, ``scale_bits``, ``rotate_groups``, ``allocation``) exist so each
 design element can be switched off on its own (the ablation); the shipped recipes use the defaults.
 """
@@ -67,6 +76,7 @@ from kakeyaturbo import layouts
 from kakeyaturbo.codecs.base import (
     Codec,
     CodecConfig,
+    Field,
     check_choice,
     check_float,
     check_input,
@@ -98,7 +108,7 @@ from kakeyaturbo.codecs.v2_quantiser import (
     table_slice,
 )
 from kakeyaturbo.container import Encoded
-from kakeyaturbo.errors import ConfigError, CorruptDataError, ShapeError
+from kakeyaturbo.errors import ConfigError, CorruptDataError, NumericRangeError, ShapeError
 from kakeyaturbo.ops import householder
 from kakeyaturbo.ops.bitalloc import water_fill
 from kakeyaturbo.ops.hadamard import random_signs, wht
@@ -111,6 +121,8 @@ LAYOUTS = layouts.CALIBRATED
 AUTO_ENTROPY_BITS = 2.125
 """``coding="auto"`` codes with entropy from this budget up (measured on SmolLM2 K/V: entropy
 coding has 3-10 % less error at 2 bits, 30-45 % more at 1.25-1.5 bits, 15-40 % less from 2.5 up)."""
+GAIN_HEADROOM = 4.0
+"""How far above the top of its calibrated gain grid a vector's rms may lie before encoding raises."""
 SIGMA_FLOOR = 1e-4  # normalised units (sum of sigma**2 is ~D): keeps every component codable
 
 
@@ -213,6 +225,7 @@ class KakeyaV2Config(CodecConfig):
     def for_calibration(cls, config: Mapping[str, Any], stream: str) -> KakeyaV2Config:
         """The config of recipe fields ``config`` for K/V stream ``stream``: ``fitted_tables`` defaults to true
         with fixed coding (tables fitted to the calibration coefficients), ``stream`` filled in."""
+        cls.check_keys(config)
         coded = cls(**{**config, "stream": stream})
         return cls(**{"fitted_tables": not coded.entropy_coded, **config, "stream": stream})
 
@@ -538,6 +551,8 @@ class KakeyaV2Codec(Codec):
     config_class = KakeyaV2Config
     needs_calibration = True
     folds_whitening = True
+    payload = {"codes": Field(torch.uint8, 1), "scale": Field(torch.uint8, 1, lambda c: c.scale_bits > 0),
+               "head_scale": Field(torch.uint8, 1, lambda c: c.head_gain_bits > 0)}
 
     def __init__(self, config: KakeyaV2Config | None = None, *, transforms: V2Transforms | None = None,
                  **overrides: Any) -> None:
@@ -590,6 +605,11 @@ class KakeyaV2Codec(Codec):
         t = calibration.v2_transforms(layer, stream, space, layout, cfg)
         return cls(dataclasses.replace(cfg, transforms_hash=t.fingerprint()), transforms=t)
 
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        """As :meth:`Codec.check_config`, for recipe fields (``stream`` and the fit's hash filled in later)."""
+        KakeyaV2Config.for_calibration(config, "k")
+
     @property
     def side_nbytes(self) -> int:
         """Bytes of the calibrated transforms."""
@@ -597,10 +617,11 @@ class KakeyaV2Codec(Codec):
 
     def decode(self, enc: Encoded) -> torch.Tensor:
         """As :meth:`Codec.decode`, refusing payloads encoded with other transforms by name."""
-        theirs = enc.config.get("transforms_hash") if isinstance(enc.config, Mapping) else None
-        if enc.codec == self.name and theirs != self.config.transforms_hash:
-            raise CorruptDataError(f"payload was encoded with transforms {theirs!r}; this codec holds "
-                                   f"transforms {self.config.transforms_hash!r}")
+        if isinstance(enc, Encoded) and enc.codec == self.name:
+            theirs = enc.config.get("transforms_hash") if isinstance(enc.config, Mapping) else None
+            if theirs != self.config.transforms_hash:
+                raise CorruptDataError(f"payload was encoded with transforms {theirs!r}; this codec holds "
+                                       f"transforms {self.config.transforms_hash!r}")
         return super().decode(enc)
 
     def _streams(self, s: int, d: int, error: type[Exception]) -> int:
@@ -615,6 +636,7 @@ class KakeyaV2Codec(Codec):
         s, n, d = x.shape
         t = self.transforms
         m = self._streams(s, d, ShapeError)
+        raw = x
         x = x.reshape(m, t.streams, n, d).transpose(0, 1).reshape(t.streams, m * n, d)  # per-transform rows
         x = x - t.centre.to(x.device).unsqueeze(1)
         fields = {}
@@ -624,7 +646,30 @@ class KakeyaV2Codec(Codec):
             qh = gain_codes(rms(x, t.heads), grid, hb)
             x = x / _per_element(gain_values(qh, grid, hb), d)
             fields["head_scale"] = pack_bits(qh, hb)
-        return fields | self._quantiser.encode(x @ self._enc.to(x.device))
+        c = x @ self._enc.to(x.device)
+        self._check_range(c, raw)
+        return fields | self._quantiser.encode(c)
+
+    def _check_range(self, c: torch.Tensor, x: torch.Tensor) -> None:
+        """Raise :class:`NumericRangeError` when a vector of the coefficients ``c [S_t, m*n, D]`` (per
+        transform) has an rms beyond :data:`GAIN_HEADROOM` times its grid's top; ``x [S, n, D]`` is the
+        input, for the message."""
+        grid = self.transforms.log_gain
+        if grid is None:
+            return
+        excess = rms(c) / (grid[:, 1].to(c.device).exp().unsqueeze(1) * GAIN_HEADROOM)
+        worst = int(excess.argmax())
+        if float(excess.reshape(-1)[worst]) <= 1.0:
+            return
+        st, row = divmod(worst, c.shape[1])
+        n = x.shape[1]
+        stream, token = (row // n) * self.transforms.streams + st, row % n
+        channel = int(x[stream, token].abs().argmax())
+        raise NumericRangeError(
+            f"kakeya-v2: vector at index ({stream}, {token}) (largest value {float(x[stream, token, channel]):.6g} "
+            f"at channel {channel}) is {float(excess.reshape(-1)[worst]) * GAIN_HEADROOM:.3g} times the largest gain "
+            f"its stream's calibrated grid represents (at most {GAIN_HEADROOM:g}); rescale the input or calibrate "
+            "on data of its range")
 
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         t = self.transforms

@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from kakeyaturbo.codecs.base import Codec, CodecConfig, check_choice, check_int, expect_field
+from kakeyaturbo.codecs.base import Codec, CodecConfig, Field, check_choice, check_int, expect_field
 from kakeyaturbo.codecs.rotated_int import dequantize_minmax, group_last, quantize_minmax, read_codes
 from kakeyaturbo.packing import pack_bits
 
@@ -49,26 +49,29 @@ class KiviCodec(Codec):
 
     name = "kivi"
     config_class = KiviConfig
+    payload = {"codes": Field(torch.uint8, 1), "scale": Field(torch.float16, 3), "zero": Field(torch.float16, 3)}
 
-    def _axes(self, n: int, d: int) -> tuple[int, int, int]:
-        """``(A, L, G)`` for an ``[S, n, d]`` input."""
+    def _axes(self, n: int, d: int) -> tuple[int, int, int, int]:
+        """``(A, L, G, g)`` for an ``[S, n, d]`` input, ``g`` the group length (a group never spans more
+        than ``L``: one longer than the axis holds the same values, so it is not padded out)."""
         a, length = (d, n) if self.config.axis == "channel" else (n, d)
-        return a, length, -(-length // self.config.group_size)
+        group = min(self.config.group_size, length)
+        return a, length, -(-length // group), group
 
     def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.config
         s, n, d = x.shape
-        a, length, _ = self._axes(n, d)
+        a, length, _, group = self._axes(n, d)
         t = x.transpose(1, 2) if c.axis == "channel" else x  # [S, A, L]
-        codes, step, low = quantize_minmax(group_last(t, c.group_size), c.bits)
+        codes, step, low = quantize_minmax(group_last(t, group), c.bits)
         codes = codes.reshape(s, a, -1)[..., :length]
         return {"codes": pack_bits(codes, c.bits), "scale": step, "zero": low}
 
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         c = self.config
-        a, length, groups = self._axes(n, d)
+        a, length, groups, group = self._axes(n, d)
         codes = read_codes(fields, "codes", s * a * length, c.bits).reshape(s, a, length)
         step = expect_field(fields, "scale", torch.float16, (s, a, groups))
         low = expect_field(fields, "zero", torch.float16, (s, a, groups))
-        y = dequantize_minmax(group_last(codes, c.group_size), step, low).reshape(s, a, -1)[..., :length]
+        y = dequantize_minmax(group_last(codes, group), step, low).reshape(s, a, -1)[..., :length]
         return y.transpose(1, 2) if c.axis == "channel" else y

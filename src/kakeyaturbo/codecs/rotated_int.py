@@ -18,7 +18,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from kakeyaturbo.codecs.base import Codec, CodecConfig, check_choice, check_int, expect_field
+from kakeyaturbo.codecs.base import Codec, CodecConfig, Field, check_choice, check_int, expect_field
 from kakeyaturbo.errors import CorruptDataError, ShapeError
 from kakeyaturbo.ops.hadamard import next_pow2, random_signs, rotate, unrotate
 from kakeyaturbo.packing import narrow, pack_bits, packed_nbytes, unpack_bits
@@ -131,6 +131,8 @@ class RotatedIntCodec(Codec):
 
     name = "rotated-int"
     config_class = RotatedIntConfig
+    payload = {"codes": Field(torch.uint8, 1), "scale": Field(torch.float16, 3),
+               "zero": Field(torch.float16, 3, lambda c: not c.symmetric)}
 
     def layout(self, d: int) -> tuple[int, int]:
         """Stored width ``W`` and effective group size for head dim ``d``."""

@@ -23,7 +23,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from kakeyaturbo.codecs.base import Codec, CodecConfig, check_choice, check_int, expect_field
+from kakeyaturbo.codecs.base import Codec, CodecConfig, Field, check_choice, check_int, expect_field
 from kakeyaturbo.codecs.rotated_int import read_codes
 from kakeyaturbo.ops.hadamard import next_pow2, random_signs, rotate, unrotate
 from kakeyaturbo.ops.lloyd_max import dequantize, gaussian_table, quantize
@@ -119,6 +119,7 @@ class TurboQuantCodec(Codec):
 
     name = "turboquant"
     config_class = TurboQuantConfig
+    payload = {"codes": Field(torch.uint8, 1), "norm": Field(torch.float16, 3)}
 
     def _layout(self, d: int) -> tuple[int, int]:
         """Stored width and block length for head dim ``d``."""
@@ -195,6 +196,8 @@ class TurboQuantProdCodec(Codec):
 
     name = "turboquant-prod"
     config_class = TurboQuantProdConfig
+    payload = {"codes": Field(torch.uint8, 1), "norm": Field(torch.float16, 2), "signs": Field(torch.uint8, 1),
+               "residual_norm": Field(torch.float16, 2)}
 
     def _mse(self) -> TurboQuantCodec:
         return TurboQuantCodec(bits=self.config.bits - 1, variant="paper", seed=self.config.seed)

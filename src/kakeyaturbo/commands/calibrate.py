@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kakeyaturbo.commands.common import add_model_args
+from kakeyaturbo.commands.common import add_model_args, check_output_dir, positive_int
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -18,8 +18,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="bundle directory to write (default: the model's bundle in the cache directory, which "
                    "`kakeya eval` and `kakeya generate` pick up automatically)")
-    p.add_argument("--windows", type=int, default=8, help="calibration windows (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=1024, help="tokens per calibration window (default: %(default)s)")
+    p.add_argument("--windows", type=positive_int, default=8, help="calibration windows (default: %(default)s)")
+    p.add_argument("--tokens", type=positive_int, default=1024,
+                   help="tokens per calibration window (default: %(default)s)")
     p.add_argument("--ridge", type=float, default=1e-3,
                    help="Σ_q ridge, times mean(diag), of the whitening metrics (default: %(default)s)")
     p.add_argument("--cond-cap", type=float, default=None,
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from kakeyaturbo.models.text import load_corpus
 
     out = args.out or default_bundle_dir(args.model)
+    check_output_dir(out)
     settings = CalibrationSettings(windows=args.windows, tokens=args.tokens, ridge=args.ridge, cond_cap=args.cond_cap)
     chosen = [recipes.load(r) for r in args.recipe]
     reason = "--force" if args.force else why_remeasure(out, settings)

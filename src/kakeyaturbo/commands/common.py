@@ -4,11 +4,53 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kakeyaturbo.errors import ConfigError
+
+MAX_SEED = 2**63 - 1
+
+
+def device_arg(value: str) -> str:
+    """``--device``: ``cpu`` or ``cuda[:N]`` of a GPU this machine has (checked when the arguments are parsed)."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{value!r}: use cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: no CUDA device is available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return value
+
+
+def positive_int(value: str) -> int:
+    """An integer argument >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def seed_arg(value: str) -> int:
+    """A seed argument in ``0..2**63-1``."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if not 0 <= number <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED}, got {number}")
+    return number
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +63,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "evaluation) or the path of a UTF-8 text file (first 20%% calibration, rest evaluation)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="model and reference-cache dtype (default: %(default)s; ratios are always against bf16)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda[:N] (default: %(default)s)")
 
 
 def add_calibration_arg(p: argparse.ArgumentParser) -> None:
@@ -64,6 +106,38 @@ def statistics_of(model: Any, tokenizer: Any, model_name: str, text: str) -> Cal
     from kakeyaturbo.models.text import load_corpus
 
     return lambda: measure(model, tokenizer, load_corpus(text), model_name=model_name, text=text)
+
+
+def check_output_dir(path: Path | None) -> None:
+    """Raise :class:`ConfigError` unless ``path`` (when given) is, or can be made, a writable folder."""
+    if path is None:
+        return
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"cannot write into {path}: it is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write into {path}: permission denied")
+        return
+    check_output_path(path)
+
+
+def check_output_path(*paths: Path | None) -> None:
+    """Raise :class:`ConfigError` unless every given path can be written (checked before any work):
+    not a directory, and the nearest existing folder above it a writable folder."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise ConfigError(f"cannot write {path}: it is a directory")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ConfigError(f"cannot write {path}: permission denied")
+        parent = path.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"cannot write {path}: {parent} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write {path}: {parent} is not writable")
 
 
 def write_json(path: Path | None, data: Any) -> None:

@@ -9,6 +9,7 @@ from kakeyaturbo.commands.common import (
     add_calibration_arg,
     add_model_args,
     load_calibration,
+    positive_int,
     statistics_of,
     write_json,
 )
@@ -21,9 +22,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "(see `kakeya recipes`) or a recipe JSON file")
     add_model_args(p)
     add_calibration_arg(p)
-    p.add_argument("--ctx", type=int, default=1024, help="prefill tokens per window (default: %(default)s)")
-    p.add_argument("--n-eval", type=int, default=128, help="continuation tokens per window (default: %(default)s)")
-    p.add_argument("--windows", type=int, default=8, help="disjoint evaluation windows (default: %(default)s)")
+    p.add_argument("--ctx", type=positive_int, default=1024, help="prefill tokens per window (default: %(default)s)")
+    p.add_argument("--n-eval", type=positive_int, default=128,
+                   help="continuation tokens per window (default: %(default)s)")
+    p.add_argument("--windows", type=positive_int, default=8, help="disjoint evaluation windows (default: %(default)s)")
     p.add_argument("--mode", choices=["snapshot", "streaming"], default="snapshot",
                    help="snapshot: compress the prefilled cache once; streaming: also compress the continuation "
                    "as chunks fill, through KakeyaCache (default: %(default)s)")

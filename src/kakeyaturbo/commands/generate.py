@@ -9,6 +9,8 @@ from kakeyaturbo.commands.common import (
     add_calibration_arg,
     add_model_args,
     load_calibration,
+    positive_int,
+    seed_arg,
     statistics_of,
     write_json,
 )
@@ -18,9 +20,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Arguments of ``kakeya generate``."""
     p.add_argument("--recipe", required=True, metavar="NAME|FILE", help="recipe for the KV cache")
     p.add_argument("--prompt", required=True, help="prompt text (chat template applied when the tokenizer has one)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default: %(default)s)")
     p.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy decoding")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="sampling seed (default: %(default)s)")
     add_model_args(p)
     add_calibration_arg(p)
     p.add_argument("--json", type=Path, metavar="P", help="write text, new_tokens and the memory report as JSON")
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kakeyaturbo import recipes
     from kakeyaturbo.cache import KakeyaCache
+    from kakeyaturbo.errors import ConfigError
     from kakeyaturbo.evaluation.harness import DTYPES
     from kakeyaturbo.models.loading import load_model
 
@@ -45,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         text = args.prompt
     inputs = tokenizer(text, return_tensors="pt").to(args.device)
+    if inputs["input_ids"].shape[1] == 0:
+        raise ConfigError(f"--prompt {args.prompt!r} gives no tokens (the tokenizer has no chat template to add any)")
     cache = KakeyaCache.from_model(model, recipe, calibration)
     torch.manual_seed(args.seed)
     with torch.no_grad():

@@ -60,8 +60,10 @@ def _evaluator() -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep."""
+    from kakeyaturbo.commands.common import check_output_dir
     from kakeyaturbo.evaluation.sweep import run_sweep
 
+    check_output_dir(args.out)
     records = run_sweep(args.grid, args.out, None if args.report_only else _evaluator(),
                         ablation_reference=args.ablation_reference)
     print(f"{len(records)} cells; results in {args.out / 'results.jsonl'}, table in {args.out / 'table.md'}, "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.models.arch import facts
@@ -110,11 +111,11 @@ def load_model(
             source, dtype=dtype, attn_implementation=attn_implementation
         )
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise ConfigError(
-            f"cannot load model {name!r}: {err}. Use {DEFAULT_MODEL!r} (packaged, offline), a local folder "
-            "holding config.json, weights and tokenizer files, or a hub id already in the local Hugging Face "
-            "cache (the hub itself may be unreachable)."
+            f"cannot load model {name!r}: {type(err).__name__}: {err}. Use {DEFAULT_MODEL!r} (packaged, offline), "
+            "a local folder holding config.json, weights and tokenizer files, or a hub id already in the local "
+            "Hugging Face cache (the hub itself may be unreachable)."
         ) from err
     facts(model)
     return model.to(device).eval(), tokenizer

@@ -47,7 +47,11 @@ def load(name_or_path: str | Path) -> Recipe:
         return Recipe.from_json(source.read_text(), f"built-in recipe {text!r}")
     path = Path(text)
     if path.is_file():
-        return Recipe.from_json(path.read_text(), str(path))
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read recipe file {path}: {exc.strerror or exc}") from None
+        return Recipe.from_json(raw, str(path))
     if text.startswith(PREFIX):
         try:
             return KakeyaConfig.from_name(text).to_recipe()

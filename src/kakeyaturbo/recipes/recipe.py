@@ -2,7 +2,8 @@
 
 A :class:`Recipe` is a frozen, validated dataclass with a JSON round trip. It names codecs by
 their registry name and holds their config as a plain dict; the codecs themselves are built
-(and their configs validated) by :func:`kakeyaturbo.engine.build_plans`.
+by :func:`kakeyaturbo.engine.build_plans`; their configs are validated when the recipe is made,
+so a bad one is reported before any model loads.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from kakeyaturbo.codecs import codec_class
 from kakeyaturbo.codecs import names as codec_names
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.layouts import NAMES as LAYOUT_CHOICES
@@ -44,7 +46,7 @@ class StreamRecipe:
 
     Attributes:
         codec: registered codec name; ``"identity"`` is exact bf16 storage.
-        config: codec config fields (validated when the codec is built).
+        config: codec config fields (validated here, by the codec's :meth:`~kakeyaturbo.codecs.Codec.check_config`).
         whiten: K pre-transform: ``"none"``, ``"sigma_q"`` (Cholesky of the query covariance) or
             ``"lag"`` (the calibration's lag-aware variant); must be ``"none"`` for V.
         calibrated_table: use the calibration's Lloyd–Max table as the codec's ``codebook``.
@@ -66,6 +68,10 @@ class StreamRecipe:
             raise ConfigError(f"whiten must be one of {list(WHITEN_CHOICES)}, got {self.whiten!r}")
         if not isinstance(self.calibrated_table, bool):
             raise ConfigError(f"calibrated_table must be a bool, got {self.calibrated_table!r}")
+        try:
+            codec_class(self.codec).check_config(self.config)
+        except ConfigError as exc:
+            raise ConfigError(f"config of codec {self.codec!r}: {exc}") from None
         object.__setattr__(self, "config", dict(self.config))
 
     @property
@@ -335,6 +341,8 @@ class Recipe:
         if not isinstance(data, Mapping):
             raise ConfigError(f"a recipe must be a JSON object, got {type(data).__name__}")
         _known_keys(cls, data, "recipe")
+        if "name" not in data:
+            raise ConfigError("recipe: the field 'name' is missing")
         kwargs = dict(data)
         for field in ("k", "v", "boundary_k", "boundary_v"):
             if field in kwargs:
@@ -352,10 +360,18 @@ class Recipe:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def from_json(cls, text: str, source: str = "recipe") -> Recipe:
-        """Parse JSON text; malformed JSON raises :class:`ConfigError` naming ``source``."""
+    def from_json(cls, text: str | bytes, source: str = "recipe") -> Recipe:
+        """Parse JSON text (or UTF-8 bytes); text that is not UTF-8, not JSON, nested deeper than
+        Python's parser goes, or not a valid recipe raises :class:`ConfigError` naming ``source``."""
+        try:
+            text = text.decode() if isinstance(text, bytes) else text
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: not UTF-8 text ({exc})") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{source}: not valid JSON ({exc})") from None
-        return cls.from_dict(data)
+        except (ValueError, RecursionError) as exc:
+            raise ConfigError(f"{source}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
