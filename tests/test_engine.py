@@ -9,7 +9,7 @@ import torch
 
 from kakeyaturbo import codecs
 from kakeyaturbo.codecs.base import Codec, CodecConfig, check_codebook, check_int, expect_field
-from kakeyaturbo.engine import build_plans, sensitivity_budgets
+from kakeyaturbo.engine import build_plans, check_recipe, sensitivity_budgets
 from kakeyaturbo.errors import ConfigError, ShapeError
 from kakeyaturbo.recipes import Recipe, SensitivityProbe, StreamRecipe
 from tests.transforms.test_whitening import spd_whitening
@@ -200,6 +200,21 @@ def test_bad_arguments():
         plan.encode(k[:, :1], v[:, :1])
     with pytest.raises(ShapeError, match="differ"):
         plan.encode(k, v[:1])
+
+
+def test_check_recipe_names_the_layers_it_cannot_serve():
+    bad = {"codec": "rotated-int", "config": {"bits": 4, "group_size": 12, "rotate": False}}  # 12 does not divide 16
+    check_recipe(Recipe("r", StreamRecipe("fp8"), StreamRecipe("rotated-int", {"group_size": 8})), 3, N_KV, D)
+    with pytest.raises(ConfigError, match=r"cannot serve layer\(s\) \[0\] "):
+        check_recipe(Recipe("r", StreamRecipe("fp8"), boundary_layers=(0,), boundary_v=StreamRecipe(**bad)), 3, N_KV, D)
+    with pytest.raises(ConfigError, match=r"cannot serve layer\(s\) \[0, 2\] .*head_dim=16.*V stream.*group_size 12"):
+        check_recipe(Recipe("r", StreamRecipe("fp8"), StreamRecipe(**bad),
+                            layer_overrides={1: {"v": {"codec": "fp8"}}}), 3, N_KV, D)
+    with pytest.raises(ConfigError, match=r"layer\(s\) \[0, 1, 2\].*K stream"):  # any layer may rank in the top 1
+        check_recipe(Recipe("r", boundary_top=1, boundary_k=StreamRecipe(**bad)), 3, N_KV, D)
+    with pytest.raises(ConfigError, match="layer_overrides: layer 5"):
+        check_recipe(Recipe("r", layer_overrides={5: {"k": {"codec": "fp8"}}}), 3, N_KV, D)
+    check_recipe(Recipe("r", StreamRecipe("kakeya-v2", {"bits": 2.5})), 3, N_KV, D)  # fitted on demand: not coded here
 
 
 class CostCalibration(FakeCalibration):

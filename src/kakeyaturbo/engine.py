@@ -285,6 +285,60 @@ def plan_bits(plans: list[LayerPlan]) -> list[list[float | None]]:
     return [[getattr(c.config, "bits", None) for c in (p.k_codec, p.v_codec)] for p in plans]
 
 
+def _check_geometry(n_layers: int, n_kv_heads: int, head_dim: int) -> None:
+    for what, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+
+
+def _layer_streams(recipe: Recipe, n_layers: int,
+                   boundary: set[int]) -> tuple[list[tuple[StreamRecipe, StreamRecipe]], list[int]]:
+    """``([(k, v) stream recipe of each layer], layers the shared k/v recipes serve)``: boundary layers
+    take ``boundary_k``/``boundary_v``, then ``layer_overrides`` replace streams per layer."""
+    overrides = {_resolve_layer("layer_overrides", i, n_layers): s for i, s in recipe.layer_overrides.items()}
+    streams = []
+    for layer in range(n_layers):
+        k_sr, v_sr = (recipe.boundary_k, recipe.boundary_v) if layer in boundary else (recipe.k, recipe.v)
+        streams.append((overrides.get(layer, {}).get("k", k_sr), overrides.get(layer, {}).get("v", v_sr)))
+    shared = [i for i in range(n_layers) if i not in boundary and i not in overrides]
+    return streams, shared
+
+
+def check_recipe(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int) -> None:
+    """Fail early, before any fit or model forward, when ``recipe`` cannot serve a model of this
+    geometry: layer indices out of range, or a codec that cannot code a chunk of ``[n_kv_heads,
+    chunk_tokens, head_dim]`` in the recipe's layout (each uncalibrated codec codes one zero chunk;
+    calibrated codecs are fitted on the model's own statistics). ``boundary_top`` layers are
+    checked like boundary layers: every layer may be one.
+
+    Raises:
+        ConfigError: naming the layers, the stream, the codec and why.
+    """
+    _check_geometry(n_layers, n_kv_heads, head_dim)
+    fixed = {_resolve_layer("boundary_layers", i, n_layers) for i in recipe.boundary_layers}
+    # with boundary_top, any layer may turn out to be a boundary layer: check both choices
+    choices = [fixed, set(range(n_layers))] if recipe.boundary_top else [fixed]
+    users: dict[str, tuple[StreamRecipe, str, set[int]]] = {}
+    for boundary in choices:
+        for layer, pair in enumerate(_layer_streams(recipe, n_layers, boundary)[0]):
+            for stream, sr in zip(("k", "v"), pair):
+                key = json.dumps([stream, sr.to_dict()], sort_keys=True, default=str)
+                users.setdefault(key, (sr, stream, set()))[2].add(layer)
+    zeros = layouts.LAYOUTS[recipe.layout].to_rows(torch.zeros(1, n_kv_heads, recipe.chunk_tokens, head_dim),
+                                                   recipe.chunk_tokens)
+    for sr, stream, used in users.values():
+        cls = codecs.codec_class(sr.codec)
+        if cls.needs_calibration:
+            continue
+        try:
+            codec = cls(cls.config_class.from_dict(sr.config))
+            codec.decode(codec.encode(zeros))
+        except (ConfigError, ShapeError) as exc:
+            raise ConfigError(f"recipe {recipe.name!r} cannot serve layer(s) {sorted(used)} of this model "
+                              f"(n_kv_heads={n_kv_heads}, head_dim={head_dim}, {recipe.layout} layout): "
+                              f"{stream.upper()} stream, codec {sr.codec!r}: {exc}") from None
+
+
 def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
                 calibration: CalibrationLike | None = None) -> list[LayerPlan]:
     """One :class:`LayerPlan` per decoder layer.
@@ -298,19 +352,12 @@ def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
         ConfigError: bad sizes, out-of-range layers, a codec config its codec rejects, or a recipe
             that needs calibration (whitening, calibrated tables, ``boundary_top``) without one.
     """
-    for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    boundary = _boundary(recipe, n_layers, calibration)
-    overrides = {_resolve_layer("layer_overrides", i, n_layers): s for i, s in recipe.layer_overrides.items()}
+    _check_geometry(n_layers, n_kv_heads, head_dim)
+    streams, shared = _layer_streams(recipe, n_layers, _boundary(recipe, n_layers, calibration))
     factory = _CodecFactory(recipe, calibration)
-    shared = [i for i in range(n_layers) if i not in boundary and i not in overrides]
     budgets = sensitivity_budgets(recipe, shared, calibration) if recipe.layer_bits == "sensitivity" else {}
     plans = []
-    for layer in range(n_layers):
-        k_sr, v_sr = (recipe.boundary_k, recipe.boundary_v) if layer in boundary else (recipe.k, recipe.v)
-        k_sr = overrides.get(layer, {}).get("k", k_sr)
-        v_sr = overrides.get(layer, {}).get("v", v_sr)
+    for layer, (k_sr, v_sr) in enumerate(streams):
         if (layer, "k") in budgets:
             k_sr = dataclasses.replace(k_sr, config={**k_sr.config, "bits": budgets[layer, "k"]})
             v_sr = dataclasses.replace(v_sr, config={**v_sr.config, "bits": budgets[layer, "v"]})

@@ -216,3 +216,19 @@ def test_recipes_layers_command(tmp_path, tiny_bundle, capsys):
     assert len(bits) == 3 and "mean over coded streams" in out and (tmp_path / "p.png").is_file()
     assert main(["recipes", "--plot", str(tmp_path / "q.png")]) == 1
     assert "--layers needs a recipe name" in capsys.readouterr().err
+
+
+def test_prepare_refuses_a_recipe_before_any_forward(tiny_bundle, monkeypatch):
+    model, cal = tiny_bundle
+    recipe = recipes.Recipe.from_dict({
+        "name": "bad", "layer_bits": "sensitivity", "probe": TINY_PROBE,
+        "k": {"codec": "kakeya-v2", "config": {"bits": 2.5}}, "v": {"codec": "kakeya-v2", "config": {"bits": 2.5}},
+        "boundary_layers": [0], "boundary_v": {"codec": "rotated-int", "config": {"group_size": 12, "rotate": False}},
+    })
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the model ran before the recipe was checked")
+
+    monkeypatch.setattr(model, "forward", no_forward)
+    with pytest.raises(ConfigError, match=r"cannot serve layer\(s\) \[0\].*V stream, codec 'rotated-int'"):
+        prepare(recipe, Calibration(cal.manifest, cal.statistics), model)

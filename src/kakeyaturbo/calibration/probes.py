@@ -193,13 +193,16 @@ def _ropes(model: Any) -> Any:
 
 def prepare(recipe: Any, calibration: Calibration | None, model: Any) -> None:
     """Make (or read back) every fit and probe ``recipe`` needs from ``calibration`` for ``model``:
-    its sensitivity probe, boundary ranking and ``kakeya-v2`` transforms, with progress bars; a no-op
-    for recipes that need no calibration (or for another :class:`~kakeyaturbo.engine.CalibrationLike`),
-    and quick once everything is memoised."""
+    its sensitivity probe, boundary ranking and ``kakeya-v2`` transforms, with progress bars; quick
+    once everything is memoised. First, before any fit or forward, checks that ``recipe`` can serve
+    every layer of ``model`` (:func:`~kakeyaturbo.engine.check_recipe`); only that for recipes that need
+    no calibration (or for another :class:`~kakeyaturbo.engine.CalibrationLike`)."""
     from kakeyaturbo.calibration.bundle import config_hash
-    from kakeyaturbo.engine import build_plans
+    from kakeyaturbo.engine import build_plans, check_recipe
     from kakeyaturbo.models.arch import facts
 
+    f = facts(model)
+    check_recipe(recipe, f.n_layers, f.n_kv_heads, f.head_dim)
     if not isinstance(calibration, Calibration) or not recipe.needs_calibration:
         return
     name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
@@ -212,5 +215,4 @@ def prepare(recipe: Any, calibration: Calibration | None, model: Any) -> None:
         if recipe.boundary_top:
             calibration.memoised(boundary_key(calibration), lambda: measure_boundary(model, calibration),
                                  "boundary ranking")
-        f = facts(model)
         build_plans(recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration)
