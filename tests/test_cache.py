@@ -60,7 +60,7 @@ def test_fp8_generates_and_holds_fewer_bytes(arch, sample):
     report = cache.memory_report()
     assert report["tokens"] == cache.get_seq_length() == 69
     assert report["total"] < report["bf16_equivalent"] and report["ratio"] > 1
-    parts = ("packed", "hot_window", "sink", "exact_layers")
+    parts = ("packed", "decoded", "hot_window", "sink", "exact_layers")
     assert report["total"] == sum(report[p] for p in parts)
     # prefill of 40: 4 sink, 2 x 16 in one group, a partial chunk of 4; generation: 16 more, 13 hot
     assert [entry["chunks"] for entry in report["layers"]] == [3, 3]
@@ -311,3 +311,45 @@ def test_sliding_layer_crop_within_and_below_the_window():
     assert layer.get_seq_length() == 27 and layer.held_start == 18
     with pytest.raises(ConfigError, match="sliding window already dropped"):
         layer.crop(-20)
+
+
+@pytest.mark.parametrize("budget", [10**9, 3000])
+def test_decoded_budget_reuses_chunks_unchanged_and_counts_them(budget):
+    model = tiny("llama", torch.bfloat16)
+    ids = prompt(1, 40)
+    plain = KakeyaCache(model.config, FP8_16)
+    ref = generate(model, ids, plain, do_sample=False, max_new_tokens=30)
+    cache = KakeyaCache(model.config, FP8_16, decoded_budget=budget)
+    assert torch.equal(generate(model, ids, cache, do_sample=False, max_new_tokens=30), ref)
+    report, base = cache.memory_report(), plain.memory_report()
+    assert report["packed"] == base["packed"] and report["decoded"] > 0 == base["decoded"]
+    assert report["total"] == base["total"] + report["decoded"]
+    assert all(layer["decoded"] <= budget // 2 for layer in report["layers"])  # split over the 2 layers
+    # groups of 32 + 4 tokens (prefill) and 16 (generated) after 4 sink tokens: decoded K and V of 2 heads of
+    # D 16 in bf16 take 4096, 512 and 2048 B; 1500 B per layer keep the 4-token group only
+    kept = [kv is not None for kv in cache.layers[0].kept]
+    assert kept == ([True] * 3 if budget > 3000 else [False, True, False])
+    layer = cache.layers[0]
+    held = layer.full()
+    layer.crop(-20)  # into the last group: decoded into the hot window
+    assert len(layer.kept) == len(layer.chunks) == 2
+    assert torch.equal(layer.full()[0], held[0][..., :49, :])
+
+
+def test_decoded_budget_refuses_nonsense():
+    model = tiny("llama")
+    for bad in (-1, 1.5, True, "1MB"):
+        with pytest.raises(ConfigError, match="decoded_budget"):
+            KakeyaCache(model.config, FP8_16, decoded_budget=bad)
+
+
+def test_decoded_budget_on_sliding_layers_drops_what_the_window_drops():
+    model = _sliding("mistral", torch.bfloat16, sliding_window=24)
+    recipe = Recipe("fp8-8", StreamRecipe("fp8"), StreamRecipe("fp8"), chunk_tokens=8, sink_tokens=2)
+    ids = prompt(1, 60)
+    plain, kept = KakeyaCache.from_model(model, recipe), KakeyaCache.from_model(model, recipe, decoded_budget=10**9)
+    assert torch.equal(generate(model, ids, kept, do_sample=False, max_new_tokens=40),
+                       generate(model, ids, plain, do_sample=False, max_new_tokens=40))
+    for layer in kept.layers:
+        assert len(layer.kept) == len(layer.chunks) and all(kv is not None for kv in layer.kept)
+        assert layer.decoded_nbytes == sum(2 * 2 * 2 * c.tokens * 16 for c in layer.chunks)  # K+V, 2 heads, bf16

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kakeyaturbo import codecs
+from kakeyaturbo import bench_generate, codecs
 from kakeyaturbo.commands.common import device_arg
 from kakeyaturbo.layouts import CALIBRATED
 
@@ -155,6 +155,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda[:N]")
     p.add_argument("--json", type=Path, metavar="P", help="write the results as a JSON list here")
     p.add_argument("--markdown", type=Path, metavar="P", help="write a Markdown table here")
+    bench_generate.configure(p)
 
 
 def _inputs(args: argparse.Namespace, fits: bool) -> list[tuple[str | None, torch.Tensor, torch.Tensor | None]]:
@@ -174,6 +175,8 @@ def _inputs(args: argparse.Namespace, fits: bool) -> list[tuple[str | None, torc
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print/write the table."""
+    if args.generate:
+        return bench_generate.run(args)
     names = args.codec or ["kakeya"]
     if "all" in names:
         names = codecs.names()

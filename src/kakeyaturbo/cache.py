@@ -38,8 +38,11 @@ layer's last ``W - 1`` tokens).
 Supported: batch size >= 1, greedy/sampled ``generate``, ``crop`` (negative counts), ``reset``.
 A crop that lands inside a stored chunk group decodes that group into the hot window: its surviving
 tokens are then held exactly as decoded, and whole chunks of them are encoded a second time on the
-next ``update``. Every ``update`` decodes all chunks
-(cost linear in the context, like transformers' ``QuantizedCache``). Beam search and batch
+next ``update``. Every ``update`` decodes all chunks (cost linear in the context, like transformers'
+``QuantizedCache``) unless the cache has a ``decoded_budget``: stored chunks never change, so up to that
+many bytes of their decoded K/V (post-RoPE, model dtype; the oldest chunks first, split evenly over the
+compressed layers) are kept and reused by later steps — counted as held bytes (``decoded``) in
+:meth:`KakeyaCache.memory_report`, so the ratio says what the speed costs. Beam search and batch
 re-indexing (``reorder_cache``, ``batch_repeat_interleave``, ``batch_select_indices``) work while
 nothing is encoded and raise :class:`~kakeyaturbo.errors.ConfigError` afterwards. Offloading is
 not supported.
@@ -73,6 +76,11 @@ def _positions(start: int, count: int) -> torch.Tensor:
     return torch.arange(start, start + count)
 
 
+def _check_budget(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"decoded_budget must be a number of bytes >= 0, got {value!r}")
+
+
 class KakeyaLayer(CacheLayerMixin):
     """One decoder layer's compressed K/V store (see the module docstring).
 
@@ -82,18 +90,21 @@ class KakeyaLayer(CacheLayerMixin):
         rope: the layer's RoPE when keys are stored pre-RoPE, else None.
         sliding_window: the layer's attention window ``W`` (a query sees itself and the ``W - 1``
             tokens before it), or None for full attention.
+        decoded_budget: bytes of decoded chunks this layer may keep for reuse (0: decode every step).
     """
 
     is_compileable = False
     is_croppable = True
 
     def __init__(self, plan: LayerPlan, sink_tokens: int = 0, rope: Rope | None = None,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, decoded_budget: int = 0) -> None:
         super().__init__()
         if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
                                            or sliding_window < 1):
             raise ConfigError(f"layer {plan.layer}: sliding_window must be a positive integer or None, "
                               f"got {sliding_window!r}")
+        _check_budget(decoded_budget)
+        self.decoded_budget = decoded_budget
         self.plan = plan
         self.sink_tokens = sink_tokens
         self.rope = rope
@@ -106,6 +117,7 @@ class KakeyaLayer(CacheLayerMixin):
         self.sunk = 0
         self.chunks_start = 0
         self.chunks: list[StoredChunk] = []
+        self.kept: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # decoded chunks kept, one per chunk
         self.sink_k = self.sink_v = self.hot_k = self.hot_v = None
         self.is_initialized = False
 
@@ -182,6 +194,7 @@ class KakeyaLayer(CacheLayerMixin):
         self.sink_k, self.sink_v = self.sink_k[..., cut:, :], self.sink_v[..., cut:, :]
         while self.chunks and self.chunks_start + self.chunks[0].tokens <= start:
             self.chunks_start += self.chunks.pop(0).tokens
+            self.kept.pop(0)
         if self.chunks or start <= self.chunks_start:
             return
         drop = start - self.chunks_start
@@ -207,6 +220,7 @@ class KakeyaLayer(CacheLayerMixin):
             k_all = self.rope.invert(k_all, _positions(start, held))
         for a, b in spans:
             self.chunks.append(self.plan.encode(k_all[..., a:b, :], self.hot_v[..., a:b, :]))
+            self.kept.append(None)
         done = spans[-1][1]
         self.hot_k = self.hot_k[..., done:, :].clone()
         self.hot_v = self.hot_v[..., done:, :].clone()
@@ -220,18 +234,28 @@ class KakeyaLayer(CacheLayerMixin):
 
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything held: ``(keys, values)`` each ``[B, n_kv, length - held_start, D]``, post-RoPE,
-        model dtype (stored chunks decoded, exact parts as they are)."""
+        model dtype (stored chunks decoded or taken from those kept, exact parts as they are)."""
         keys, values = [self.sink_k], [self.sink_v]
-        if self.chunks:
-            decoded = [self.plan.decode(c) for c in self.chunks]
-            k = torch.cat([d[0] for d in decoded], dim=-2)
-            if self.rope is not None:
-                k = self.rope.apply(k, _positions(self.chunks_start, k.shape[-2]))
-            keys.append(k.to(self.dtype))
-            values.append(torch.cat([d[1] for d in decoded], dim=-2).to(self.dtype))
+        room = self.decoded_budget - self.decoded_nbytes
+        start = self.chunks_start
+        for i, chunk in enumerate(self.chunks):
+            kv = self.kept[i]
+            if kv is None:
+                kv = self._decode(chunk, start)
+                if _nbytes(kv[0]) + _nbytes(kv[1]) <= room:
+                    self.kept[i] = kv
+                    room -= _nbytes(kv[0]) + _nbytes(kv[1])
+            keys.append(kv[0])
+            values.append(kv[1])
+            start += chunk.tokens
         keys.append(self.hot_k)
         values.append(self.hot_v)
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    @property
+    def decoded_nbytes(self) -> int:
+        """Bytes of decoded chunks kept for reuse."""
+        return sum(_nbytes(kv[0]) + _nbytes(kv[1]) for kv in self.kept if kv is not None)
 
     def get_seq_length(self) -> int:
         """Tokens seen (sink + chunks + hot window, and on a sliding layer those it dropped)."""
@@ -274,14 +298,14 @@ class KakeyaLayer(CacheLayerMixin):
             self.sink_k = self.sink_k[..., : self.sink_k.shape[-2] - cut, :]
             self.sink_v = self.sink_v[..., : self.sink_v.shape[-2] - cut, :]
             self.sunk = self.chunks_start = new_len
-            self.chunks = []
+            self.chunks, self.kept = [], []
             self.hot_k, self.hot_v = self.hot_k[..., :0, :], self.hot_v[..., :0, :]
         else:
             start = self.chunks_start
             for i, chunk in enumerate(self.chunks):
                 if start + chunk.tokens > new_len:
-                    self.hot_k, self.hot_v = self._decode(chunk, start)
-                    self.chunks = self.chunks[:i]
+                    self.hot_k, self.hot_v = self.kept[i] or self._decode(chunk, start)
+                    self.chunks, self.kept = self.chunks[:i], self.kept[:i]
                     break
                 start += chunk.tokens
             keep = new_len - start
@@ -309,11 +333,12 @@ class KakeyaLayer(CacheLayerMixin):
         self._reindex("batch_select_indices", lambda t: t[indices, ...])
 
     def memory(self) -> dict[str, int]:
-        """Bytes held now: packed, hot_window, sink, exact_layers, total, bf16_equivalent (what an exact
-        transformers cache holds for this layer in bf16: every token, or a sliding layer's last ``W - 1``)
-        and counts (``tokens`` seen, ``held_tokens``)."""
+        """Bytes held now: packed, decoded (chunks kept decoded), hot_window, sink, exact_layers, total,
+        bf16_equivalent (what an exact transformers cache holds for this layer in bf16: every token, or
+        a sliding layer's last ``W - 1``) and counts (``tokens`` seen, ``held_tokens``)."""
         exact_parts = _nbytes(self.sink_k) + _nbytes(self.sink_v) + _nbytes(self.hot_k) + _nbytes(self.hot_v)
         packed = sum(c.nbytes for c in self.chunks)
+        decoded = self.decoded_nbytes
         batch = self.sink_k.shape[0] if self.is_initialized else 0
         out = {
             "layer": self.plan.layer,
@@ -323,10 +348,11 @@ class KakeyaLayer(CacheLayerMixin):
             "window": self.sliding_window,
             "chunks": len(self.chunks),
             "packed": packed,
+            "decoded": decoded,
             "hot_window": 0 if self.plan.exact else _nbytes(self.hot_k) + _nbytes(self.hot_v),
             "sink": 0 if self.plan.exact else _nbytes(self.sink_k) + _nbytes(self.sink_v),
             "exact_layers": exact_parts if self.plan.exact else 0,
-            "total": packed + exact_parts,
+            "total": packed + decoded + exact_parts,
             "bf16_equivalent": 2 * 2 * batch * self.plan.n_kv_heads * self.reference_tokens() * self.plan.head_dim,
         }
         return out
@@ -380,6 +406,8 @@ class KakeyaCache(Cache):
         calibration: the calibration bundle, for recipes that need one.
         rope: ``layer -> Rope``; by default built from the model's own rotary class (only needed
             when the recipe stores pre-RoPE keys).
+        decoded_budget: bytes of decoded chunks kept for reuse between steps, split evenly over the
+            compressed layers (0, the default: every step decodes what it reads; see the module docstring).
 
     Example::
 
@@ -389,7 +417,9 @@ class KakeyaCache(Cache):
     """
 
     def __init__(self, model_config: Any, recipe: recipes.Recipe | str | Path,
-                 calibration: CalibrationLike | None = None, rope: RopeFactory | None = None) -> None:
+                 calibration: CalibrationLike | None = None, rope: RopeFactory | None = None,
+                 decoded_budget: int = 0) -> None:
+        _check_budget(decoded_budget)
         config = _text_config(model_config)
         self.recipe = recipe if isinstance(recipe, recipes.Recipe) else recipes.load(recipe)
         f = facts(config)
@@ -397,22 +427,24 @@ class KakeyaCache(Cache):
         self.plans = build_plans(self.recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration)
         needs_rope = self.recipe.pre_rope_keys and not all(p.exact for p in self.plans)
         rope_for = (rope or _default_rope(config)) if needs_rope else None
+        share = decoded_budget // max(sum(not p.exact for p in self.plans), 1)
         super().__init__(layers=[
             KakeyaLayer(p, self.recipe.sink_tokens, rope_for(p.layer) if rope_for and not p.exact else None,
-                        f.sliding_window if f.layer_types[p.layer] == SLIDING else None)
+                        f.sliding_window if f.layer_types[p.layer] == SLIDING else None, 0 if p.exact else share)
             for p in self.plans
         ])
 
     @classmethod
     def from_model(cls, model: nn.Module, recipe: recipes.Recipe | str | Path,
-                   calibration: CalibrationLike | None = None) -> KakeyaCache:
+                   calibration: CalibrationLike | None = None, decoded_budget: int = 0) -> KakeyaCache:
         """A cache for ``model``, with RoPE taken from the model's own rotary module; what the recipe
         needs from a :class:`~kakeyaturbo.calibration.Calibration` is fitted (or read back) first."""
         from kakeyaturbo.calibration.probes import prepare
 
         recipe = recipe if isinstance(recipe, recipes.Recipe) else recipes.load(recipe)
         prepare(recipe, calibration, model)
-        return cls(model.config, recipe, calibration, rope=lambda layer: Rope.from_model(model, layer))
+        return cls(model.config, recipe, calibration, rope=lambda layer: Rope.from_model(model, layer),
+                   decoded_budget=decoded_budget)
 
     def ingest(self, reference: Cache) -> KakeyaCache:
         """Store the content of an exact cache (e.g. a prefill's ``DynamicCache``) as attention would
@@ -432,13 +464,14 @@ class KakeyaCache(Cache):
         """Bytes held now.
 
         Returns:
-            ``packed`` (sum of ``Encoded.nbytes``), ``hot_window``, ``sink``, ``exact_layers``,
+            ``packed`` (sum of ``Encoded.nbytes``), ``decoded`` (chunks kept decoded within the
+            ``decoded_budget``), ``hot_window``, ``sink``, ``exact_layers``,
             ``total`` (their sum), ``bf16_equivalent`` (K and V of every held token in bf16),
             ``ratio`` (bf16_equivalent / total; None while empty), ``model_side`` (per-model bytes
             such as whitening matrices, not in ``ratio``), ``tokens`` and ``layers`` (per-layer dicts).
         """
         layers = [layer.memory() for layer in self.layers]
-        keys = ("packed", "hot_window", "sink", "exact_layers", "total", "bf16_equivalent")
+        keys = ("packed", "decoded", "hot_window", "sink", "exact_layers", "total", "bf16_equivalent")
         report: dict[str, Any] = {k: sum(entry[k] for entry in layers) for k in keys}
         report["ratio"] = report["bf16_equivalent"] / report["total"] if report["total"] else None
         report["model_side"] = sum(p.side_nbytes for p in self.plans)
@@ -448,7 +481,7 @@ class KakeyaCache(Cache):
 
 
 def compress(model: nn.Module, recipe: recipes.Recipe | recipes.KakeyaConfig | str | Path = "kakeya-balanced",
-             calibration: CalibrationLike | None = None) -> KakeyaCache:
+             calibration: CalibrationLike | None = None, decoded_budget: int = 0) -> KakeyaCache:
     """The one verb: a :class:`KakeyaCache` for ``model`` that stores its K/V as ``recipe`` says.
 
     ``kt.compress(model, "kakeya-balanced", calibration=kt.calibrate(model, tokenizer, texts))``;
@@ -465,4 +498,4 @@ def compress(model: nn.Module, recipe: recipes.Recipe | recipes.KakeyaConfig | s
     if calibration is None and recipe.needs_calibration:
         raise ConfigError(f"recipe {recipe.name!r} is built from calibrated statistics: pass "
                           "calibration=kt.calibrate(model, tokenizer, texts) (or kt.Calibration.load(DIR))")
-    return KakeyaCache.from_model(model, recipe, calibration)
+    return KakeyaCache.from_model(model, recipe, calibration, decoded_budget)

@@ -31,30 +31,41 @@ def device_arg(value: str) -> str:
     return value
 
 
-def positive_int(value: str) -> int:
-    """An integer argument >= 1."""
+def _integer(value: str, low: int, high: int | None = None) -> int:
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    if high is None and number < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {number}")
+    if high is not None and not low <= number <= high:
+        raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {number}")
     return number
+
+
+def positive_int(value: str) -> int:
+    """An integer argument >= 1."""
+    return _integer(value, 1)
 
 
 def seed_arg(value: str) -> int:
     """A seed argument in ``0..2**63-1``."""
+    return _integer(value, 0, MAX_SEED)
+
+
+def megabytes(value: str) -> int:
+    """A size in MB (10^6 bytes; decimals allowed) between 0 and 10^6 MB, as bytes."""
     try:
-        number = int(value)
+        mb = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if not 0 <= number <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED}, got {number}")
-    return number
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size in MB") from None
+    if not 0 <= mb <= 1e6:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a size in MB between 0 and 1000000, got {value}")
+    return int(mb * 1e6)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--text``, ``--dtype``, ``--device``."""
+def add_model_args(p: Any, device: bool = True) -> None:
+    """``--model``, ``--text``, ``--dtype`` and (with ``device``) ``--device`` on a parser or group."""
     p.add_argument("--model", default="smollm2-135m",
                    help="'smollm2-135m' (packaged SmolLM2-135M-Instruct, offline), a local Hugging Face model "
                    "folder, or a hub id already in the local cache (default: %(default)s)")
@@ -63,10 +74,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "evaluation) or the path of a UTF-8 text file (first 20%% calibration, rest evaluation)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="model and reference-cache dtype (default: %(default)s; ratios are always against bf16)")
-    p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda[:N] (default: %(default)s)")
+    if device:
+        p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda[:N] (default: %(default)s)")
 
 
-def add_calibration_arg(p: argparse.ArgumentParser) -> None:
+def add_calibration_arg(p: Any) -> None:
     """``--calibration DIR``."""
     p.add_argument("--calibration", type=Path, metavar="DIR",
                    help="calibration bundle from `kakeya calibrate` (needed by recipes that whiten keys, use "
