@@ -380,7 +380,7 @@ def _text_config(model_config: Any) -> Any:
     return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
 
 
-def _default_rope(config: Any) -> RopeFactory:
+def rope_factory(config: Any) -> RopeFactory:
     """RoPE built from the model's own rotary class, found by ``config.model_type``."""
     model_type = getattr(config, "model_type", None)
     hint = "pass rope=lambda layer: Rope.from_model(model, layer) (or use KakeyaCache.from_model)"
@@ -426,7 +426,7 @@ class KakeyaCache(Cache):
         self.model_config = config
         self.plans = build_plans(self.recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration)
         needs_rope = self.recipe.pre_rope_keys and not all(p.exact for p in self.plans)
-        rope_for = (rope or _default_rope(config)) if needs_rope else None
+        rope_for = (rope or rope_factory(config)) if needs_rope else None
         share = decoded_budget // max(sum(not p.exact for p in self.plans), 1)
         super().__init__(layers=[
             KakeyaLayer(p, self.recipe.sink_tokens, rope_for(p.layer) if rope_for and not p.exact else None,

@@ -1,0 +1,263 @@
+"""One serving block of K/V (every layer, ``block_size`` tokens) coded by a recipe, as bytes.
+
+A serving engine (vLLM) stores K/V in fixed blocks of tokens; :class:`BlockCodec` codes one such
+block the way :class:`~kakeyaturbo.cache.KakeyaCache` would code a chunk of it: the recipe's
+plans with ``chunk_tokens`` set to the block size, keys stored pre-RoPE where the recipe says so
+(inverted at the block's positions with the model's own rotary settings), the recipe's sink tokens
+and exact layers stored exactly. The bytes are a frame around the project's own containers::
+
+    b"KTVB" | u16 version | u32 header length | header (JSON) | (u32 length | Encoded bytes)* | u32 CRC32
+
+The header names the model, the recipe, the calibration statistics, the block's first position,
+its tokens and layers and the parts that follow; :func:`read_header` checks all of it before any
+tensor is made, so a truncated, corrupted or foreign blob raises
+:class:`~kakeyaturbo.errors.CorruptDataError` (a *miss* for the store), never garbage K/V.
+Keys (:func:`prefix_keys`) chain the block's tokens onto its prefix and onto the model, recipe and
+statistics they were coded for, so another model's or recipe's blocks never share a key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kakeyaturbo import codecs
+from kakeyaturbo.container import Encoded
+from kakeyaturbo.engine import LayerPlan, StoredChunk
+from kakeyaturbo.errors import ConfigError, CorruptDataError, ShapeError
+from kakeyaturbo.transforms.rope import Rope
+
+MAGIC = b"KTVB"
+VERSION = 1
+_PREFIX = struct.Struct("<4sHI")
+_LENGTH = struct.Struct("<I")
+MAX_HEADER = 1 << 20
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockIdentity:
+    """What a block was coded for; part of every key and checked in every header.
+
+    Attributes:
+        model: the model's name or path.
+        config_hash: :func:`~kakeyaturbo.calibration.config_hash` of its config.
+        recipe: sha256 of the recipe's canonical JSON (its block-sized chunks included).
+        stats: the calibration's statistics id, or "" for recipes that need none.
+    """
+
+    model: str
+    config_hash: str
+    recipe: str
+    stats: str
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-ready fields."""
+        return dataclasses.asdict(self)
+
+
+def prefix_keys(token_ids: Sequence[int], block_size: int, identity: BlockIdentity) -> list[str]:
+    """Hex keys of the full blocks of ``token_ids``: block ``j``'s key hashes its tokens onto block
+    ``j - 1``'s key, starting from ``identity`` (so a key names a whole prefix)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ConfigError(f"block_size must be a positive integer, got {block_size!r}")
+    digest = hashlib.sha256(json.dumps(identity.to_dict(), sort_keys=True).encode()).digest()
+    keys = []
+    for j in range(len(token_ids) // block_size):
+        block = torch.tensor(list(token_ids[j * block_size : (j + 1) * block_size]), dtype=torch.int64)
+        digest = hashlib.sha256(digest + block.numpy().tobytes()).digest()
+        keys.append(digest.hex())
+    return keys
+
+
+def read_header(blob: bytes) -> tuple[dict[str, Any], list[bytes]]:
+    """The header and the part blobs of a block, after checking magic, version, sizes and CRC.
+
+    Raises:
+        CorruptDataError: anything that is not a whole, intact block.
+    """
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CorruptDataError(f"a block must be bytes, got {type(blob).__name__}")
+    blob = bytes(blob)
+    if len(blob) < _PREFIX.size + _LENGTH.size:
+        raise CorruptDataError(f"a block of {len(blob)} bytes is shorter than its frame")
+    magic, version, header_len = _PREFIX.unpack_from(blob, 0)
+    if magic != MAGIC:
+        raise CorruptDataError(f"bad magic {magic!r}: not a KakeyaTurbo KV block (expected {MAGIC!r})")
+    if version != VERSION:
+        raise CorruptDataError(f"KV block version {version} is not supported (this build reads {VERSION})")
+    (crc,) = _LENGTH.unpack_from(blob, len(blob) - 4)
+    if zlib.crc32(blob[:-4]) & 0xFFFFFFFF != crc:
+        raise CorruptDataError("KV block CRC32 mismatch: corrupted or truncated")
+    end = _PREFIX.size + header_len
+    if header_len > MAX_HEADER or end > len(blob) - 4:
+        raise CorruptDataError(f"KV block header length {header_len} is out of bounds")
+    try:
+        header = json.loads(blob[_PREFIX.size : end])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptDataError(f"KV block header is not JSON: {exc}") from None
+    fields = {"identity": dict, "start": int, "tokens": int, "layers": int, "dtype": str, "parts": list}
+    if not isinstance(header, dict) or any(not isinstance(header.get(k), t) or isinstance(header.get(k), bool)
+                                           for k, t in fields.items()):
+        raise CorruptDataError(f"KV block header must hold {sorted(fields)} of the right types")
+    if header["dtype"] not in _DTYPES or header["start"] < 0 or header["tokens"] < 1 or header["layers"] < 1:
+        raise CorruptDataError("KV block header has an unknown dtype or a negative size")
+    parts, offset = [], end
+    for _ in header["parts"]:
+        if offset + _LENGTH.size > len(blob) - 4:
+            raise CorruptDataError("KV block ends before its last part")
+        (size,) = _LENGTH.unpack_from(blob, offset)
+        offset += _LENGTH.size
+        if offset + size > len(blob) - 4:
+            raise CorruptDataError("a KV block part runs past the end of the block")
+        parts.append(blob[offset : offset + size])
+        offset += size
+    if offset != len(blob) - 4:
+        raise CorruptDataError("KV block has bytes after its last part")
+    return header, parts
+
+
+class BlockCodec:
+    """Codes blocks of ``block_size`` tokens of every layer with one recipe's plans.
+
+    Args:
+        plans: one :class:`~kakeyaturbo.engine.LayerPlan` per layer, whose ``chunk_tokens`` divides
+            ``block_size``.
+        block_size: tokens per block.
+        identity: what the blocks are coded for (in their header and keys).
+        sink_tokens: the recipe's exact leading tokens.
+        rope: ``layer -> Rope`` when the recipe stores keys pre-RoPE, else None.
+    """
+
+    def __init__(self, plans: Sequence[LayerPlan], block_size: int, identity: BlockIdentity, sink_tokens: int = 0,
+                 rope: Any = None) -> None:
+        if not plans or any(block_size % p.chunk_tokens for p in plans):
+            raise ConfigError(f"BlockCodec needs one plan per layer, with chunks that divide the block of {block_size}")
+        self.plans = list(plans)
+        self.block_size = block_size
+        self.identity = identity
+        self.sink_tokens = sink_tokens
+        self.ropes: list[Rope | None] = [None if p.exact or rope is None else rope(p.layer) for p in self.plans]
+        self._exact = codecs.get("identity")
+
+    def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        p = self.plans[0]
+        want = (len(self.plans), p.n_kv_heads, self.block_size, p.head_dim)
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
+                raise ShapeError(f"a block's {name} must be [layers, n_kv, block_size, D] = {list(want)}, got "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor, start: int) -> bytes:
+        """The bytes of one block.
+
+        Args:
+            k, v: post-RoPE keys and values ``[layers, n_kv, block_size, D]`` of tokens
+                ``start .. start + block_size - 1``, in the model's dtype.
+            start: position of the block's first token (a multiple of the block size).
+        """
+        self._check(k, v)
+        sink = self._sink(start)
+        names: list[list[Any]] = []
+        blobs: list[bytes] = []
+        for plan, rope, k_l, v_l in zip(self.plans, self.ropes, k, v):
+            if plan.exact or sink:
+                cut = self.block_size if plan.exact else sink
+                for stream, x in (("k", k_l), ("v", v_l)):
+                    names.append([plan.layer, f"{stream}_exact", 0])
+                    blobs.append(self._exact.encode(x[:, :cut]).to_bytes())
+                if plan.exact:
+                    continue
+            k_pre = k_l[:, sink:].float()
+            if rope is not None:
+                k_pre = rope.invert(k_pre.unsqueeze(0), torch.arange(start + sink, start + self.block_size))[0]
+            for j, (a, b) in enumerate(self._spans(plan, sink)):
+                chunk = plan.encode(k_pre[:, a:b].unsqueeze(0), v_l[:, sink + a : sink + b].unsqueeze(0))
+                names += [[plan.layer, "k", j], [plan.layer, "v", j]]
+                blobs += [chunk.k.to_bytes(), chunk.v.to_bytes()]
+        header = json.dumps({"identity": self.identity.to_dict(), "start": start, "tokens": self.block_size,
+                             "layers": len(self.plans), "dtype": str(k.dtype).removeprefix("torch."),
+                             "parts": names}, sort_keys=True).encode()
+        body = b"".join([_PREFIX.pack(MAGIC, VERSION, len(header)), header,
+                         *(_LENGTH.pack(len(b)) + b for b in blobs)])
+        return body + _LENGTH.pack(zlib.crc32(body) & 0xFFFFFFFF)
+
+    def decode(self, blob: bytes, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE ``(k, v)`` ``[layers, n_kv, block_size, D]`` (the dtype they were stored from) of
+        a block that must have been coded by this codec at ``start``.
+
+        Raises:
+            CorruptDataError: a damaged blob, or one coded for another model, recipe, calibration,
+                position or geometry.
+        """
+        header, parts = read_header(blob)
+        if header["identity"] != self.identity.to_dict():
+            raise CorruptDataError(f"KV block was coded for {header['identity']}, not {self.identity.to_dict()}")
+        if (header["start"], header["tokens"], header["layers"]) != (start, self.block_size, len(self.plans)):
+            raise CorruptDataError(f"KV block covers {header['tokens']} tokens from {header['start']} over "
+                                   f"{header['layers']} layers, expected {self.block_size} from {start} over "
+                                   f"{len(self.plans)}")
+        decoded = {name: Encoded.from_bytes(raw) for name, raw in zip(_names(header["parts"]), parts)}
+        dtype = _DTYPES[header["dtype"]]
+        sink = self._sink(start)
+        ks, vs = [], []
+        for plan, rope in zip(self.plans, self.ropes):
+            try:
+                k, v = self._layer(plan, rope, decoded, start, sink)
+            except (ShapeError, RuntimeError) as exc:  # a forged part of another shape or codec
+                raise CorruptDataError(f"KV block layer {plan.layer} does not decode: {exc}") from None
+            want = (plan.n_kv_heads, self.block_size, plan.head_dim)
+            if tuple(k.shape) != want or tuple(v.shape) != want:
+                raise CorruptDataError(f"KV block layer {plan.layer} decodes to {tuple(k.shape)}, expected {want}")
+            ks.append(k.to(dtype))
+            vs.append(v.to(dtype))
+        return torch.stack(ks), torch.stack(vs)
+
+    def _sink(self, start: int) -> int:
+        """Exact leading tokens of the block at ``start`` (the recipe's sink tokens that fall in it)."""
+        return max(0, min(self.sink_tokens - start, self.block_size))
+
+    def _spans(self, plan: LayerPlan, sink: int) -> list[tuple[int, int]]:
+        """The coded tokens ``[0, block_size - sink)`` as the plan encodes them: whole chunks in one
+        span, then the partial chunk left over (as a cache's prefill)."""
+        coded = self.block_size - sink
+        whole = coded // plan.chunk_tokens * plan.chunk_tokens
+        return ([(0, whole)] if whole else []) + ([(whole, coded)] if coded > whole else [])
+
+    def _layer(self, plan: LayerPlan, rope: Rope | None, parts: dict[tuple[int, str, int], Encoded], start: int,
+               sink: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 post-RoPE ``(k, v)`` ``[n_kv, block_size, D]`` of one layer from its parts."""
+        try:
+            ks = [self._exact.decode(parts[plan.layer, "k_exact", 0]).float()] if plan.exact or sink else []
+            vs = [self._exact.decode(parts[plan.layer, "v_exact", 0]).float()] if plan.exact or sink else []
+            if plan.exact:
+                return ks[0], vs[0]
+            for j, (a, b) in enumerate(self._spans(plan, sink)):
+                chunk = StoredChunk(parts[plan.layer, "k", j], parts[plan.layer, "v", j], b - a, torch.float32)
+                k, v = (t[0] for t in plan.decode(chunk))
+                if rope is not None:
+                    k = rope.apply(k.unsqueeze(0), torch.arange(start + sink + a, start + sink + b))[0]
+                ks.append(k)
+                vs.append(v)
+        except KeyError as exc:
+            raise CorruptDataError(f"KV block lacks part {list(exc.args[0])}") from None
+        return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
+
+
+def _names(parts: list[Any]) -> list[tuple[int, str, int]]:
+    """``[[layer, kind, span], ...]`` from a header, checked."""
+    kinds = {"k", "v", "k_exact", "v_exact"}
+    if not all(isinstance(p, list) and len(p) == 3 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                           for i in (p[0], p[2])) and p[1] in kinds for p in parts):
+        raise CorruptDataError(f"KV block parts must be [layer, one of {sorted(kinds)}, span] triples")
+    names = [(p[0], p[1], p[2]) for p in parts]
+    if len(set(names)) != len(names):
+        raise CorruptDataError("KV block names a part twice")
+    return names
