@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recipes": ("kakeyaturbo.commands.recipes", "list the built-in recipes or print one as JSON"),
     "bench": ("kakeyaturbo.bench", "codec speed, ratio and error on synthetic or captured KV"),
     "fuzz": ("kakeyaturbo.commands.fuzz", "decode forged containers of every codec; count how each case ends"),
+    "store": ("kakeyaturbo.commands.store", "what a vLLM connector's KV store holds: prefixes, tokens, bytes, ratio"),
 }
 
 

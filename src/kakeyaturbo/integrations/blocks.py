@@ -32,6 +32,7 @@ from kakeyaturbo import codecs
 from kakeyaturbo.container import Encoded
 from kakeyaturbo.engine import LayerPlan, StoredChunk
 from kakeyaturbo.errors import ConfigError, CorruptDataError, ShapeError
+from kakeyaturbo.recipes import Recipe
 from kakeyaturbo.transforms.rope import Rope
 
 MAGIC = b"KTVB"
@@ -40,6 +41,8 @@ _PREFIX = struct.Struct("<4sHI")
 _LENGTH = struct.Struct("<I")
 MAX_HEADER = 1 << 20
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SIZES = ("tokens", "layers", "n_kv_heads", "head_dim")
+"""Positive sizes every block header states."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,22 @@ class BlockIdentity:
     def to_dict(self) -> dict[str, str]:
         """JSON-ready fields."""
         return dataclasses.asdict(self)
+
+
+def serving_recipe(recipe: Recipe, block_size: int) -> Recipe:
+    """``recipe`` as it codes blocks of ``block_size`` tokens: its own chunks where they divide the
+    block (e.g. two chunks of 64 per vLLM CPU block of 128), else one chunk per block."""
+    return recipe if block_size % recipe.chunk_tokens == 0 else dataclasses.replace(recipe, chunk_tokens=block_size)
+
+
+def identity_for(model_name: str, model_config: Any, recipe: Recipe, block_size: int,
+                 calibration: Any = None) -> BlockIdentity:
+    """The :class:`BlockIdentity` of blocks of ``block_size`` tokens coded by ``recipe`` for a model."""
+    from kakeyaturbo.calibration import config_hash
+
+    digest = hashlib.sha256(f"{serving_recipe(recipe, block_size).to_json()}|block={block_size}".encode())
+    return BlockIdentity(model_name, config_hash(model_config), digest.hexdigest(),
+                         "" if calibration is None else calibration.stats_id)
 
 
 def prefix_keys(token_ids: Sequence[int], block_size: int, identity: BlockIdentity) -> list[str]:
@@ -103,11 +122,12 @@ def read_header(blob: bytes) -> tuple[dict[str, Any], list[bytes]]:
         header = json.loads(blob[_PREFIX.size : end])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptDataError(f"KV block header is not JSON: {exc}") from None
-    fields = {"identity": dict, "start": int, "tokens": int, "layers": int, "dtype": str, "parts": list}
+    fields = {"identity": dict, "start": int, "tokens": int, "layers": int, "n_kv_heads": int, "head_dim": int,
+              "dtype": str, "parts": list}
     if not isinstance(header, dict) or any(not isinstance(header.get(k), t) or isinstance(header.get(k), bool)
                                            for k, t in fields.items()):
         raise CorruptDataError(f"KV block header must hold {sorted(fields)} of the right types")
-    if header["dtype"] not in _DTYPES or header["start"] < 0 or header["tokens"] < 1 or header["layers"] < 1:
+    if header["dtype"] not in _DTYPES or header["start"] < 0 or min(header[k] for k in SIZES) < 1:
         raise CorruptDataError("KV block header has an unknown dtype or a negative size")
     parts, offset = [], end
     for _ in header["parts"]:
@@ -182,9 +202,10 @@ class BlockCodec:
                 chunk = plan.encode(k_pre[:, a:b].unsqueeze(0), v_l[:, sink + a : sink + b].unsqueeze(0))
                 names += [[plan.layer, "k", j], [plan.layer, "v", j]]
                 blobs += [chunk.k.to_bytes(), chunk.v.to_bytes()]
+        p = self.plans[0]
         header = json.dumps({"identity": self.identity.to_dict(), "start": start, "tokens": self.block_size,
-                             "layers": len(self.plans), "dtype": str(k.dtype).removeprefix("torch."),
-                             "parts": names}, sort_keys=True).encode()
+                             "layers": len(self.plans), "n_kv_heads": p.n_kv_heads, "head_dim": p.head_dim,
+                             "dtype": str(k.dtype).removeprefix("torch."), "parts": names}, sort_keys=True).encode()
         body = b"".join([_PREFIX.pack(MAGIC, VERSION, len(header)), header,
                          *(_LENGTH.pack(len(b)) + b for b in blobs)])
         return body + _LENGTH.pack(zlib.crc32(body) & 0xFFFFFFFF)

