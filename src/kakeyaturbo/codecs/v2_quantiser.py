@@ -114,11 +114,14 @@ def _dequantize(codes: torch.Tensor, widths: torch.Tensor, tables: Mapping[int, 
     return z
 
 
-def fit_tables(z: torch.Tensor, widths: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+def fit_tables(z: torch.Tensor, widths: torch.Tensor, max_iter: int = 100, tol: float = 1e-5,
+               fits: int = 1) -> torch.Tensor:
     """Lloyd–Max levels float32 ``[S, 510]`` fitted per (stream, width) to ``z [S, N, D]``.
 
     Each width's samples, pooled per stream, go through :func:`kakeyaturbo.ops.lloyd_max.fit_batch`
-    from the N(0,1) table; a stream without that width keeps N(0,1).
+    from the N(0,1) table; a stream without that width keeps N(0,1). The streams may be ``fits``
+    independent fits' streams, equally many each, one after the other: each fit's levels converge
+    on their own (exactly those of the fit alone).
     """
     s, n, d = z.shape
     out = torch.zeros(s, TABLE_SLOTS, dtype=torch.float32, device=z.device)
@@ -126,7 +129,8 @@ def fit_tables(z: torch.Tensor, widths: torch.Tensor, max_iter: int = 100, tol: 
         member = (widths == b).unsqueeze(1).expand(s, n, d).reshape(s, n * d)
         table = gaussian_table(b).to(device=z.device, dtype=torch.float64).repeat(s, 1)
         if bool(member.any()):
-            table = lloyd_max.fit_batch(z.reshape(s, n * d).double(), member, table, max_iter=max_iter, tol=tol)
+            table = lloyd_max.fit_batch(z.reshape(s, n * d).double(), member, table, max_iter=max_iter, tol=tol,
+                                          groups=fits)
         out[:, table_slice(b)] = table.float()
     return out
 

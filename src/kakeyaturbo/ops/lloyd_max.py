@@ -100,29 +100,35 @@ def dequantize(idx: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 def fit_batch(samples: torch.Tensor, member: torch.Tensor, table: torch.Tensor, *, max_iter: int,
-              tol: float) -> torch.Tensor:
+              tol: float, groups: int = 1) -> torch.Tensor:
     """Lloyd–Max iteration on ``B`` independent sample sets at once.
 
     Each row's member samples are sorted once; every step then finds the cell edges by binary
     search and the centroids from prefix sums (a sample on an edge goes to the lower cell, as in
-    :func:`quantize`); an empty cell keeps its level. Stops when no level of any row moved by
-    ``tol`` or more, or after ``max_iter`` steps.
+    :func:`quantize`); an empty cell keeps its level. The rows form ``groups`` equal runs of
+    consecutive rows (independent fits batched together): a run stops when none of its levels
+    moved by ``tol`` or more, or after ``max_iter`` steps, so each run's levels are exactly those
+    of the run fitted alone.
 
     Args:
         samples: float64 ``[B, M]``.
         member: bool ``[B, M]``: which samples belong to each row's set.
         table: float64 ``[B, L]``, ascending: the starting levels.
         max_iter: most steps.
-        tol: convergence threshold on the largest level move.
+        tol: convergence threshold on the largest level move of a run.
+        groups: runs, dividing ``B``.
 
     Returns:
         float64 ``[B, L]``, ascending.
     """
     b = samples.shape[0]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or b % groups:
+        raise ShapeError(f"fit_batch: groups must be a positive divisor of the {b} rows, got {groups!r}")
     ordered = torch.sort(torch.where(member, samples, math.inf), dim=1).values
     count = member.sum(1, keepdim=True)
     finite = torch.where(torch.isfinite(ordered), ordered, 0.0)  # members first, +inf padding after
     prefix = torch.cat([ordered.new_zeros(b, 1), finite.cumsum(1)], 1)
+    running = torch.ones(groups, dtype=torch.bool, device=table.device)
     for _ in range(max_iter):
         bnd = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
         inner = torch.searchsorted(ordered, bnd, right=True)  # samples in cells up to each edge
@@ -130,9 +136,10 @@ def fit_batch(samples: torch.Tensor, member: torch.Tensor, table: torch.Tensor, 
         mass = (edges[:, 1:] - edges[:, :-1]).double()
         sums = prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
         new = torch.sort(torch.where(mass > 0, sums / mass.clamp_min(1), table), dim=1).values
-        moved = float((new - table).abs().max())
-        table = new
-        if moved < tol:
+        moved = (new - table).abs().reshape(groups, -1).amax(1)
+        table = torch.where(running.repeat_interleave(b // groups).unsqueeze(1), new, table)
+        running &= ~(moved < tol)
+        if not bool(running.any()):
             break
     return table
 
