@@ -120,15 +120,13 @@ def narrow(x: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     if dtype == torch.float32:
         return x.to(torch.float32)
     limit = F16_MAX if dtype == torch.float16 else float(torch.finfo(dtype).max)
-    if x.numel():
-        mag = x.detach().abs()
-        worst = int(mag.reshape(-1).argmax())
-        peak = float(mag.reshape(-1)[worst])
-        if peak > limit:
-            pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), x.shape))
-            raise NumericRangeError(
-                f"{what}: value {peak:.6g} at index {pos} exceeds the {str(dtype).removeprefix('torch.')} "
-                f"range (max {limit:.6g}); store this field in float32 (e.g. skeleton_dtype='float32') "
-                "or rescale the input"
-            )
+    if x.numel() and float(x.detach().abs().amax()) > limit:
+        mag = x.detach().abs().reshape(-1)
+        worst = int(mag.argmax())
+        pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), x.shape))
+        raise NumericRangeError(
+            f"{what}: value {float(mag[worst]):.6g} at index {pos} exceeds the {str(dtype).removeprefix('torch.')} "
+            f"range (max {limit:.6g}); store this field in float32 (e.g. skeleton_dtype='float32') "
+            "or rescale the input"
+        )
     return x.to(dtype)
