@@ -17,7 +17,6 @@ gain grid and tables.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 from typing import Protocol
@@ -28,7 +27,7 @@ from kakeyaturbo.codecs.base import expect_field
 from kakeyaturbo.ops import lloyd_max
 from kakeyaturbo.ops.ecsq import SlotCoder
 from kakeyaturbo.ops.lloyd_max import Buckets, gaussian_table
-from kakeyaturbo.ops.varpack import VarwidthLayout, varwidth_nbytes
+from kakeyaturbo.ops.varpack import Columns, VarwidthLayout, varwidth_nbytes
 from kakeyaturbo.packing import pack_bits, packed_nbytes, unpack_bits
 
 MAX_BITS = 8
@@ -119,43 +118,6 @@ class Quantiser(Protocol):
 
     def decode(self, fields: Mapping[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         """float32 ``[s, n, d]`` from the fields of :meth:`encode`; corrupt fields raise CorruptDataError."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Columns:
-    """The components that some stream codes (every other one is 0 in every stream), ``K`` of ``D``.
-
-    Attributes:
-        index: int64 ``[K]``, ascending.
-        dim: ``D``.
-    """
-
-    index: torch.Tensor
-    dim: int
-
-    @classmethod
-    def of(cls, coded: torch.Tensor) -> Columns:
-        """The columns of bool ``coded [S, D]`` that are true in some stream."""
-        return cls(coded.any(0).nonzero().squeeze(1), coded.shape[1])
-
-    @functools.cached_property
-    def leading(self) -> bool:
-        """Whether the columns are the first ``K`` (then taking them is a view)."""
-        return bool((self.index == torch.arange(self.index.numel(), device=self.index.device)).all())
-
-    def take(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., D] -> [..., K]``."""
-        return x[..., : self.index.numel()] if self.leading else x.index_select(-1, self.index)
-
-    def put(self, y: torch.Tensor) -> torch.Tensor:
-        """``[..., K] -> [..., D]``, zeros in the other columns."""
-        if self.index.numel() == self.dim:
-            return y
-        out = y.new_zeros(*y.shape[:-1], self.dim)
-        if self.leading:
-            out[..., : self.index.numel()] = y
-            return out
-        return out.index_copy_(-1, self.index, y)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -27,7 +27,8 @@ import math
 import torch
 
 from kakeyaturbo.errors import ConfigError
-from kakeyaturbo.ops.prefix_code import PrefixCode, read_slots, slot_lengths, write_slots
+from kakeyaturbo.ops.prefix_code import PrefixCode, read_slots, write_slots
+from kakeyaturbo.ops.varpack import Columns
 
 CLASS_STEP = 0.25
 """log2-spread between neighbouring classes."""
@@ -142,6 +143,44 @@ STEP_SPAN = 2.0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class _SlotPlan:
+    """What :class:`SlotCoder` precomputes on one device, over the ``K`` components some stream codes.
+
+    Attributes:
+        columns: those components.
+        classes: int64 ``[S, K]``, ``-1`` = not coded in that stream.
+        raw_bits: int64 ``[S, K]``: raw low bits of each (0 where not coded).
+        width, inv_width: float ``[S, 1, K]``: ``2**raw_bits`` and its inverse.
+        lengths: float ``[(C + 1) * (2 * HALF + 1)]``: bits of each (class, hi symbol), codeword and raw
+            bits; class ``C`` (not coded) takes none.
+        length_at: float ``[S, 1, K]``: where ``hi = 0`` of each component's class sits in ``lengths``.
+        values: float ``[(C + 1) * (2 * HALF + 1)]``: reconstruction (in steps) of each (class, symbol)
+            without its raw bits (narrow classes: the cell centroid; wide: ``(sym - HALF) * 2**m``).
+        value_at: int64 ``[S, 1, K]``: where each component's class starts in ``values``.
+        raw_scale: float ``[S, 1, K]``: 1 for wide classes, -0.0 (adds nothing, not even a sign) else.
+    """
+
+    columns: Columns
+    classes: torch.Tensor
+    raw_bits: torch.Tensor
+    width: torch.Tensor
+    inv_width: torch.Tensor
+    lengths: torch.Tensor
+    length_at: torch.Tensor
+    values: torch.Tensor
+    value_at: torch.Tensor
+    raw_scale: torch.Tensor
+
+    def rows(self, s: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classes and raw bits of the ``s * n`` slots (``[1, K]`` when one stream serves them all)."""
+        if s == 1:
+            return self.classes, self.raw_bits
+        k = self.classes.shape[1]
+        return (self.classes.unsqueeze(1).expand(s, n, k).reshape(s * n, k),
+                self.raw_bits.unsqueeze(1).expand(s, n, k).reshape(s * n, k))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class SlotCoder:
     """ECSQ of vectors of coefficients into fixed-size slots (see the module docstring).
 
@@ -182,35 +221,77 @@ class SlotCoder:
         lo, hi = self.log_step[:, :1].to(codes.device), self.log_step[:, 1:].to(codes.device)
         return torch.exp(lo + codes.double() * ((hi - lo) / (2**self.step_bits - 1))).float()
 
-    def _symbols(self, c: torch.Tensor, codes: torch.Tensor, raw_bits: torch.Tensor
+    @functools.cached_property
+    def _plans(self) -> dict[torch.device, _SlotPlan]:
+        """The precomputed tables by device."""
+        return {}
+
+    def _plan(self, device: torch.device) -> _SlotPlan:
+        """The precomputed tables on ``device`` (built on first use)."""
+        plans = self._plans
+        if device not in plans:
+            tables = gaussian_classes(str(device))
+            classes = self.classes.to(device)
+            columns = Columns.of(classes >= 0)
+            cls = columns.take(classes)
+            coded = cls >= 0
+            none = tables.raw_bits.numel()  # an extra class of empty codewords: positions not coded
+            row = torch.where(coded, cls, none)
+            raw_bits = torch.where(coded, tables.raw_bits[cls.clamp_min(0)], 0)
+            symbols = 2 * HALF + 1
+            lengths = torch.cat([tables.code.lengths + tables.raw_bits.unsqueeze(1),
+                                 tables.code.lengths.new_zeros(1, symbols)]).float().reshape(-1)
+            wide = tables.raw_bits.unsqueeze(1) > 0
+            hi = torch.arange(-HALF, HALF + 1, device=device).float() * torch.pow(2.0, tables.raw_bits).unsqueeze(1)
+            values = torch.cat([torch.where(wide, hi, tables.centroid), tables.centroid.new_zeros(1, symbols)])
+            width = torch.pow(2.0, raw_bits.float()).unsqueeze(1)
+            plans[device] = _SlotPlan(
+                columns, cls, raw_bits, width, 1.0 / width, lengths, (row * symbols + HALF).float().unsqueeze(1),
+                values.reshape(-1), (row * symbols).unsqueeze(1),
+                torch.where(raw_bits > 0, 1.0, -0.0).unsqueeze(1))
+        return plans[device]
+
+    def _symbols(self, c: torch.Tensor, codes: torch.Tensor, plan: _SlotPlan, exact: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        full = torch.round(c / self.steps(codes).unsqueeze(-1)).to(torch.int64)
-        width = 1 << raw_bits
-        hi = torch.div(full, width, rounding_mode="floor").clamp(-HALF, HALF)
-        return hi + HALF, (full - hi * width).clamp(torch.zeros_like(width), width - 1)
+        """``(full, hi)``, float ``[S, N, K]``: ``round(c / step)`` and its ``hi`` part, clamped to
+        ``-HALF..HALF``, for step codes ``codes [S, N]``, as the int64 arithmetic of the format gives them:
+        ``round`` of a value beyond the int64 range (``exact`` False: possible) reads as ``-2**63``."""
+        full = torch.round(c / self.steps(codes).unsqueeze(-1))
+        if not exact:
+            full = torch.where(full.abs() < 2.0**63, full, -(2.0**63))
+        return full, torch.floor(full * plan.inv_width).clamp(-HALF, HALF)
 
     def encode(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Code coefficients ``c [S, N, D]`` (float32): returns step codes int64 ``[S, N]`` and the
-        packed slots (uint8, ``S * N * slot_bits`` bits)."""
-        s, n, d = c.shape
+        packed slots (uint8, ``S * N * slot_bits`` bits).
+
+        Only the coded components are touched; each vector's step is found by bisection over the
+        step codes, all vectors at once, counting its bits by one table lookup per component."""
+        s, n, _ = c.shape
         tables = gaussian_classes(str(c.device))
-        classes = self.classes.to(c.device)
-        raw_bits = tables.raw_bits[classes.clamp_min(0)].unsqueeze(1)  # [S, 1, D]
-        rows = classes.unsqueeze(1).expand(s, n, d).reshape(s * n, d)
-        rb_rows = raw_bits.expand(s, n, d).reshape(s * n, d)
-
-        def bits_of(sym: torch.Tensor) -> torch.Tensor:
-            return slot_lengths(tables.code, sym.reshape(s * n, d), rows, rb_rows).reshape(s, n, d)
-
+        plan = self._plan(c.device)
+        ck = plan.columns.take(c)
+        k = ck.shape[-1]
         lo = torch.zeros(s, n, dtype=torch.int64, device=c.device)
         hi = torch.full_like(lo, 2**self.step_bits - 1)
+        exact = not k or bool((ck.abs().amax(-1) / self.steps(lo)).amax() < 2.0**62)  # |c / step| <= this
+
+        def bits_of(top: torch.Tensor) -> torch.Tensor:
+            at = (top + plan.length_at).to(torch.int32).reshape(-1)
+            return plan.lengths.index_select(0, at).reshape(s, n, k)
+
         for _ in range(self.step_bits):  # finest step that fits (bits fall as the step grows)
             mid = (lo + hi) // 2
-            fits = bits_of(self._symbols(c, mid, raw_bits)[0]).sum(-1) <= self.slot_bits
+            fits = bits_of(self._symbols(ck, mid, plan, exact)[1]).sum(-1) <= self.slot_bits
             lo, hi = torch.where(fits, lo, mid + 1), torch.where(fits, mid, hi)
-        sym, raw = self._symbols(c, hi, raw_bits)
-        sym, raw = self._fit(sym, raw, bits_of(sym), classes)
-        packed = write_slots(tables.code, sym.reshape(s * n, d), rows, raw.reshape(s * n, d), rb_rows,
+        full, top = self._symbols(ck, hi, plan, exact)
+        sym = (top + HALF).to(torch.int64)
+        raw = (full - top * plan.width).clamp(torch.zeros_like(plan.width), plan.width - 1).to(torch.int64)
+        bits = bits_of(top)
+        if bool((bits.sum(-1) > self.slot_bits).any()):
+            sym, raw = self._fit(sym, raw, bits.to(torch.int64), plan.classes)
+        rows, raw_bits = plan.rows(s, n)
+        packed = write_slots(tables.code, sym.reshape(s * n, k), rows, raw.reshape(s * n, k), raw_bits,
                              self.slot_bits)
         return hi, packed
 
@@ -229,19 +310,14 @@ class SlotCoder:
     def decode(self, codes: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`encode`: coefficients float32 ``[S, N, D]`` from step codes ``[S, N]``."""
         s, n = codes.shape
-        d = self.classes.shape[1]
         tables = gaussian_classes(str(packed.device))
-        classes = self.classes.to(packed.device)
-        safe = classes.clamp_min(0)
-        raw_bits = tables.raw_bits[safe]  # [S, D]
-        rows = classes.unsqueeze(1).expand(s, n, d).reshape(s * n, d)
-        rb_rows = raw_bits.unsqueeze(1).expand(s, n, d).reshape(s * n, d)
-        sym, raw = read_slots(tables.code, packed, rows, rb_rows, s * n, self.slot_bits)
-        sym, raw = sym.reshape(s, n, d), raw.reshape(s, n, d)
-        centroid = tables.centroid.reshape(-1)[safe.unsqueeze(1) * (2 * HALF + 1) + sym]
-        wide = ((sym - HALF) * (1 << raw_bits.unsqueeze(1)) + raw).float()
-        value = torch.where(raw_bits.unsqueeze(1) > 0, wide, centroid)
-        return torch.where(classes.unsqueeze(1) >= 0, value, 0.0) * self.steps(codes).unsqueeze(-1)
+        plan = self._plan(packed.device)
+        rows, raw_bits = plan.rows(s, n)
+        sym, raw = read_slots(tables.code, packed, rows, raw_bits, s * n, self.slot_bits)
+        k = sym.shape[1]
+        at = (sym.reshape(s, n, k) + plan.value_at).reshape(-1)
+        value = plan.values.index_select(0, at).reshape(s, n, k) + raw.reshape(s, n, k).float() * plan.raw_scale
+        return plan.columns.put(value * self.steps(codes).unsqueeze(-1))
 
 
 def slot_lengths_of_zero(classes: torch.Tensor) -> torch.Tensor:

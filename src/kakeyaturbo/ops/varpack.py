@@ -10,6 +10,7 @@ codes, i.e. per stream of a ``[S, ..., D]`` tensor).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -132,6 +133,43 @@ class VarwidthLayout:
         mask = ((1 << self.widths) - 1).to(torch.int32).unsqueeze(1)
         codes = (pairs.index_select(0, (pos >> 3).reshape(-1)).reshape(pos.shape) >> (pos & 7)) & mask
         return codes.to(dtype)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Columns:
+    """The components that some stream codes (every other one is 0 in every stream), ``K`` of ``D``.
+
+    Attributes:
+        index: int64 ``[K]``, ascending.
+        dim: ``D``.
+    """
+
+    index: torch.Tensor
+    dim: int
+
+    @classmethod
+    def of(cls, coded: torch.Tensor) -> Columns:
+        """The columns of bool ``coded [S, D]`` that are true in some stream."""
+        return cls(coded.any(0).nonzero().squeeze(1), coded.shape[1])
+
+    @functools.cached_property
+    def leading(self) -> bool:
+        """Whether the columns are the first ``K`` (then taking them is a view)."""
+        return bool((self.index == torch.arange(self.index.numel(), device=self.index.device)).all())
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., D] -> [..., K]``."""
+        return x[..., : self.index.numel()] if self.leading else x.index_select(-1, self.index)
+
+    def put(self, y: torch.Tensor) -> torch.Tensor:
+        """``[..., K] -> [..., D]``, zeros in the other columns."""
+        if self.index.numel() == self.dim:
+            return y
+        out = y.new_zeros(*y.shape[:-1], self.dim)
+        if self.leading:
+            out[..., : self.index.numel()] = y
+            return out
+        return out.index_copy_(-1, self.index, y)
 
 
 def _layout(widths: torch.Tensor, shape: tuple[int, ...]) -> tuple[VarwidthLayout, tuple[int, int, int]]:
