@@ -27,7 +27,7 @@ import math
 import torch
 
 from kakeyaturbo.errors import ConfigError
-from kakeyaturbo.ops.prefix_code import PrefixCode, read_slots, write_slots
+from kakeyaturbo.ops.prefix_code import PrefixCode, read_slot_columns, write_slots
 from kakeyaturbo.ops.varpack import Columns
 
 CLASS_STEP = 0.25
@@ -156,8 +156,8 @@ class _SlotPlan:
         length_at: float ``[S, 1, K]``: where ``hi = 0`` of each component's class sits in ``lengths``.
         values: float ``[(C + 1) * (2 * HALF + 1)]``: reconstruction (in steps) of each (class, symbol)
             without its raw bits (narrow classes: the cell centroid; wide: ``(sym - HALF) * 2**m``).
-        value_at: int64 ``[S, 1, K]``: where each component's class starts in ``values``.
-        raw_scale: float ``[S, 1, K]``: 1 for wide classes, -0.0 (adds nothing, not even a sign) else.
+        value_at: int32 ``[K, S]``: where each component's class starts in ``values``, per stream.
+        raw_scale: float ``[K, S]``: 1 for wide classes, -0.0 (adds nothing, not even a sign) else.
     """
 
     columns: Columns
@@ -247,8 +247,7 @@ class SlotCoder:
             width = torch.pow(2.0, raw_bits.float()).unsqueeze(1)
             plans[device] = _SlotPlan(
                 columns, cls, raw_bits, width, 1.0 / width, lengths, (row * symbols + HALF).float().unsqueeze(1),
-                values.reshape(-1), (row * symbols).unsqueeze(1),
-                torch.where(raw_bits > 0, 1.0, -0.0).unsqueeze(1))
+                values.reshape(-1), (row * symbols).t().to(torch.int32), torch.where(raw_bits > 0, 1.0, -0.0).t())
         return plans[device]
 
     def _symbols(self, c: torch.Tensor, codes: torch.Tensor, plan: _SlotPlan, exact: bool
@@ -313,11 +312,11 @@ class SlotCoder:
         tables = gaussian_classes(str(packed.device))
         plan = self._plan(packed.device)
         rows, raw_bits = plan.rows(s, n)
-        sym, raw = read_slots(tables.code, packed, rows, raw_bits, s * n, self.slot_bits)
-        k = sym.shape[1]
-        at = (sym.reshape(s, n, k) + plan.value_at).reshape(-1)
-        value = plan.values.index_select(0, at).reshape(s, n, k) + raw.reshape(s, n, k).float() * plan.raw_scale
-        return plan.columns.put(value * self.steps(codes).unsqueeze(-1))
+        sym, raw = read_slot_columns(tables.code, packed, rows, raw_bits, s * n, self.slot_bits)  # [K, S*N]
+        k = sym.shape[0]
+        value = plan.values.index_select(0, (sym.view(k, s, n) + plan.value_at.unsqueeze(-1)).reshape(-1))
+        value = (value.view(k, s, n) + raw.view(k, s, n) * plan.raw_scale.unsqueeze(-1)) * self.steps(codes)
+        return plan.columns.put(value.permute(1, 2, 0))
 
 
 def slot_lengths_of_zero(classes: torch.Tensor) -> torch.Tensor:

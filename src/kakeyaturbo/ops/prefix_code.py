@@ -216,6 +216,13 @@ def read_slots(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, ra
     Raises:
         CorruptDataError: wrong byte count, or a row's codewords run past its slot.
     """
+    symbols, raw = read_slot_columns(code, packed, classes, raw_bits, rows, slot_bits)
+    return symbols.t().to(torch.int64), raw.t().to(torch.int64)
+
+
+def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, raw_bits: torch.Tensor,
+                      rows: int, slot_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`read_slots`, position-major: ``(symbols, raw)`` int32 ``[J, rows]``."""
     need = packed_nbytes(rows * slot_bits, 1)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
         raise CorruptDataError(f"prefix slots: expected {need} uint8 bytes, got {packed.dtype} "
@@ -231,23 +238,28 @@ def read_slots(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, ra
     lut = 1 << code.max_len
     window = _windows(packed, rows * slot_bits + j * (code.max_len + raw_max) + 1, width)
     peek = width - code.max_len  # window bits beyond a LUT index
-    entry = (cls * lut).t()  # [J, rows or 1]
-    extra = rb.t()
-    pos = torch.empty(j + 1, rows, dtype=torch.int32, device=dev)
-    pos[0] = torch.arange(rows, dtype=torch.int32, device=dev) * slot_bits
-    for col in range(j):  # the codeword lengths chain the positions: the one loop
-        ahead = window.index_select(0, pos[col])
-        index = (ahead >> peek if peek else ahead) + entry[col]
-        torch.add(pos[col], lut_length.index_select(0, index), out=pos[col + 1])
-        if raw_max:
-            pos[col + 1] += extra[col]
-    end = pos[j] - pos[0]
+    entry, extra = (cls * lut).t(), rb.t()  # [J, rows or 1]
+    if cls.shape[0] == 1:  # one class per position for every row: each step reads that class's LUT row
+        rows_of = lut_length.view(-1, lut)
+        steps = [(rows_of[c], None, m or None) for c, m in zip(cls[0].tolist(), rb[0].tolist())]
+    else:
+        steps = [(lut_length, e, x if raw_max else None) for e, x in zip(entry, extra)]
+    positions = [torch.arange(rows, dtype=torch.int32, device=dev) * slot_bits]
+    for table, offset, more in steps:  # the codeword lengths chain the positions: the one loop
+        at = positions[-1]
+        ahead = window.index_select(0, at)
+        ahead = ahead >> peek if peek else ahead
+        at = at + table.index_select(0, ahead if offset is None else ahead + offset)
+        positions.append(at if more is None else at + more)
+    end = positions[-1] - positions[0]
     if rows and int(end.max()) > slot_bits:
         raise CorruptDataError(f"prefix slots: row {int(end.argmax())} runs to bit {int(end.max())}, past its "
                                f"{slot_bits}-bit slot (corrupt or mismatched payload)")
-    at = pos[:j].reshape(-1)
-    index = ((window.index_select(0, at) >> peek).reshape(j, rows) + entry).reshape(-1)
+    at = torch.stack(positions[:-1]).reshape(-1)
+    ahead = window.index_select(0, at).reshape(j, rows)
+    index = ((ahead >> peek if peek else ahead) + entry).reshape(-1)
     symbols = lut_symbol.index_select(0, index).reshape(j, rows)
+    if not raw_max:
+        return symbols, torch.zeros_like(symbols)
     after = at + lut_length.index_select(0, index)
-    raw = window.index_select(0, after).reshape(j, rows) >> (width - extra)
-    return symbols.t().to(torch.int64), raw.t().to(torch.int64)
+    return symbols, window.index_select(0, after).reshape(j, rows) >> (width - extra)

@@ -162,9 +162,10 @@ class Columns:
         return x[..., : self.index.numel()] if self.leading else x.index_select(-1, self.index)
 
     def put(self, y: torch.Tensor) -> torch.Tensor:
-        """``[..., K] -> [..., D]``, zeros in the other columns."""
+        """``[..., K] -> [..., D]``, contiguous (products with it then run as they always did), zeros in the
+        other columns."""
         if self.index.numel() == self.dim:
-            return y
+            return y.contiguous()
         out = y.new_zeros(*y.shape[:-1], self.dim)
         if self.leading:
             out[..., : self.index.numel()] = y
