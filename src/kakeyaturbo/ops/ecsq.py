@@ -154,9 +154,6 @@ class _SlotPlan:
         lengths: float ``[(C + 1) * (2 * HALF + 1)]``: bits of each (class, hi symbol), codeword and raw
             bits; class ``C`` (not coded) takes none.
         length_at: float ``[S, 1, K]``: where ``hi = 0`` of each component's class sits in ``lengths``.
-        values: float ``[(C + 1) * (2 * HALF + 1)]``: reconstruction (in steps) of each (class, symbol)
-            without its raw bits (narrow classes: the cell centroid; wide: ``(sym - HALF) * 2**m``).
-        value_at: int32 ``[K, S]``: where each component's class starts in ``values``, per stream.
         raw_scale: float ``[K, S]``: 1 for wide classes, -0.0 (adds nothing, not even a sign) else.
     """
 
@@ -167,8 +164,6 @@ class _SlotPlan:
     inv_width: torch.Tensor
     lengths: torch.Tensor
     length_at: torch.Tensor
-    values: torch.Tensor
-    value_at: torch.Tensor
     raw_scale: torch.Tensor
 
     def rows(self, s: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,13 +236,10 @@ class SlotCoder:
             symbols = 2 * HALF + 1
             lengths = torch.cat([tables.code.lengths + tables.raw_bits.unsqueeze(1),
                                  tables.code.lengths.new_zeros(1, symbols)]).float().reshape(-1)
-            wide = tables.raw_bits.unsqueeze(1) > 0
-            hi = torch.arange(-HALF, HALF + 1, device=device).float() * torch.pow(2.0, tables.raw_bits).unsqueeze(1)
-            values = torch.cat([torch.where(wide, hi, tables.centroid), tables.centroid.new_zeros(1, symbols)])
             width = torch.pow(2.0, raw_bits.float()).unsqueeze(1)
             plans[device] = _SlotPlan(
                 columns, cls, raw_bits, width, 1.0 / width, lengths, (row * symbols + HALF).float().unsqueeze(1),
-                values.reshape(-1), (row * symbols).t().to(torch.int32), torch.where(raw_bits > 0, 1.0, -0.0).t())
+                torch.where(raw_bits > 0, 1.0, -0.0).t())
         return plans[device]
 
     def _symbols(self, c: torch.Tensor, codes: torch.Tensor, plan: _SlotPlan, exact: bool
@@ -312,11 +304,27 @@ class SlotCoder:
         tables = gaussian_classes(str(packed.device))
         plan = self._plan(packed.device)
         rows, raw_bits = plan.rows(s, n)
-        sym, raw = read_slot_columns(tables.code, packed, rows, raw_bits, s * n, self.slot_bits)  # [K, S*N]
-        k = sym.shape[0]
-        value = plan.values.index_select(0, (sym.view(k, s, n) + plan.value_at.unsqueeze(-1)).reshape(-1))
-        value = (value.view(k, s, n) + raw.view(k, s, n) * plan.raw_scale.unsqueeze(-1)) * self.steps(codes)
-        return plan.columns.put(value.permute(1, 2, 0))
+        found = read_slot_columns(tables.code, packed, rows, raw_bits, s * n, self.slot_bits)  # [K, S*N]
+        k = found.entry.shape[0]
+        value = decoded_values(str(packed.device)).index_select(0, found.entry.reshape(-1)).view(k, s, n)
+        if found.raw.numel():  # wide classes: their raw low bits (-0.0 adds nothing where a stream has none)
+            wide = found.raw_columns
+            value[wide] += found.raw.view(wide.numel(), s, n) * plan.raw_scale.index_select(0, wide).unsqueeze(-1)
+        return plan.columns.put((value * self.steps(codes)).permute(1, 2, 0))
+
+
+@functools.lru_cache(maxsize=4)
+def decoded_values(device: str = "cpu") -> torch.Tensor:
+    """float32 ``[(C + 1) * 2**MAX_LEN]``: for every entry of the padded LUTs of the class family's
+    prefix code (:attr:`~kakeyaturbo.ops.prefix_code.PrefixCode.padded`), the reconstruction (in steps)
+    of the symbol it decodes, without raw bits: narrow classes the cell's N(0, r²) centroid, wide
+    ones ``(hi - HALF) * 2**m``; 0 for the class of positions not coded."""
+    tables = gaussian_classes(device)
+    wide = tables.raw_bits.unsqueeze(1) > 0
+    hi = torch.arange(-HALF, HALF + 1, device=device).float() * torch.pow(2.0, tables.raw_bits).unsqueeze(1)
+    values = torch.cat([torch.where(wide, hi, tables.centroid), tables.centroid.new_zeros(1, 2 * HALF + 1)])
+    symbols = tables.code.padded[2].view(values.shape[0], -1).long()
+    return values.gather(1, symbols).reshape(-1)
 
 
 def slot_lengths_of_zero(classes: torch.Tensor) -> torch.Tensor:

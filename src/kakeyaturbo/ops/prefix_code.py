@@ -149,13 +149,13 @@ def write_slots(code: PrefixCode, symbols: torch.Tensor, classes: torch.Tensor, 
                 raw_bits: torch.Tensor, slot_bits: int) -> torch.Tensor:
     """Write each row's codewords (and raw bits) into a ``slot_bits``-bit slot; see the module docstring.
 
-    Every word lands in the 64-bit frame of the two 32-bit words its first bit falls in (the
-    stream is written MSB-first and bit-reversed per byte at the end), by two scatter-adds.
+    Every word lands in the 64-bit frame of the two 32-bit words its first bit falls in (the stream
+    is written MSB-first and bit-reversed per byte at the end), by two scatter-adds.
 
     Args:
-        symbols: int64 ``[R, J]`` in ``0..A-1``.
+        symbols: integer ``[R, J]`` in ``0..A-1``.
         classes: int64 ``[R, J]`` (broadcastable), ``-1`` = position not coded.
-        raw: int64 ``[R, J]``: raw values, ``0 <= raw < 2**raw_bits``.
+        raw: integer ``[R, J]``: raw values, ``0 <= raw < 2**raw_bits``.
         raw_bits: int64 ``[R, J]`` (broadcastable), ``0..FIELD_BITS`` per position.
         slot_bits: bits per row.
 
@@ -168,22 +168,22 @@ def write_slots(code: PrefixCode, symbols: torch.Tensor, classes: torch.Tensor, 
     r, j = symbols.shape
     dev = symbols.device
     lengths_t, codes_t, _, _ = code.padded
-    a = code.lengths.shape[1]
     cls, rb = _positions(code, classes, raw_bits, r)
-    flat = (cls * a + symbols).reshape(-1)
-    lengths = lengths_t.index_select(0, flat).reshape(r, j) + rb
+    if code.max_len > FIELD_BITS or (rb.numel() and int(rb.max()) > FIELD_BITS):
+        raise ShapeError(f"prefix slots: codewords and raw fields must be at most {FIELD_BITS} bits")
+    flat = (cls * code.lengths.shape[1] + symbols.to(torch.int32)).reshape(-1)
+    lengths = lengths_t.index_select(0, flat).view(r, j) + rb
     total = lengths.sum(1)
     if r and int(total.max()) > slot_bits:
         row = int(total.argmax())
         raise NumericRangeError(f"prefix slots: row {row} needs {int(total[row])} bits, the slot holds {slot_bits}")
-    if code.max_len > FIELD_BITS or (rb.numel() and int(rb.max()) > FIELD_BITS):
-        raise ShapeError(f"prefix slots: codewords and raw fields must be at most {FIELD_BITS} bits")
-    word = (codes_t.index_select(0, flat).reshape(r, j).to(torch.int64) << rb) | (raw & ((1 << rb) - 1))
-    start = (lengths.cumsum(1, dtype=torch.int64) - lengths) + torch.arange(r, device=dev).unsqueeze(1) * slot_bits
+    word = (codes_t.index_select(0, flat).view(r, j).to(torch.int64) << rb) | (raw & ((1 << rb) - 1))
+    index = torch.int32 if r * slot_bits < 2**31 else torch.int64
+    start = lengths.cumsum(1, dtype=index) - lengths + torch.arange(r, dtype=index, device=dev).unsqueeze(1) * slot_bits
     frame = word << (63 - (start & 31) - lengths)  # frame bits 62..31: the first word's 32, 30..0: the next's
     nbytes = packed_nbytes(r * slot_bits, 1)
     words = torch.zeros(nbytes // 4 + 2, dtype=torch.int64, device=dev)
-    at = (start >> 5).reshape(-1)
+    at = (start >> 5).reshape(-1).to(torch.int64)
     words.scatter_add_(0, at, (frame >> 31).reshape(-1))
     words.scatter_add_(0, at + 1, ((frame & 0x7FFF_FFFF) << 1).reshape(-1))
     msb_first = words.view(torch.uint8).reshape(-1, 8)[:, :4].flip(1).reshape(-1)[:nbytes]  # big-endian bytes
@@ -216,13 +216,32 @@ def read_slots(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, ra
     Raises:
         CorruptDataError: wrong byte count, or a row's codewords run past its slot.
     """
-    symbols, raw = read_slot_columns(code, packed, classes, raw_bits, rows, slot_bits)
-    return symbols.t().to(torch.int64), raw.t().to(torch.int64)
+    found = read_slot_columns(code, packed, classes, raw_bits, rows, slot_bits)
+    raw = torch.zeros(found.entry.shape, dtype=torch.int64, device=packed.device)
+    raw[found.raw_columns] = found.raw.to(torch.int64)
+    return code.padded[2].index_select(0, found.entry.reshape(-1)).view(found.entry.shape).t().to(torch.int64), raw.t()
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotColumns:
+    """The codewords :func:`read_slot_columns` found, position-major.
+
+    Attributes:
+        entry: int32 ``[J, rows]``: each codeword's entry in the (padded) LUT tables of
+            :attr:`PrefixCode.padded`: its class's row and the ``max_len`` bits it begins.
+        raw_columns: int64 ``[J']``: the positions that have raw bits in some row.
+        raw: int32 ``[J', rows]``: their raw values (0 in rows without raw bits there).
+    """
+
+    entry: torch.Tensor
+    raw_columns: torch.Tensor
+    raw: torch.Tensor
 
 
 def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, raw_bits: torch.Tensor,
-                      rows: int, slot_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`read_slots`, position-major: ``(symbols, raw)`` int32 ``[J, rows]``."""
+                      rows: int, slot_bits: int) -> SlotColumns:
+    """:func:`read_slots`, position-major and stopping at the LUT entries (a decoder can look up what it
+    needs in one step); arguments and errors as there."""
     need = packed_nbytes(rows * slot_bits, 1)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
         raise CorruptDataError(f"prefix slots: expected {need} uint8 bytes, got {packed.dtype} "
@@ -234,7 +253,7 @@ def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Ten
     width = max(code.max_len, raw_max)
     if width > FIELD_BITS:
         raise ShapeError(f"prefix slots: codewords and raw fields must be at most {FIELD_BITS} bits")
-    _, _, lut_symbol, lut_length = code.padded
+    lut_length = code.padded[3]
     lut = 1 << code.max_len
     window = _windows(packed, rows * slot_bits + j * (code.max_len + raw_max) + 1, width)
     peek = width - code.max_len  # window bits beyond a LUT index
@@ -255,11 +274,13 @@ def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Ten
     if rows and int(end.max()) > slot_bits:
         raise CorruptDataError(f"prefix slots: row {int(end.argmax())} runs to bit {int(end.max())}, past its "
                                f"{slot_bits}-bit slot (corrupt or mismatched payload)")
-    at = torch.stack(positions[:-1]).reshape(-1)
-    ahead = window.index_select(0, at).reshape(j, rows)
-    index = ((ahead >> peek if peek else ahead) + entry).reshape(-1)
-    symbols = lut_symbol.index_select(0, index).reshape(j, rows)
-    if not raw_max:
-        return symbols, torch.zeros_like(symbols)
-    after = at + lut_length.index_select(0, index)
-    return symbols, window.index_select(0, after).reshape(j, rows) >> (width - extra)
+    at = torch.stack(positions[:-1])
+    ahead = window.index_select(0, at.reshape(-1)).view(j, rows)
+    found = (ahead >> peek if peek else ahead) + entry
+    wide = (extra > 0).any(1).nonzero().squeeze(1)
+    if not wide.numel():
+        return SlotColumns(found, wide, found.new_zeros(0, rows))
+    index = found.index_select(0, wide).reshape(-1)
+    after = at.index_select(0, wide).reshape(-1) + lut_length.index_select(0, index)
+    raw = window.index_select(0, after).view(wide.numel(), rows) >> (width - extra.index_select(0, wide))
+    return SlotColumns(found, wide, raw)
