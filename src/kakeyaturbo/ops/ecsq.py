@@ -27,7 +27,7 @@ import math
 import torch
 
 from kakeyaturbo.errors import ConfigError
-from kakeyaturbo.ops.prefix_code import PrefixCode, read_slot_columns, write_slots
+from kakeyaturbo.ops.prefix_code import PrefixCode, pack_slots, read_slot_columns, write_slots
 from kakeyaturbo.ops.varpack import Columns
 
 CLASS_STEP = 0.25
@@ -151,9 +151,12 @@ class _SlotPlan:
         classes: int64 ``[S, K]``, ``-1`` = not coded in that stream.
         raw_bits: int64 ``[S, K]``: raw low bits of each (0 where not coded).
         width, inv_width: float ``[S, 1, K]``: ``2**raw_bits`` and its inverse.
-        lengths: float ``[(C + 1) * (2 * HALF + 1)]``: bits of each (class, hi symbol), codeword and raw
-            bits; class ``C`` (not coded) takes none.
-        length_at: float ``[S, 1, K]``: where ``hi = 0`` of each component's class sits in ``lengths``.
+        bound: float ``[S, 1, K]``: ``(HALF + 1) * width`` (0 where not coded): clamping ``c / step`` to
+            ``±bound`` before rounding changes no symbol, raw value or length.
+        length_at: float ``[S, 1, K]``: where the value 0 of each component's class sits in
+            :func:`rounded_lengths`.
+        code_at: int64 ``[S, 1, K]``: where each component's class starts in the padded codeword table
+            (:attr:`~kakeyaturbo.ops.prefix_code.PrefixCode.padded`; the empty class where not coded).
         raw_scale: float ``[K, S]``: 1 for wide classes, -0.0 (adds nothing, not even a sign) else.
     """
 
@@ -162,8 +165,9 @@ class _SlotPlan:
     raw_bits: torch.Tensor
     width: torch.Tensor
     inv_width: torch.Tensor
-    lengths: torch.Tensor
+    bound: torch.Tensor
     length_at: torch.Tensor
+    code_at: torch.Tensor
     raw_scale: torch.Tensor
 
     def rows(self, s: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,27 +234,24 @@ class SlotCoder:
             columns = Columns.of(classes >= 0)
             cls = columns.take(classes)
             coded = cls >= 0
-            none = tables.raw_bits.numel()  # an extra class of empty codewords: positions not coded
-            row = torch.where(coded, cls, none)
             raw_bits = torch.where(coded, tables.raw_bits[cls.clamp_min(0)], 0)
-            symbols = 2 * HALF + 1
-            lengths = torch.cat([tables.code.lengths + tables.raw_bits.unsqueeze(1),
-                                 tables.code.lengths.new_zeros(1, symbols)]).float().reshape(-1)
             width = torch.pow(2.0, raw_bits.float()).unsqueeze(1)
-            plans[device] = _SlotPlan(
-                columns, cls, raw_bits, width, 1.0 / width, lengths, (row * symbols + HALF).float().unsqueeze(1),
-                torch.where(raw_bits > 0, 1.0, -0.0).t())
+            _, start = rounded_lengths(str(device))
+            at = torch.where(coded, start[cls.clamp_min(0)], start[-1]).float().unsqueeze(1)
+            bound = torch.where(coded.unsqueeze(1), (HALF + 1) * width, 0.0)
+            code_at = torch.where(coded, cls, tables.raw_bits.numel()).unsqueeze(1) * (2 * HALF + 1)
+            plans[device] = _SlotPlan(columns, cls, raw_bits, width, 1.0 / width, bound, at, code_at,
+                                      torch.where(raw_bits > 0, 1.0, -0.0).t())
         return plans[device]
 
-    def _symbols(self, c: torch.Tensor, codes: torch.Tensor, plan: _SlotPlan, exact: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(full, hi)``, float ``[S, N, K]``: ``round(c / step)`` and its ``hi`` part, clamped to
-        ``-HALF..HALF``, for step codes ``codes [S, N]``, as the int64 arithmetic of the format gives them:
-        ``round`` of a value beyond the int64 range (``exact`` False: possible) reads as ``-2**63``."""
-        full = torch.round(c / self.steps(codes).unsqueeze(-1))
+    def _rounded(self, c: torch.Tensor, codes: torch.Tensor, plan: _SlotPlan, exact: bool) -> torch.Tensor:
+        """float ``[S, N, K]``: ``round(c / step)`` for step codes ``codes [S, N]``, clamped to ``±bound``,
+        as the int64 arithmetic of the format reads it: a value beyond the int64 range (possible when
+        ``exact`` is False) reads as ``-2**63``."""
+        v = c / self.steps(codes).unsqueeze(-1)
         if not exact:
-            full = torch.where(full.abs() < 2.0**63, full, -(2.0**63))
-        return full, torch.floor(full * plan.inv_width).clamp(-HALF, HALF)
+            v = torch.where(torch.round(v).abs() < 2.0**63, v, -(2.0**63))
+        return torch.round(torch.minimum(torch.maximum(v, -plan.bound), plan.bound))
 
     def encode(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Code coefficients ``c [S, N, D]`` (float32): returns step codes int64 ``[S, N]`` and the
@@ -260,6 +261,7 @@ class SlotCoder:
         step codes, all vectors at once, counting its bits by one table lookup per component."""
         s, n, _ = c.shape
         tables = gaussian_classes(str(c.device))
+        lengths, _ = rounded_lengths(str(c.device))
         plan = self._plan(c.device)
         ck = plan.columns.take(c)
         k = ck.shape[-1]
@@ -267,24 +269,26 @@ class SlotCoder:
         hi = torch.full_like(lo, 2**self.step_bits - 1)
         exact = not k or bool((ck.abs().amax(-1) / self.steps(lo)).amax() < 2.0**62)  # |c / step| <= this
 
-        def bits_of(top: torch.Tensor) -> torch.Tensor:
-            at = (top + plan.length_at).to(torch.int32).reshape(-1)
-            return plan.lengths.index_select(0, at).reshape(s, n, k)
+        def bits_of(full: torch.Tensor) -> torch.Tensor:
+            return lengths.index_select(0, (full + plan.length_at).to(torch.int32).reshape(-1)).view(s, n, k)
 
         for _ in range(self.step_bits):  # finest step that fits (bits fall as the step grows)
             mid = (lo + hi) // 2
-            fits = bits_of(self._symbols(ck, mid, plan, exact)[1]).sum(-1) <= self.slot_bits
+            fits = bits_of(self._rounded(ck, mid, plan, exact)).sum(-1) <= self.slot_bits
             lo, hi = torch.where(fits, lo, mid + 1), torch.where(fits, mid, hi)
-        full, top = self._symbols(ck, hi, plan, exact)
+        full = self._rounded(ck, hi, plan, exact)
+        top = torch.floor(full * plan.inv_width).clamp(-HALF, HALF)
         sym = (top + HALF).to(torch.int64)
         raw = (full - top * plan.width).clamp(torch.zeros_like(plan.width), plan.width - 1).to(torch.int64)
-        bits = bits_of(top)
-        if bool((bits.sum(-1) > self.slot_bits).any()):
+        bits = bits_of(full)
+        if bool((bits.sum(-1) > self.slot_bits).any()):  # rare: write_slots counts the fitted lengths again
             sym, raw = self._fit(sym, raw, bits.to(torch.int64), plan.classes)
-        rows, raw_bits = plan.rows(s, n)
-        packed = write_slots(tables.code, sym.reshape(s * n, k), rows, raw.reshape(s * n, k), raw_bits,
-                             self.slot_bits)
-        return hi, packed
+            rows, raw_bits = plan.rows(s, n)
+            return hi, write_slots(tables.code, sym.reshape(s * n, k), rows, raw.reshape(s * n, k), raw_bits,
+                                   self.slot_bits)
+        codeword = tables.code.padded[1].index_select(0, (sym + plan.code_at).to(torch.int32).reshape(-1))
+        words = (codeword.view(s, n, k) << plan.raw_bits.to(torch.int32).unsqueeze(1)) | raw.to(torch.int32)
+        return hi, pack_slots(words.view(s * n, k), bits.to(torch.int32).view(s * n, k), self.slot_bits)
 
     def _fit(self, sym: torch.Tensor, raw: torch.Tensor, bits: torch.Tensor, classes: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,6 +315,26 @@ class SlotCoder:
             wide = found.raw_columns
             value[wide] += found.raw.view(wide.numel(), s, n) * plan.raw_scale.index_select(0, wide).unsqueeze(-1)
         return plan.columns.put((value * self.steps(codes)).permute(1, 2, 0))
+
+
+@functools.lru_cache(maxsize=4)
+def rounded_lengths(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lengths, start)``: float32 lengths (codeword and raw bits) of the rounded ``c / step`` values
+    ``f = -bound..bound`` of every class (``bound = (HALF + 1) * 2**m``; ``hi`` is ``floor(f / 2**m)``
+    clamped to ``±HALF``), then one 0 for positions not coded; int64 ``start [C + 1]``: where each
+    class's ``f = 0`` sits."""
+    tables = gaussian_classes(device)
+    parts, start, at = [], [], 0
+    for c, m in enumerate(tables.raw_bits.tolist()):
+        bound = (HALF + 1) << m
+        f = torch.arange(-bound, bound + 1, device=device)
+        hi = torch.div(f, 1 << m, rounding_mode="floor").clamp(-HALF, HALF)
+        parts.append((tables.code.lengths[c, hi + HALF] + m).float())
+        start.append(at + bound)
+        at += 2 * bound + 1
+    parts.append(torch.zeros(1, device=device))
+    start.append(at)
+    return torch.cat(parts), torch.tensor(start, device=device)
 
 
 @functools.lru_cache(maxsize=4)

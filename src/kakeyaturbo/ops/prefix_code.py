@@ -149,9 +149,6 @@ def write_slots(code: PrefixCode, symbols: torch.Tensor, classes: torch.Tensor, 
                 raw_bits: torch.Tensor, slot_bits: int) -> torch.Tensor:
     """Write each row's codewords (and raw bits) into a ``slot_bits``-bit slot; see the module docstring.
 
-    Every word lands in the 64-bit frame of the two 32-bit words its first bit falls in (the stream
-    is written MSB-first and bit-reversed per byte at the end), by two scatter-adds.
-
     Args:
         symbols: integer ``[R, J]`` in ``0..A-1``.
         classes: int64 ``[R, J]`` (broadcastable), ``-1`` = position not coded.
@@ -166,7 +163,6 @@ def write_slots(code: PrefixCode, symbols: torch.Tensor, classes: torch.Tensor, 
         NumericRangeError: a row's codewords do not fit its slot.
     """
     r, j = symbols.shape
-    dev = symbols.device
     lengths_t, codes_t, _, _ = code.padded
     cls, rb = _positions(code, classes, raw_bits, r)
     if code.max_len > FIELD_BITS or (rb.numel() and int(rb.max()) > FIELD_BITS):
@@ -177,16 +173,26 @@ def write_slots(code: PrefixCode, symbols: torch.Tensor, classes: torch.Tensor, 
     if r and int(total.max()) > slot_bits:
         row = int(total.argmax())
         raise NumericRangeError(f"prefix slots: row {row} needs {int(total[row])} bits, the slot holds {slot_bits}")
-    word = (codes_t.index_select(0, flat).view(r, j).to(torch.int64) << rb) | (raw & ((1 << rb) - 1))
+    word = (codes_t.index_select(0, flat).view(r, j) << rb) | (raw.to(torch.int32) & ((1 << rb) - 1))
+    return pack_slots(word, lengths, slot_bits)
+
+
+def pack_slots(words: torch.Tensor, lengths: torch.Tensor, slot_bits: int) -> torch.Tensor:
+    """The slots of :func:`write_slots` from each position's word (its codeword and raw bits, MSB first)
+    and length, int32 ``[R, J]`` each (lengths at most 31 - 7, rows at most ``slot_bits`` long; not
+    checked here). Every word lands in the 64-bit frame of the two 32-bit words its first bit falls in
+    (the stream is written MSB-first and bit-reversed per byte at the end), by two scatter-adds."""
+    r, _ = words.shape
+    dev = words.device
     index = torch.int32 if r * slot_bits < 2**31 else torch.int64
     start = lengths.cumsum(1, dtype=index) - lengths + torch.arange(r, dtype=index, device=dev).unsqueeze(1) * slot_bits
-    frame = word << (63 - (start & 31) - lengths)  # frame bits 62..31: the first word's 32, 30..0: the next's
+    frame = words.to(torch.int64) << (63 - (start & 31) - lengths)  # bits 62..31: the first word, 30..0: the next
     nbytes = packed_nbytes(r * slot_bits, 1)
-    words = torch.zeros(nbytes // 4 + 2, dtype=torch.int64, device=dev)
+    out = torch.zeros(nbytes // 4 + 2, dtype=torch.int64, device=dev)
     at = (start >> 5).reshape(-1).to(torch.int64)
-    words.scatter_add_(0, at, (frame >> 31).reshape(-1))
-    words.scatter_add_(0, at + 1, ((frame & 0x7FFF_FFFF) << 1).reshape(-1))
-    msb_first = words.view(torch.uint8).reshape(-1, 8)[:, :4].flip(1).reshape(-1)[:nbytes]  # big-endian bytes
+    out.scatter_add_(0, at, (frame >> 31).reshape(-1))
+    out.scatter_add_(0, at + 1, ((frame & 0x7FFF_FFFF) << 1).reshape(-1))
+    msb_first = out.view(torch.uint8).reshape(-1, 8)[:, :4].flip(1).reshape(-1)[:nbytes]  # big-endian bytes
     return _REVERSED.to(dev).index_select(0, msb_first.to(torch.int32))
 
 
