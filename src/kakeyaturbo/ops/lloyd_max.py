@@ -157,17 +157,18 @@ class Buckets:
         return code.reshape(z.shape).to(dtype)
 
 
-def quantize(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def quantize(z: torch.Tensor, table: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Nearest-level indices (ties go to the lower index).
 
     Args:
         z: float tensor of any shape.
         table: ascending float tensor ``[L]`` on the device of ``z``.
+        dtype: integer dtype of the result (one that holds ``L - 1``).
 
     Returns:
-        int64 tensor shaped like ``z`` with values in ``[0, L)``.
+        tensor of ``dtype`` shaped like ``z`` with values in ``[0, L)``.
     """
-    return Buckets.of_tables([table], z.dtype).codes(z).to(torch.int64)
+    return Buckets.of_tables([table], z.dtype).codes(z, dtype=dtype)
 
 
 def dequantize(idx: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
