@@ -59,7 +59,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         low = _lanes(width, span)
         x = (x & low) | ((x >> (span - width)) & (low << width))
         width *= 2
-    return x.view(torch.uint8).reshape(-1, 8)[:, :bits].reshape(-1)[: packed_nbytes(m, bits)]
+    return x.view(torch.uint8).reshape(-1, 8)[:, :bits].contiguous().view(-1)[: packed_nbytes(m, bits)]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -85,7 +85,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int, dtype: torch.dtype 
         weights = 1 << torch.arange(bits, device=raw.device, dtype=torch.int32)
         return (planes * weights).sum(1, dtype=torch.int32).to(dtype)
     if bits == 8:
-        return raw.to(dtype)
+        return raw.to(dtype, copy=True)
     words = -(-count // 8)
     grouped = torch.zeros(words * bits, dtype=torch.uint8, device=raw.device)
     grouped[:need] = raw
