@@ -151,8 +151,8 @@ class _SlotPlan:
         classes: int64 ``[S, K]``, ``-1`` = not coded in that stream.
         raw_bits: int64 ``[S, K]``: raw low bits of each (0 where not coded).
         width, inv_width: float ``[S, 1, K]``: ``2**raw_bits`` and its inverse.
-        bound: float ``[S, 1, K]``: ``(HALF + 1) * width`` (0 where not coded): clamping ``c / step`` to
-            ``±bound`` before rounding changes no symbol, raw value or length.
+        low, bound: float ``[S, 1, K]``: ``∓(HALF + 1) * width`` (0 where not coded): clamping ``c / step``
+            to them before rounding changes no symbol, raw value or length.
         length_at: float ``[S, 1, K]``: where the value 0 of each component's class sits in
             :func:`rounded_lengths`.
         code_at: int64 ``[S, 1, K]``: where each component's class starts in the padded codeword table
@@ -165,6 +165,7 @@ class _SlotPlan:
     raw_bits: torch.Tensor
     width: torch.Tensor
     inv_width: torch.Tensor
+    low: torch.Tensor
     bound: torch.Tensor
     length_at: torch.Tensor
     code_at: torch.Tensor
@@ -240,7 +241,7 @@ class SlotCoder:
             at = torch.where(coded, start[cls.clamp_min(0)], start[-1]).float().unsqueeze(1)
             bound = torch.where(coded.unsqueeze(1), (HALF + 1) * width, 0.0)
             code_at = torch.where(coded, cls, tables.raw_bits.numel()).unsqueeze(1) * (2 * HALF + 1)
-            plans[device] = _SlotPlan(columns, cls, raw_bits, width, 1.0 / width, bound, at, code_at,
+            plans[device] = _SlotPlan(columns, cls, raw_bits, width, 1.0 / width, -bound, bound, at, code_at,
                                       torch.where(raw_bits > 0, 1.0, -0.0).t())
         return plans[device]
 
@@ -251,7 +252,7 @@ class SlotCoder:
         v = c / self.steps(codes).unsqueeze(-1)
         if not exact:
             v = torch.where(torch.round(v).abs() < 2.0**63, v, -(2.0**63))
-        return torch.round(torch.minimum(torch.maximum(v, -plan.bound), plan.bound))
+        return torch.round(torch.clamp(v, plan.low, plan.bound))
 
     def encode(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Code coefficients ``c [S, N, D]`` (float32): returns step codes int64 ``[S, N]`` and the
@@ -267,7 +268,10 @@ class SlotCoder:
         k = ck.shape[-1]
         lo = torch.zeros(s, n, dtype=torch.int64, device=c.device)
         hi = torch.full_like(lo, 2**self.step_bits - 1)
-        exact = not k or bool((ck.abs().amax(-1) / self.steps(lo)).amax() < 2.0**62)  # |c / step| <= this
+        exact = True  # every |c / step| below 2**62: no rounded value leaves the int64 range
+        if k:
+            least, most = torch.aminmax(ck.reshape(s, -1), dim=-1)  # per stream; the finest step is code 0's
+            exact = bool((torch.maximum(-least, most) / self.steps(lo[:, :1])[:, 0]).amax() < 2.0**62)
 
         def bits_of(full: torch.Tensor) -> torch.Tensor:
             return lengths.index_select(0, (full + plan.length_at).to(torch.int32).reshape(-1)).view(s, n, k)
