@@ -740,7 +740,7 @@ class KakeyaV2Codec(Codec):
         if hb:
             grid = t.head_log_gain.to(x.device)
             qh = gain_codes(rms(x, t.heads), grid, hb)
-            x = x / _per_element(gain_values(qh, grid, hb), d)
+            x = (x.view(*qh.shape, d // t.heads) / gain_values(qh, grid, hb).unsqueeze(-1)).view(x.shape)
             fields["head_scale"] = pack_bits(qh, hb)
         c = x @ self._enc.to(x.device)
         self._check_range(c, raw)
@@ -778,6 +778,7 @@ class KakeyaV2Codec(Codec):
         if hb:
             head = expect_field(fields, "head_scale", torch.uint8, (packed_nbytes(s * n * t.heads, hb),))
             qh = unpack_bits(head, hb, s * n * t.heads).reshape(s, n, t.heads)
-            y = y * _per_element(gain_values(qh, t.head_log_gain.to(device), hb), d)
+            y = (y.view(s, n, t.heads, d // t.heads) * gain_values(qh, t.head_log_gain.to(device), hb).unsqueeze(-1)
+                 ).view(s, n, d)
         y = t.centre.to(device).unsqueeze(1) + y
         return y.reshape(s, m, n // m, d).transpose(0, 1).reshape(m * s, n // m, d)
