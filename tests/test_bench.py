@@ -43,3 +43,16 @@ def test_bench_captured_fits_calibrated_codecs_on_calibration_text(tmp_path):
     assert main(["bench", "--codec", "kakeya-v2", "--data", "captured", "--layout", "joint", "--tokens", "64",
                  "--repeats", "1", "--json", str(out)]) == 0
     assert all(r["shape"] == [30, 64, 192] and r["rel_mse"] < 1.0 for r in json.loads(out.read_text()))
+
+
+def test_bench_recipes_measure_k_and_v_on_the_engine_input(tmp_path):
+    out = tmp_path / "speed.json"
+    assert main(["bench", "--recipe", "kakeya-max", "--recipe", "kivi-2", "--chunks", "2", "--kv-heads", "2",
+                 "--head-dim", "16", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["settings"]["recipe"], r["settings"]["stream"]) for r in rows] == [
+        ("kakeya-max", "k"), ("kakeya-max", "v"), ("kivi-2", "k"), ("kivi-2", "v")]
+    v2 = rows[0]
+    assert v2["codec"] == "kakeya-v2" and v2["shape"] == [1, 2, 64, 32]  # joint rows: 2 chunks of 64 tokens
+    assert v2["config"]["head_gain_bits"] == 4 and v2["config"]["reflector_bits"] == 4
+    assert rows[2]["shape"] == [1, 2, 2, 32, 16] and all(r["rel_mse"] < 1.0 and r["decode_mb_s"] > 0 for r in rows)

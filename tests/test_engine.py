@@ -9,7 +9,8 @@ import torch
 
 from kakeyaturbo import codecs
 from kakeyaturbo.codecs.base import Codec, CodecConfig, check_codebook, check_int, expect_field
-from kakeyaturbo.engine import build_plans, check_recipe, sensitivity_budgets
+from kakeyaturbo.codecs.kakeya_v2 import fit_transforms
+from kakeyaturbo.engine import build_plans, calibrated_codecs, check_recipe, sensitivity_budgets
 from kakeyaturbo.errors import ConfigError, ShapeError
 from kakeyaturbo.recipes import Recipe, SensitivityProbe, StreamRecipe
 from tests.transforms.test_whitening import spd_whitening
@@ -245,3 +246,35 @@ def test_sensitivity_budgets_follow_the_costs():
         sensitivity_budgets(recipe, [0], missing)
     with pytest.raises(ConfigError, match="needs costs at two or more budgets"):
         sensitivity_budgets(recipe, [0], CostCalibration({(0, "k"): {1.0: 1.0}, (0, "v"): flat}))
+
+
+class FittingCalibration(CostCalibration):
+    """Fits ``kakeya-v2`` transforms on random rows and records what it was asked for."""
+
+    def __init__(self, costs: dict, skip: dict[int, str]) -> None:
+        super().__init__(costs)
+        self.skipped_whitening = skip
+        self.asked: list[tuple] = []
+
+    def v2_transforms(self, layer, stream, space, layout, config):
+        self.asked.append((layer, stream, space, layout, config.bits))
+        return fit_transforms(torch.randn(N_KV, 64, D, generator=torch.Generator().manual_seed(layer)), config)
+
+
+@pytest.mark.parametrize("pre_rope", [True, False])
+def test_calibrated_codecs_are_what_build_plans_builds(pre_rope):
+    k, v = StreamRecipe("kakeya-v2", {"bits": 2.0}, whiten="sigma_q"), StreamRecipe("kakeya-v2", {"bits": 2.0})
+    recipe = Recipe("s", k, v, pre_rope_keys=pre_rope, boundary_layers=(3,), boundary_k=StreamRecipe("fp8"),
+                    boundary_v=v, layer_overrides={2: {"v": {"codec": "fp8"}}}, layer_bits="sensitivity",
+                    probe=SensitivityProbe(grid=(1.0, 2.0, 3.0)))
+    steep, flat = {1.0: 100.0, 2.0: 10.0, 3.0: 1.0}, {1.0: 1.0, 2.0: 0.5, 3.0: 0.25}
+    cal = FittingCalibration({(0, "k"): steep, (0, "v"): flat, (1, "k"): flat, (1, "v"): flat}, skip={1: "unsafe"})
+    listed = [(c.layer, c.stream, c.space, c.layout, c.config["bits"])
+              for c in calibrated_codecs(recipe, 4, N_KV, D, cal)]
+    assert all(c.codec == "kakeya-v2" for c in calibrated_codecs(recipe, 4, N_KV, D, cal))
+    build_plans(recipe, 4, N_KV, D, cal)
+    assert listed == cal.asked  # every calibrated codec, in the order build_plans builds them
+    keys = "none" if pre_rope else "post_rope"  # layer 1 is not whitened
+    assert [(layer, stream, space) for layer, stream, space, _, _ in listed] == [
+        (0, "k", "sigma_q"), (0, "v", "none"), (1, "k", keys), (1, "v", "none"), (2, "k", "sigma_q"), (3, "v", "none")]
+    assert listed[0][4] == 3.0 and listed[5][4] == 2.0  # sensitivity budgets on the shared layers only

@@ -3,11 +3,18 @@
 Speed is reported as MB/s of bf16-equivalent input (``n·D·2`` bytes per stream), median of
 a few timed repeats after a warm-up. This is a benchmark, not a test: it writes JSON and a
 Markdown table and asserts nothing.
+
+With ``--recipe`` it measures what a recipe's K and V codecs do in the engine: one codec call
+on a span of ``--chunks`` chunks of the recipe's ``chunk_tokens`` tokens of ``--kv-heads`` heads,
+in the recipe's layout (for the shipped kakeya recipes: joint rows of every KV head, head gains,
+Householder-reflector bases, entropy or fixed-width coding by budget, at the recipe's average
+budget; calibrated transforms are fitted on another draw of the synthetic KV).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -19,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kakeyaturbo import bench_generate, codecs
+from kakeyaturbo import bench_generate, codecs, layouts
 from kakeyaturbo.commands.common import device_arg
 from kakeyaturbo.layouts import CALIBRATED
 
@@ -114,6 +121,40 @@ def measure(codec: codecs.Codec, x: torch.Tensor, repeats: int = 3, seed: int = 
     }
 
 
+SPEED_RECIPES = ("kakeya-quality", "kakeya-balanced", "kakeya-max", "fp8", "rotated-int2", "rotated-int3",
+                 "rotated-int4", "rotated-int8", "kivi-2", "kivi-4", "turboquant-2", "turboquant-3", "turboquant-4",
+                 "turboquant-prod-3", "turboquant-prod-4")
+"""``--recipe shipped``: the shipped kakeya recipes and the baseline recipes."""
+
+
+def recipe_codecs(name: str, kv_heads: int, head_dim: int, chunks: int, seed: int = 0
+                  ) -> Iterator[tuple[str, codecs.Codec, torch.Tensor]]:
+    """``(stream, codec, x)`` for K and V of recipe ``name``: ``x`` the codec input of one span of ``chunks``
+    chunks of synthetic KV ``[1, kv_heads, T, head_dim]`` in the recipe's layout; calibrated codecs fitted
+    on another draw, in that layout, with the recipe's default (average) budget."""
+    from kakeyaturbo import recipes
+    from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Codec, KakeyaV2Config, fit_transforms
+
+    recipe = recipes.load(name)
+    layout = layouts.LAYOUTS[recipe.layout]
+    tokens = chunks * recipe.chunk_tokens
+    heads = kv_heads if recipe.layout == "joint" else 1
+    for i, (stream, sr) in enumerate((("k", recipe.k), ("v", recipe.v))):
+        kv = synthetic_kv(kv_heads, tokens, head_dim, seed=seed + i).unsqueeze(0)
+        x = layout.to_rows(kv, recipe.chunk_tokens)
+        cls = codecs.codec_class(sr.codec)
+        if cls.needs_calibration:
+            fit_kv = synthetic_kv(kv_heads, 2048, head_dim, seed=seed + i, sample_seed=seed + 7).unsqueeze(0)
+            fit = layout.to_rows(fit_kv, 2048)
+            cfg = KakeyaV2Config.for_calibration(sr.config, stream)
+            t = fit_transforms(fit.reshape(-1, *fit.shape[-2:]), cfg, heads=heads)
+            codec: codecs.Codec = KakeyaV2Codec(dataclasses.replace(cfg, transforms_hash=t.fingerprint()),
+                                                transforms=t)
+        else:
+            codec = cls(**sr.config)
+        yield stream, codec, x
+
+
 def cells(names: list[str], d: int) -> Iterator[tuple[str, dict[str, Any]]]:
     """(codec, config) pairs to run for the chosen codec names at head dim ``d``."""
     for name in names:
@@ -152,6 +193,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=8, help="independent streams (layers x heads) per tensor")
     p.add_argument("--tokens", type=int, default=2048, help="tokens per stream")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--recipe", action="append", metavar="NAME",
+                   help="measure a recipe's K and V codecs on the engine's codec input (repeatable; 'shipped': the "
+                   "shipped kakeya recipes and the baselines); replaces --codec. With --generate: the caches to time")
+    p.add_argument("--chunks", type=int, default=16, help="--recipe: chunks of chunk_tokens in one codec call")
+    p.add_argument("--kv-heads", type=int, default=3, help="--recipe: KV heads of the synthetic layer")
+    p.add_argument("--head-dim", type=int, default=64, help="--recipe: head dim of the synthetic layer")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda[:N]")
     p.add_argument("--json", type=Path, metavar="P", help="write the results as a JSON list here")
     p.add_argument("--markdown", type=Path, metavar="P", help="write a Markdown table here")
@@ -173,16 +221,44 @@ def _inputs(args: argparse.Namespace, fits: bool) -> list[tuple[str | None, torc
     return [(None, synthetic_kv(*s), synthetic_kv(*s, sample_seed=1) if fits else None) for s in shapes]
 
 
+def _recipe_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """One row per (recipe, K/V stream) of ``--recipe``."""
+    names = [n for name in args.recipe for n in (SPEED_RECIPES if name == "shipped" else (name,))]
+    rows = []
+    for name in tqdm(names, desc="bench", unit="recipe"):
+        for stream, codec, x in recipe_codecs(name, args.kv_heads, args.head_dim, args.chunks):
+            row = measure(codec, x.to(device), repeats=args.repeats)
+            row["settings"] = {"recipe": name, "stream": stream}
+            rows.append(row)
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print/write the table."""
     if args.generate:
         return bench_generate.run(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = _recipe_rows(args, device) if args.recipe else _codec_rows(args, device)
+    table = markdown_table(rows)
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    return 0 if all(math.isfinite(r["rel_mse"]) for r in rows) else 1
+
+
+def _codec_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """One row per (input, codec, usual setting) of ``--codec``."""
     names = args.codec or ["kakeya"]
     if "all" in names:
         names = codecs.names()
     for name in names:
         codecs.codec_class(name)
-    device = torch.device(args.device)
     rows: list[dict[str, Any]] = []
     inputs = _inputs(args, fits=any(codecs.codec_class(n).needs_calibration for n in names))
     jobs = [(stream, x, fit, name, cfg) for stream, x, fit in inputs for name, cfg in cells(names, x.shape[-1])]
@@ -196,12 +272,4 @@ def run(args: argparse.Namespace) -> int:
         row = measure(codec, x.to(device), repeats=args.repeats)
         row["settings"] = cfg
         rows.append(row)
-    table = markdown_table(rows)
-    print(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
-    return 0 if all(math.isfinite(r["rel_mse"]) for r in rows) else 1
+    return rows

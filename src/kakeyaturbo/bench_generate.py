@@ -33,9 +33,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("generation benchmark (with --generate)")
     g.add_argument("--generate", action="store_true",
-                   help="time generation with compressed caches against DynamicCache instead of codecs")
-    g.add_argument("--recipe", action="append", metavar="NAME|FILE",
-                   help=f"recipe to time (repeatable; default: {', '.join(DEFAULT_RECIPES)})")
+                   help="time generation with compressed caches against DynamicCache instead of codecs; "
+                   f"--recipe names the caches (default: {', '.join(DEFAULT_RECIPES)})")
     g.add_argument("--ctx", type=positive_int, nargs="+", default=[1024], metavar="T",
                    help="prompt lengths in tokens (default: %(default)s)")
     g.add_argument("--steps", type=positive_int, default=32, help="tokens generated per run (default: %(default)s)")

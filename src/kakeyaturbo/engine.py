@@ -339,24 +339,48 @@ def check_recipe(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int) 
                               f"{stream.upper()} stream, codec {sr.codec!r}: {exc}") from None
 
 
-def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
-                calibration: CalibrationLike | None = None) -> list[LayerPlan]:
-    """One :class:`LayerPlan` per decoder layer.
+@dataclasses.dataclass(frozen=True)
+class LayerStreams:
+    """What a recipe gives one layer, before any codec is built.
+
+    Attributes:
+        layer: layer index.
+        k, v: the K and V stream recipes (boundary and override streams substituted, sensitivity
+            budgets filled in).
+        whitening: the K whitening (None: not whitened).
+        whitening_skipped: why the calibration skipped this layer's whitening, if it did.
+        k_space: what the K codec is fed: the whitening mode, ``"none"`` (pre-RoPE keys) or
+            ``"post_rope"``.
+    """
+
+    layer: int
+    k: StreamRecipe
+    v: StreamRecipe
+    whitening: Whitening | None
+    whitening_skipped: str | None
+    k_space: str
+
+    def coded(self) -> tuple[tuple[str, StreamRecipe, str], tuple[str, StreamRecipe, str]]:
+        """``(stream, stream recipe, space its codec is fed)`` of K and of V."""
+        return ("k", self.k, self.k_space), ("v", self.v, "none")
+
+
+def layer_streams(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
+                  calibration: CalibrationLike | None = None) -> list[LayerStreams]:
+    """What ``recipe`` gives each decoder layer (:class:`LayerStreams`), as :func:`build_plans` builds it.
 
     Boundary layers (``boundary_layers`` plus the calibration's top ``boundary_top``) use
-    ``boundary_k``/``boundary_v``; ``layer_overrides`` then replace streams per layer. A layer
-    is exact when both of its streams are ``identity`` without whitening. With
+    ``boundary_k``/``boundary_v``; ``layer_overrides`` then replace streams per layer. With
     ``layer_bits="sensitivity"`` the remaining layers get the budgets of :func:`sensitivity_budgets`.
 
     Raises:
-        ConfigError: bad sizes, out-of-range layers, a codec config its codec rejects, or a recipe
-            that needs calibration (whitening, calibrated tables, ``boundary_top``) without one.
+        ConfigError: bad sizes, out-of-range layers, or a recipe that needs calibration (whitening,
+            ``boundary_top``, sensitivity budgets) without one.
     """
     _check_geometry(n_layers, n_kv_heads, head_dim)
     streams, shared = _layer_streams(recipe, n_layers, _boundary(recipe, n_layers, calibration))
-    factory = _CodecFactory(recipe, calibration)
     budgets = sensitivity_budgets(recipe, shared, calibration) if recipe.layer_bits == "sensitivity" else {}
-    plans = []
+    out = []
     for layer, (k_sr, v_sr) in enumerate(streams):
         if (layer, "k") in budgets:
             k_sr = dataclasses.replace(k_sr, config={**k_sr.config, "bits": budgets[layer, "k"]})
@@ -364,10 +388,56 @@ def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
         whitening, skipped = (None, None) if k_sr.whiten == "none" else _whitening(
             layer, n_kv_heads, head_dim, calibration, recipe, k_sr.whiten)
         space = k_sr.whiten if whitening is not None else "none" if recipe.pre_rope_keys else "post_rope"
-        k_codec = factory.get(k_sr, "k", layer, space)
-        if k_codec.folds_whitening:
-            whitening = None  # the codec's calibrated basis already contains it
-        plans.append(LayerPlan(layer, k_codec, factory.get(v_sr, "v", layer, "none"), whitening,
-                               k_sr.is_exact and v_sr.is_exact, recipe.layout, n_kv_heads, head_dim,
-                               recipe.chunk_tokens, skipped, "none" if space == "post_rope" else space))
+        out.append(LayerStreams(layer, k_sr, v_sr, whitening, skipped, space))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibratedCodec:
+    """A codec built from calibrated transforms that a recipe's plans need.
+
+    Attributes:
+        codec: the codec name (its class has ``needs_calibration``).
+        config: its config fields from the recipe (budget filled in).
+        layer, stream: the (layer, K/V stream) it codes.
+        space: what it is fed (:attr:`LayerStreams.k_space`; ``"none"`` for V).
+        layout: the recipe's engine layout.
+    """
+
+    codec: str
+    config: Mapping[str, Any]
+    layer: int
+    stream: str
+    space: str
+    layout: str
+
+
+def calibrated_codecs(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
+                      calibration: CalibrationLike | None = None) -> list[CalibratedCodec]:
+    """Every calibrated codec :func:`build_plans` of ``recipe`` builds, so their transforms can be fitted
+    beforehand (in batches); raises as :func:`layer_streams` does."""
+    return [CalibratedCodec(sr.codec, sr.config, ls.layer, stream, space, recipe.layout)
+            for ls in layer_streams(recipe, n_layers, n_kv_heads, head_dim, calibration)
+            for stream, sr, space in ls.coded() if codecs.codec_class(sr.codec).needs_calibration]
+
+
+def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
+                calibration: CalibrationLike | None = None) -> list[LayerPlan]:
+    """One :class:`LayerPlan` per decoder layer, from :func:`layer_streams`.
+
+    A layer is exact when both of its streams are ``identity`` without whitening.
+
+    Raises:
+        ConfigError: bad sizes, out-of-range layers, a codec config its codec rejects, or a recipe
+            that needs calibration (whitening, calibrated tables, ``boundary_top``) without one.
+    """
+    factory = _CodecFactory(recipe, calibration)
+    plans = []
+    for ls in layer_streams(recipe, n_layers, n_kv_heads, head_dim, calibration):
+        k_codec = factory.get(ls.k, "k", ls.layer, ls.k_space)
+        whitening = None if k_codec.folds_whitening else ls.whitening  # else the codec's basis already contains it
+        plans.append(LayerPlan(ls.layer, k_codec, factory.get(ls.v, "v", ls.layer, "none"), whitening,
+                               ls.k.is_exact and ls.v.is_exact, recipe.layout, n_kv_heads, head_dim,
+                               recipe.chunk_tokens, ls.whitening_skipped,
+                               "none" if ls.k_space == "post_rope" else ls.k_space))
     return plans

@@ -12,7 +12,7 @@ import torch
 
 from kakeyaturbo import recipes
 from kakeyaturbo.cache import KakeyaCache
-from kakeyaturbo.calibration import Calibration, CalibrationSettings, config_hash, prepare
+from kakeyaturbo.calibration import Calibration, CalibrationSettings, config_hash, fits, prepare
 from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Config, fit_transforms
 from kakeyaturbo.errors import ConfigError, CorruptDataError
 from kakeyaturbo.evaluation.sweep import load_grid
@@ -48,6 +48,32 @@ def test_bundle_holds_statistics_and_fits_on_demand(tmp_path, tiny_bundle):
     direct = fit_transforms(join_heads(sinkless).unsqueeze(0), KakeyaV2Config(
         bits=2.7, head_gain_bits=4, reflector_bits=3, fitted_tables=True, seed=0), heads=2)
     assert direct.fingerprint() == fitted.fingerprint()  # the fit is the codec's own, on the sinkless sample
+
+
+@pytest.mark.model
+def test_fits_in_batches_are_the_fits_one_by_one_under_the_same_keys(tmp_path, tiny_bundle, monkeypatch):
+    _, stats = tiny_bundle
+    joint = {"head_gain_bits": 4, "reflector_bits": 4, "coding": "auto"}
+    requests = [(layer, stream, space, layout, KakeyaV2Config.for_calibration({"bits": bits, **extra}, stream))
+                for layer in range(3) for bits in (1.5, 2.5, 3.0)
+                for stream, space in (("k", "none"), ("k", "post_rope"), ("k", "sigma_q"), ("k", "lag"), ("v", "none"))
+                for layout, extra in (("head", {}), ("joint", joint))
+                if layout == "head" or space in ("none", "post_rope")]  # joint rows are not whitened
+    one, many = Calibration(stats.manifest, stats.statistics), Calibration(stats.manifest, stats.statistics)
+    one.save(tmp_path / "one")
+    many.save(tmp_path / "many")
+    many.v2_transforms(*requests[4])  # one already memoised
+    fit_bytes = 8 * fits.FIT_COPIES * 2 * 2 * 95 * 16  # of one fit: n_kv * windows * (tokens - 1) * head_dim
+    monkeypatch.setattr(fits, "FIT_BATCH_BYTES", 5 * fit_bytes)  # batches of 5
+    batched = fits.v2_transforms_batch(many, [*requests, requests[7]])  # and one asked twice
+    assert len(batched) == len(requests) + 1 and batched[-1].fingerprint() == batched[7].fingerprint()
+    for r, t in zip(requests, batched):
+        alone = one.v2_transforms(*r)
+        mine, theirs = t.to_tensors(), alone.to_tensors()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    files = [{path.name: path.read_bytes() for path in (tmp_path / name / "fits").glob("v2-*")}
+             for name in ("one", "many")]
+    assert len(files[0]) == len(requests) and files[0] == files[1]  # same names, same bytes
 
 
 @pytest.mark.model

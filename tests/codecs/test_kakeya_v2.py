@@ -17,6 +17,7 @@ from kakeyaturbo.codecs.kakeya_v2 import (
     KakeyaV2Config,
     V2Transforms,
     fit_transforms,
+    fit_transforms_batch,
     group_rotations,
 )
 from kakeyaturbo.ops.bitalloc import water_fill
@@ -200,6 +201,53 @@ def test_fit_rejects_bad_input():
     for heads in (0, 3, True):
         with pytest.raises(kt.ShapeError, match="heads must be a positive divisor of D=8"):
             fit_transforms(torch.randn(1, 50, 8), KakeyaV2Config(bits=3.0, head_gain_bits=4), heads=heads)
+
+
+BATCH_VARIANTS = [
+    *[{"layout": layout, "head_gain_bits": hg, "reflector_bits": rb, "coding": coding}
+      for layout in ("head", "joint") for hg in (0, 4) for rb in (0, 3, 4) for coding in CODINGS],
+    *[{"layout": layout, **extra} for layout in ("head", "joint") for extra in (
+        {"allocation": "uniform"}, {"allocation": "uniform", "reflector_bits": 4}, {"center": True},
+        {"center": False}, {"scale_bits": 0}, {"scale_bits": 5, "coding": "entropy"}, {"rotate_groups": False},
+        {"whiten": True}, {"whiten": True, "head_gain_bits": 4, "coding": "auto"}, {"fitted_tables": False})],
+]
+"""Fit variants the batched fit is checked on: layout ("head": 3 streams of D=16; "joint": 1 stream of
+D=48 holding 3 heads), whitening, and config fields (each fit of a batch with its own bits and seed)."""
+
+
+@pytest.mark.parametrize("variant", BATCH_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+@pytest.mark.parametrize("stream", ["k", "v"])
+def test_a_batch_of_fits_is_bit_identical_to_the_fits_one_by_one(variant, stream):
+    fields = dict(variant)
+    s, d, heads = (3, 16, 1) if fields.pop("layout") == "head" else (1, 48, 3)
+    x = torch.stack([synth(s, 300, d, seed, values=stream == "v") for seed in (3, 4, 5)])  # U = 3 samples
+    whiten = None
+    if fields.pop("whiten", False):
+        a = torch.randn(3, s, d, d, generator=torch.Generator().manual_seed(0)) / d**0.5
+        whiten = torch.linalg.cholesky(a @ a.transpose(-1, -2) + torch.eye(d))
+    plan = [(0, 1.5, 0), (0, 3.25, 0), (1, 2.0, 1), (2, 2.5, 2), (1, 4.0, 7), (2, 1.25, 2)]  # (sample, bits, seed)
+    configs = [KakeyaV2Config.for_calibration({**fields, "bits": bits, "seed": seed}, stream) for _, bits, seed in plan]
+    samples = [p for p, _, _ in plan]
+    batch = fit_transforms_batch(x, configs, whiten=whiten, samples=samples, heads=heads)
+    for t, cfg, p in zip(batch, configs, samples):
+        one = fit_transforms(x[p], cfg, whiten=None if whiten is None else whiten[p], heads=heads)
+        mine, theirs = t.to_tensors(), one.to_tensors()
+        assert mine.keys() == theirs.keys() and t.fingerprint() == one.fingerprint()
+        assert all(mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]) for k in mine)
+    if fields.get("coding") == "auto" and "fitted_tables" not in fields:  # both kinds in one batch
+        assert {t.tables is None for t in batch} == {True, False}
+
+
+def test_a_batch_rejects_fits_that_differ_beyond_bits_seed_and_tables():
+    x = synth(1, 100, 8, 0).unsqueeze(0)
+    with pytest.raises(kt.ConfigError, match=r"differ only in .*fitted_tables.\], not in \[.center.\]"):
+        fit_transforms_batch(x.expand(2, -1, -1, -1), [KakeyaV2Config(bits=3.0), KakeyaV2Config(bits=2.0, stream="v")])
+    with pytest.raises(kt.ShapeError, match="one sample index in 0..0 for each of the 2 configs"):
+        fit_transforms_batch(x, [KakeyaV2Config(bits=3.0)] * 2, samples=[0, 1])
+    with pytest.raises(kt.ShapeError, match=r"x must be a tensor \[U, S, N, D\]"):
+        fit_transforms_batch(x[0], [KakeyaV2Config(bits=3.0)])
+    with pytest.raises(kt.ShapeError, match=r"whiten must be \[U=1, S=1, D=8, D=8\]"):
+        fit_transforms_batch(x, [KakeyaV2Config(bits=3.0)], whiten=torch.eye(8)[None])
 
 
 # ---- transforms ------------------------------------------------------------------------------

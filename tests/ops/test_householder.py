@@ -4,7 +4,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kakeyaturbo.errors import NumericRangeError, ShapeError
-from kakeyaturbo.ops.householder import dequantize_orthogonal, quantize_orthogonal, reflectors_nbytes
+from kakeyaturbo.ops.householder import (
+    dequantize_orthogonal,
+    quantize_orthogonal,
+    reflector_codes,
+    reflector_matrix,
+    reflectors_nbytes,
+)
 
 
 def _orthogonal(s: int, d: int, seed: int) -> torch.Tensor:
@@ -31,6 +37,8 @@ def test_decoded_matrix_is_orthogonal_and_sized(s, d, seed):
     assert packed.numel() == (int((w * lower).sum()) + 7) // 8
     q = dequantize_orthogonal(packed, scale, w)
     assert torch.allclose(q.transpose(1, 2) @ q, torch.eye(d, dtype=torch.float64).expand(s, d, d), atol=1e-12)
+    codes, same = reflector_codes(_orthogonal(s, d, seed), w)  # the unpacked stages give the same matrix
+    assert torch.equal(same, scale) and torch.equal(reflector_matrix(codes, scale, w), q)
 
 
 @pytest.mark.parametrize("bits, worst", [(8, 0.99), (6, 0.95)])

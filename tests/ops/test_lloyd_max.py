@@ -44,3 +44,20 @@ def test_errors():
         lloyd_max.gaussian_table(9)
     with pytest.raises(ShapeError, match="at least 4 samples"):
         lloyd_max.fit(torch.zeros(3), 2)
+
+
+def test_fit_batch_groups_stop_on_their_own():
+    g = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(2, 4000, generator=g, dtype=torch.float64)
+    heavy = torch.randn(2, 4000, generator=g, dtype=torch.float64) ** 3  # converges far more slowly
+    samples, member = torch.cat([gaussian, heavy]), torch.rand(4, 4000, generator=g) < 0.8
+    start = torch.linspace(-1.5, 1.5, 8, dtype=torch.float64).repeat(4, 1)
+
+    def fit(rows: slice, groups: int = 1) -> torch.Tensor:
+        return lloyd_max.fit_batch(samples[rows], member[rows], start[rows], max_iter=100, tol=1e-2, groups=groups)
+
+    alone = torch.cat([fit(slice(0, 2)), fit(slice(2, 4))])
+    assert torch.equal(fit(slice(0, 4), groups=2), alone)  # each run exactly as if fitted alone
+    assert not torch.equal(fit(slice(0, 4)), alone)  # as one run, the Gaussian rows would keep moving
+    with pytest.raises(ShapeError, match="groups must be a positive divisor of the 4 rows"):
+        fit(slice(0, 4), groups=3)

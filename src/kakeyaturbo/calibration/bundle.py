@@ -206,11 +206,13 @@ class Calibration:
         return value
 
     def memoised(self, key: str, make: Callable[[], Any], what: str) -> Any:
-        """``memo_get(key)``, else ``make()`` memoised (counted on the open :meth:`fitting` bar)."""
+        """``memo_get(key)``, else ``make()`` memoised (:meth:`made`)."""
         found = self.memo_get(key)
-        if found is not None:
-            return found
-        value = make()
+        return found if found is not None else self.made(key, make(), what)
+
+    def made(self, key: str, value: Any, what: str) -> Any:
+        """Memoise ``value``, just made, under ``key`` (:meth:`memo_put`), counted on the open :meth:`fitting`
+        bar as ``what``; returns it."""
         if self._bar is not None:
             self._bar.set_postfix_str(what, refresh=False)
             self._bar.update()

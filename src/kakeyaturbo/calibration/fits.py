@@ -2,7 +2,8 @@
 
 * :func:`v2_transforms`: the ``kakeya-v2`` transforms of one (layer, stream) for one codec config,
   key space and engine layout, fitted on that layer's calibration K or V (position 0 of every
-  window, the BOS attention sink, left out: the recipes keep it exact);
+  window, the BOS attention sink, left out: the recipes keep it exact); :func:`v2_transforms_batch`
+  gives many at once, fitting the missing ones in batches;
 * :func:`whitening`: Cholesky factors of the regularised Σ_q and lag-averaged metrics, with the
   layers where whitening is unsafe left out (cheap: memoised in memory only);
 * :func:`table`: the Lloyd–Max tables of the seed's ``kakeya`` codec, fitted on the residuals it
@@ -11,7 +12,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -32,6 +35,10 @@ TABLE_CODEC = {"pca": "randomized", "variance_ratio": 1.0, "block_size": 512}
 recipes that use calibrated tables: randomized PCA, rank D/2, variance ratio 1.0)."""
 TABLE_SAMPLES = 5_000_000
 """At most this many residuals (a seeded random subset) go into one table fit."""
+FIT_BATCH_BYTES = 1 << 30
+"""Most float64 working set one batch of ``kakeya-v2`` fits may hold (:func:`v2_transforms_batch`)."""
+FIT_COPIES = 8
+"""Float64 copies of its sample a fit in a batch holds at its peak (what :data:`FIT_BATCH_BYTES` counts)."""
 
 
 def settings(cal: Calibration) -> CalibrationSettings:
@@ -141,32 +148,113 @@ def table(cal: Calibration, stream: str, bits: int) -> tuple[float, ...]:
     return tuple(float(v) for v in levels.tolist())
 
 
+class V2Request(NamedTuple):
+    """One ``kakeya-v2`` fit asked of a calibration: the arguments of :func:`v2_transforms`."""
+
+    layer: int
+    stream: str
+    space: str
+    layout: str
+    config: Any
+    """A resolved ``KakeyaV2Config``."""
+
+
 def v2_transforms(cal: Calibration, layer: int, stream: str, space: str, layout: str, config: Any) -> Any:
     """The :class:`~kakeyaturbo.codecs.kakeya_v2.V2Transforms` serving ``config`` (a resolved
     ``KakeyaV2Config``) on one (layer, stream), fitted on the calibration sample (keys in ``space``;
     ``layout="joint"``: one row per token, its KV heads side by side) with the layer index as the
-    rotation seed; memoised under the fit's fields."""
-    from kakeyaturbo.codecs.kakeya_v2 import LAYOUTS, V2Transforms, fit_transforms
+    rotation seed; memoised under the fit's fields (a batch of one :func:`v2_transforms_batch`)."""
+    return v2_transforms_batch(cal, [V2Request(layer, stream, space, layout, config)])[0]
 
-    layer = _layer(cal, layer)
-    if layout not in LAYOUTS:
-        raise ConfigError(f"kakeya-v2 transforms exist for layouts {list(LAYOUTS)}, not {layout!r}")
-    if space not in KEY_SPACES or (stream == "v" and space != "none"):
-        raise ConfigError(f"key space must be one of {list(KEY_SPACES)} (values: 'none'), got {space!r}")
-    fit = config.fit_fields(seed=layer)
 
-    def make() -> dict[str, torch.Tensor]:
-        x = _without_sinks(cal, keys_and_values(cal, layer, stream, space))
-        heads = 1
-        if layout == "joint":  # [n_kv, N, D] -> [1, N, n_kv * D], the engine's joint rows
-            x, heads = join_heads(x).unsqueeze(0), x.shape[0]
-        white = whitening(cal, layer, space) if space in WHITEN_MODES else None
-        if space in WHITEN_MODES and white is None:
-            raise ConfigError(f"layer {layer} is not whitened ({skipped_whitening(cal)[layer]}): code its keys "
-                              "in key space 'none'")
-        cfg = type(config)(stream=stream, **fit)
-        return fit_transforms(x, cfg, whiten=None if white is None else white[0], heads=heads).to_tensors()
+def v2_transforms_batch(cal: Calibration, requests: Sequence[V2Request | tuple[int, str, str, str, Any]]) -> list[Any]:
+    """The transforms of each request, as :func:`v2_transforms` gives them one by one.
 
-    key = fit_key("v2", stats=cal.stats_id, layer=layer, stream=stream, space=space, layout=layout, fit=fit)
-    what = f"layer {layer} {stream.upper()} at {config.bits:g} bits"
-    return V2Transforms.from_tensors(cal.memoised(key, make, what))
+    Memoised fits are read back; the others are fitted together
+    (:func:`~kakeyaturbo.codecs.kakeya_v2.fit_transforms_batch`, bit-identical to fitting them one by
+    one), in batches of requests that agree on the layout, on being whitened or not and on every fit
+    field but :data:`~kakeyaturbo.codecs.kakeya_v2.BATCH_FIELDS`, of at most :data:`FIT_BATCH_BYTES`
+    working set each, and each is memoised under its own key, counted on the open fitting bar.
+
+    Args:
+        requests: ``(layer, stream, space, layout, config)`` each (:class:`V2Request`).
+
+    Returns:
+        The :class:`~kakeyaturbo.codecs.kakeya_v2.V2Transforms` of each request, in order.
+    """
+    from kakeyaturbo.codecs.kakeya_v2 import V2Transforms
+
+    asked = [V2Request(*r) for r in requests]
+    keys = [_v2_key(cal, r) for r in asked]
+    found = {key: cal.memo_get(key) for key in keys}
+    todo: dict[str, dict[str, V2Request]] = {}
+    for key, r in zip(keys, asked):
+        if found[key] is None:
+            todo.setdefault(_v2_batch_group(r), {}).setdefault(key, r)
+    size = _v2_batch_size(cal)
+    for group in todo.values():
+        ordered = sorted(group.items(), key=lambda item: (item[1].layer, item[1].stream, item[1].space))
+        for start in range(0, len(ordered), size):
+            batch = ordered[start : start + size]
+            for (key, r), tensors in zip(batch, _fit_v2(cal, [r for _, r in batch])):
+                found[key] = cal.made(key, tensors, f"layer {r.layer} {r.stream.upper()} at {r.config.bits:g} bits")
+    return [V2Transforms.from_tensors(found[key]) for key in keys]
+
+
+def _v2_key(cal: Calibration, r: V2Request) -> str:
+    """The memo key of request ``r``, checked."""
+    from kakeyaturbo.codecs.kakeya_v2 import LAYOUTS
+
+    layer = _layer(cal, r.layer)
+    if r.layout not in LAYOUTS:
+        raise ConfigError(f"kakeya-v2 transforms exist for layouts {list(LAYOUTS)}, not {r.layout!r}")
+    if r.space not in KEY_SPACES or (r.stream == "v" and r.space != "none"):
+        raise ConfigError(f"key space must be one of {list(KEY_SPACES)} (values: 'none'), got {r.space!r}")
+    return fit_key("v2", stats=cal.stats_id, layer=layer, stream=r.stream, space=r.space, layout=r.layout,
+                   fit=r.config.fit_fields(seed=layer))
+
+
+def _v2_batch_group(r: V2Request) -> str:
+    """What the requests fitted in one batch share: layout, whitened or not, the fit fields but the batch's."""
+    from kakeyaturbo.codecs.kakeya_v2 import BATCH_FIELDS
+
+    fit = {k: v for k, v in r.config.fit_fields(seed=r.layer).items() if k not in BATCH_FIELDS}
+    return json.dumps([r.layout, r.space in WHITEN_MODES, fit], sort_keys=True)
+
+
+def _v2_batch_size(cal: Calibration) -> int:
+    """How many fits one batch holds: :data:`FIT_BATCH_BYTES` over :data:`FIT_COPIES` float64 copies of
+    a layer's sample (``n_kv * W * (T - 1) * D`` elements in either layout)."""
+    s = settings(cal)
+    elements = int(cal.manifest["n_kv_heads"]) * s.windows * (s.tokens - 1) * int(cal.manifest["head_dim"])
+    return max(1, FIT_BATCH_BYTES // (FIT_COPIES * 8 * elements))
+
+
+def _fit_v2(cal: Calibration, requests: list[V2Request]) -> list[dict[str, torch.Tensor]]:
+    """The stored tensors of the fits of one batch (requests of one :func:`_v2_batch_group`), in order."""
+    from kakeyaturbo.codecs.kakeya_v2 import fit_transforms_batch
+
+    where = list(dict.fromkeys((r.layer, r.stream, r.space) for r in requests))
+    samples = [_v2_sample(cal, layer, stream, space, requests[0].layout) for layer, stream, space in where]
+    whiten = None if samples[0][1] is None else torch.stack([white for _, white, _ in samples])
+    configs = [type(r.config)(stream=r.stream, **r.config.fit_fields(seed=r.layer)) for r in requests]
+    picks = [where.index((r.layer, r.stream, r.space)) for r in requests]
+    fitted = fit_transforms_batch(torch.stack([x for x, _, _ in samples]), configs, whiten=whiten,
+                                  heads=samples[0][2], samples=picks)
+    return [t.to_tensors() for t in fitted]
+
+
+def _v2_sample(cal: Calibration, layer: int, stream: str, space: str, layout: str
+               ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """What one (layer, stream) is fitted on: ``(x, L, heads)``: the sinkless calibration sample ``x``
+    (``[n_kv, N, D]``, or ``[1, N, n_kv * D]`` in the joint layout: the engine's joint rows), the
+    whitening ``L`` of ``space`` (``[n_kv, D, D]``, None unless whitened) and the heads a row holds."""
+    x = _without_sinks(cal, keys_and_values(cal, layer, stream, space))
+    heads = 1
+    if layout == "joint":  # [n_kv, N, D] -> [1, N, n_kv * D]
+        x, heads = join_heads(x).unsqueeze(0), x.shape[0]
+    white = whitening(cal, layer, space) if space in WHITEN_MODES else None
+    if space in WHITEN_MODES and white is None:
+        raise ConfigError(f"layer {layer} is not whitened ({skipped_whitening(cal)[layer]}): code its keys "
+                          "in key space 'none'")
+    return x, None if white is None else white[0], heads

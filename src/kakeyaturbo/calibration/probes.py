@@ -15,7 +15,7 @@ Both are memoised in the bundle under a hash of their setup and of the statistic
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -117,13 +117,15 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
     The probes of one layer (both streams, every budget) share one forward pass: their compressed
     caches are the rows of one batch, the continuation repeated on each; the layers below it, whose
     caches are exact, are not run again (their output is the exact pass's). The KL is bit-identical
-    to one full forward pass per probe.
+    to one full forward pass per probe. The probes' ``kakeya-v2`` transforms (every layer, stream and
+    budget) are fitted first, in batches (:func:`prefit`).
 
     Returns:
         ``{stream: {layer: {budget: KL}}}`` with string keys (JSON-ready), the KL averaged over
         ``windows`` x ``n_eval - 1`` scored tokens.
     """
     from kakeyaturbo.cache import KakeyaCache
+    from kakeyaturbo.models.arch import facts
     from kakeyaturbo.recipes import Recipe, StreamRecipe
 
     windows, ctx, n = setup["windows"], setup["ctx"], setup["n_eval"]
@@ -133,6 +135,11 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
             "layout": setup["layout"], "pre_rope_keys": setup["pre_rope_keys"]}
     ropes = _ropes(probe_model)
     probes = [(stream, bits) for stream in ("k", "v") for bits in setup["budgets"]]
+    recipes = {
+        (layer, stream, bits): Recipe(**base, layer_overrides={layer: {stream: StreamRecipe.from_dict(
+            {**setup[stream], "config": {**setup[stream]["config"], "bits": bits}}, "probe")}})
+        for layer in range(cal.n_layers) for stream, bits in probes}
+    prefit(cal, recipes.values(), facts(probe_model))
     total: dict[tuple[int, str, float], float] = {}
     with tqdm(total=windows * cal.n_layers * len(probes), desc="calibrate: sensitivity probe",
               unit="probe") as bar:
@@ -144,12 +151,8 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
             ref = exact.logits[0].float()[:-1].log_softmax(-1)
             ref_probs = ref.exp()
             for layer in range(cal.n_layers):
-                caches = []
-                for stream, bits in probes:
-                    spec = setup[stream]
-                    coded = StreamRecipe.from_dict({**spec, "config": {**spec["config"], "bits": bits}}, "probe")
-                    recipe = Recipe(**base, layer_overrides={layer: {stream: coded}})
-                    caches.append(KakeyaCache(probe_model.config, recipe, cal, rope=ropes).ingest(reference))
+                caches = [KakeyaCache(probe_model.config, recipes[(layer, *probe)], cal, rope=ropes).ingest(reference)
+                          for probe in probes]
                 batch = cont.expand(len(probes), -1)
                 alt = _logits_from(probe_model, layer, exact.hidden_states[layer], batch, _stacked(caches))
                 for (stream, bits), row in zip(probes, alt):
@@ -191,10 +194,27 @@ def _ropes(model: Any) -> Any:
     return lambda layer: Rope.from_model(model, layer)
 
 
+def prefit(cal: Calibration, recipes: Iterable[Any], f: Any) -> None:
+    """Fit (or read back), in batches (:func:`~kakeyaturbo.calibration.fits.v2_transforms_batch`), every
+    ``kakeya-v2`` transform the plans of ``recipes`` will ask ``cal`` for on a model of facts ``f``
+    (:class:`~kakeyaturbo.models.arch.ModelFacts`; :func:`~kakeyaturbo.engine.calibrated_codecs`), so
+    that building them reads memoised fits."""
+    from kakeyaturbo.calibration.fits import V2Request, v2_transforms_batch
+    from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Codec, KakeyaV2Config
+    from kakeyaturbo.engine import calibrated_codecs
+
+    v2_transforms_batch(cal, [V2Request(c.layer, c.stream, c.space, c.layout,
+                                        KakeyaV2Config.for_calibration(c.config, c.stream))
+                              for recipe in recipes
+                              for c in calibrated_codecs(recipe, f.n_layers, f.n_kv_heads, f.head_dim, cal)
+                              if c.codec == KakeyaV2Codec.name])
+
+
 def prepare(recipe: Any, calibration: Calibration | None, model: Any) -> None:
     """Make (or read back) every fit and probe ``recipe`` needs from ``calibration`` for ``model``:
-    its sensitivity probe, boundary ranking and ``kakeya-v2`` transforms, with progress bars; quick
-    once everything is memoised. First, before any fit or forward, checks that ``recipe`` can serve
+    its sensitivity probe, boundary ranking and ``kakeya-v2`` transforms (fitted in batches:
+    :func:`prefit`), with progress bars; quick once everything is memoised. First, before any fit or
+    forward, checks that ``recipe`` can serve
     every layer of ``model`` (:func:`~kakeyaturbo.engine.check_recipe`); only that for recipes that need
     no calibration (or for another :class:`~kakeyaturbo.engine.CalibrationLike`)."""
     from kakeyaturbo.calibration.bundle import config_hash
@@ -215,4 +235,5 @@ def prepare(recipe: Any, calibration: Calibration | None, model: Any) -> None:
         if recipe.boundary_top:
             calibration.memoised(boundary_key(calibration), lambda: measure_boundary(model, calibration),
                                  "boundary ranking")
+        prefit(calibration, [recipe], f)
         build_plans(recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration)

@@ -129,6 +129,23 @@ def check_codebook(name: str, table: Any, bits: int) -> None:
         raise ConfigError(f"{name} must be finite and strictly increasing, got {vals}")
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of ``x`` is finite (integer tensors always are).
+
+    A float sum is finite only if every term is, so one reduction decides; the elementwise test
+    runs only when the sum is not finite (a NaN/Inf, or finite values whose sum overflows).
+    float8 e4m3 has no Inf: its NaN is the bit pattern ``S.1111.111``.
+    """
+    if not x.is_floating_point():
+        return True
+    if x.dtype == torch.float8_e4m3fn:
+        return x.numel() == 0 or int((x.view(torch.uint8) & 0x7F).amax()) < 0x7F
+    if x.element_size() == 1:
+        return bool(torch.isfinite(x.float()).all())
+    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
+
+
 def check_input(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """Validate a codec input and flatten it.
 
@@ -150,9 +167,8 @@ def check_input(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
         raise ShapeError(f"expected shape [..., n, D] with at least 2 dims, got {tuple(x.shape)}")
     if x.numel() == 0:
         raise ShapeError(f"cannot encode an empty tensor of shape {tuple(x.shape)}")
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        pos = tuple(int(i) for i in bad.nonzero()[0])
+    if not all_finite(x):
+        pos = tuple(int(i) for i in (~torch.isfinite(x)).nonzero()[0])
         raise NonFiniteInputError(f"input holds NaN/Inf (first at index {pos}, value {float(x[pos])})")
     n, d = x.shape[-2], x.shape[-1]
     x32 = x.reshape(-1, n, d).to(torch.float32)
@@ -276,7 +292,7 @@ class Codec(ABC):
             if isinstance(exc, CorruptDataError):
                 raise
             raise CorruptDataError(f"{self.name}: payload inconsistent with its header: {exc}") from None
-        if not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             raise CorruptDataError(f"{self.name}: payload decodes to values beyond the float32 range")
         return output_cast(out.reshape(enc.shape), dtype_from_name(enc.dtype, OUTPUT_DTYPES, "input"))
 
@@ -301,7 +317,7 @@ class Codec(ABC):
             if t.dtype not in spec.dtypes or t.dim() not in spec.ranks:
                 raise CorruptDataError(f"{self.name}: field {key!r} is {t.dtype} with {t.dim()} dims, expected "
                                        f"{' or '.join(map(str, spec.dtypes))} with {' or '.join(map(str, spec.ranks))}")
-            if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+            if not all_finite(t):
                 raise CorruptDataError(f"{self.name}: field {key!r} holds NaN/Inf")
         elements = math.prod(enc.shape)
         if elements > MAX_EXPANSION * enc.nbytes:

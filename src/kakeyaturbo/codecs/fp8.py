@@ -14,6 +14,8 @@ from kakeyaturbo.codecs.base import Codec, CodecConfig, Field, expect_field
 from kakeyaturbo.packing import narrow
 
 E4M3_MAX = 448.0
+E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+"""float32 ``[256]``: the value of every e4m3 bit pattern (a lookup is faster than the cast on CPU)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,4 +40,5 @@ class Fp8Codec(Codec):
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         q = expect_field(fields, "values", torch.float8_e4m3fn, (s, n, d))
         scale = expect_field(fields, "scale", torch.float16, (s, n))
-        return q.float() * scale.float().unsqueeze(-1)
+        values = E4M3_VALUES.to(q.device).index_select(0, q.view(torch.uint8).reshape(-1).int())
+        return values.reshape(s, n, d) * scale.float().unsqueeze(-1)

@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -90,6 +90,7 @@ from kakeyaturbo.codecs.v2_basis import (
     DenseBasis,
     ReflectorBasis,
     basis_from_tensors,
+    quantise_bases,
     tensors_nbytes,
 )
 from kakeyaturbo.codecs.v2_quantiser import (
@@ -124,6 +125,9 @@ coding has 3-10 % less error at 2 bits, 30-45 % more at 1.25-1.5 bits, 15-40 % l
 GAIN_HEADROOM = 4.0
 """How far above the top of its calibrated gain grid a vector's rms may lie before encoding raises."""
 SIGMA_FLOOR = 1e-4  # normalised units (sum of sigma**2 is ~D): keeps every component codable
+BATCH_FIELDS = ("bits", "seed", "fitted_tables")
+"""The fit fields (:meth:`KakeyaV2Config.fit_fields`) the fits of one :func:`fit_transforms_batch` may differ
+in; they agree on the others."""
 
 
 def code_bits_per_vector(bits: float, side_bits: int, d: int) -> int:
@@ -415,23 +419,30 @@ def _rotation(w: int, seed: int) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
 
-def group_rotations(widths: torch.Tensor, seed: int) -> torch.Tensor:
+def group_rotations(widths: torch.Tensor, seed: int | Sequence[int]) -> torch.Tensor:
     """Block rotation float64 ``[S, D, D]`` mixing the components of each (stream, bit width) group.
 
     Args:
         widths: integer ``[S, D]`` bit widths; 0-bit components are left alone.
-        seed: base seed; each (width, group size) pair gets its own rotation.
+        seed: base seed, or one per stream (``S`` of them); each (seed, width, group size) gets its
+            own rotation.
     """
     s, d = widths.shape
     dev = widths.device
+    seeds = torch.as_tensor(seed, dtype=torch.int64, device=dev)
+    if seeds.dim() > 1 or seeds.numel() not in (1, s):
+        raise ShapeError(f"group_rotations: need one seed or one per stream (S={s}), got {tuple(seeds.shape)}")
+    seeds = seeds.reshape(-1).expand(s)
     rot = torch.eye(d, dtype=torch.float64, device=dev).repeat(s, 1, 1)
     for b in range(1, MAX_BITS + 1):
         member = widths == b
         sizes = member.sum(1)
-        for w in sorted(set(sizes.tolist()) - {0, 1}):
-            sel = (sizes == w).nonzero().squeeze(1)
+        for w, base in sorted(set(zip(sizes.tolist(), seeds.tolist()))):
+            if w < 2:
+                continue
+            sel = ((sizes == w) & (seeds == base)).nonzero().squeeze(1)
             pos = member[sel].nonzero()[:, 1].reshape(-1, w)
-            q = _rotation(w, seed * 1_000_003 + b * 1_009 + w).to(dev)
+            q = _rotation(w, base * 1_000_003 + b * 1_009 + w).to(dev)
             rot[sel[:, None, None], pos[:, :, None], pos[:, None, :]] = q
     return rot
 
@@ -456,15 +467,29 @@ def reflector_widths(var: torch.Tensor, widths: torch.Tensor, min_bits: int) -> 
     return torch.where(coded, rw, 0)
 
 
-def uniform_widths(s: int, d: int, budget: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """int64 ``[s, d]``: ``budget`` bits split as evenly as possible, the remainder to the leading components."""
-    base, extra = divmod(budget, d)
-    return (base + (torch.arange(d, device=device) < extra).long()).expand(s, d).clone()
+def uniform_widths(budget: torch.Tensor, d: int) -> torch.Tensor:
+    """int64 ``[S, d]``: each stream's ``budget`` (integer ``[S]``) bits split as evenly as possible, the
+    remainder to the leading components."""
+    base, extra = budget.div(d, rounding_mode="floor"), budget % d
+    return base.unsqueeze(1) + (torch.arange(d, device=budget.device) < extra.unsqueeze(1)).long()
+
+
+def _check_shapes(x: Any, whiten: Any, lead: tuple[str, ...]) -> None:
+    """Raise :class:`ShapeError` unless ``x`` is a tensor ``[*lead, N, D]`` and ``whiten`` None or a
+    tensor ``[*lead, D, D]`` (``lead``: the names of the leading axes)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != len(lead) + 2:
+        raise ShapeError(f"fit_transforms: x must be a tensor [{', '.join(lead)}, N, D], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    want = (*x.shape[:-2], x.shape[-1], x.shape[-1])
+    if whiten is not None and (not isinstance(whiten, torch.Tensor) or tuple(whiten.shape) != want):
+        named = ", ".join(f"{name}={size}" for name, size in zip((*lead, "D", "D"), want))
+        raise ShapeError(f"fit_transforms: whiten must be [{named}], got "
+                         f"{tuple(whiten.shape) if isinstance(whiten, torch.Tensor) else type(whiten).__name__}")
 
 
 def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Tensor | None = None,
                    heads: int = 1) -> V2Transforms:
-    """Calibrate the v2 transforms on sample vectors.
+    """Calibrate the v2 transforms on sample vectors (a batch of one :func:`fit_transforms_batch`).
 
     Args:
         x: float tensor ``[S, N, D]``: ``N >= 2`` calibration vectors per stream (keys pre-RoPE),
@@ -482,66 +507,137 @@ def fit_transforms(x: torch.Tensor, config: KakeyaV2Config, *, whiten: torch.Ten
         :class:`V2Transforms` on the device of ``x``; every stream spends exactly
         ``round(bits * D) - scale_bits - G * head_gain_bits`` code bits per vector.
     """
-    cfg = config
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ShapeError(f"fit_transforms: x must be a tensor [S, N, D], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    x32, s, n, d = check_input(x)
+    _check_shapes(x, whiten, ("S",))
+    return fit_transforms_batch(x.unsqueeze(0), [config], whiten=None if whiten is None else whiten.unsqueeze(0),
+                                heads=heads)[0]
+
+
+def fit_transforms_batch(x: torch.Tensor, configs: Sequence[KakeyaV2Config], *, whiten: torch.Tensor | None = None,
+                         heads: int = 1, samples: Sequence[int] | None = None) -> list[V2Transforms]:
+    """Calibrate the v2 transforms of ``F`` independent fits at once (:func:`fit_transforms` of each).
+
+    Every result is bit-identical to :func:`fit_transforms` of its sample and config alone: the
+    decompositions and matrix products run on the ``F * S`` streams' matrices as one batch (each
+    matrix on its own, as the ``S`` streams of one fit are), reductions run per stream, and each
+    fit's tables converge on their own. Fits that share a sample (one layer's K at several budgets)
+    share its centring, head gains, metric and eigendecomposition, which do not depend on the fields
+    the fits of a batch may differ in.
+
+    Args:
+        x: float tensor ``[U, S, N, D]``: ``U`` samples of ``S`` streams, as in :func:`fit_transforms`.
+        configs: ``F`` fit options; they may differ in :data:`BATCH_FIELDS` (``bits``, ``seed``,
+            ``fitted_tables``) and must agree on the other fields a fit reads.
+        whiten: optional float ``[U, S, D, D]``: each sample's ``L`` (as in :func:`fit_transforms`).
+        heads: ``G``, as in :func:`fit_transforms`, for every fit.
+        samples: the sample (index into ``x``) of each fit; None: fit ``f`` uses sample ``f`` (``U = F``).
+
+    Returns:
+        ``F`` :class:`V2Transforms` on the device of ``x``, in the order of ``configs``.
+    """
+    _check_shapes(x, whiten, ("U", "S"))
+    u, s, _, d = x.shape
+    picks = list(range(u)) if samples is None else list(samples)
+    if not configs or len(picks) != len(configs) or any(
+            isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < u for p in picks):
+        raise ShapeError(f"fit_transforms_batch: need one sample index in 0..{u - 1} for each of the "
+                         f"{len(configs)} configs, got {picks}")
+    cfg = configs[0]
+    shared = {k: v for k, v in cfg.fit_fields(cfg.seed).items() if k not in BATCH_FIELDS}
+    for other in configs[1:]:
+        theirs = other.fit_fields(other.seed)
+        differ = [k for k, v in shared.items() if theirs[k] != v]
+        if differ:
+            raise ConfigError(f"fit_transforms_batch: the fits of one batch may differ only in {list(BATCH_FIELDS)}, "
+                              f"not in {differ}")
+    x32, _, n, _ = check_input(x)
     if n < 2:
         raise ShapeError(f"fit_transforms: need at least 2 calibration vectors per stream, got {n}")
-    if whiten is not None and (not isinstance(whiten, torch.Tensor) or tuple(whiten.shape) != (s, d, d)):
-        raise ShapeError(f"fit_transforms: whiten must be [S={s}, D={d}, D={d}], got "
-                         f"{tuple(whiten.shape) if isinstance(whiten, torch.Tensor) else type(whiten).__name__}")
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or d % heads:
         raise ShapeError(f"fit_transforms: heads must be a positive divisor of D={d}, got {heads!r}")
     if whiten is not None and cfg.reflector_bits:
         raise ConfigError("fit_transforms: reflector_bits stores an orthogonal basis, but a whitening folds "
                           "L⁻ᵀ into the basis; fit whitened keys with reflector_bits=0")
+    fits, dev = len(configs), x.device
+    budget = torch.tensor([code_bits_per_vector(c.bits, c.side_bits(heads), d) for c in configs], device=dev)
+    mean16, head_log_gain, xc, lw, pca, var = _principal_components(
+        x32, cfg, None if whiten is None else whiten.reshape(u * s, d, d), heads)
+    rows = (torch.tensor(picks, device=dev).unsqueeze(1) * s + torch.arange(s, device=dev)).reshape(-1)
+    xc, lw, pca, var = xc[rows], lw[rows], pca[rows], var[rows]  # per sample -> per fit: [F * S, ...]
+    if cfg.allocation == "waterfill":
+        widths = water_fill(var, budget.repeat_interleave(s), MAX_BITS)
+    else:
+        widths = uniform_widths(budget.repeat_interleave(s), d)
+    if cfg.reflector_bits:  # coded components first: the reflectors of the uncoded tail are not stored
+        order = torch.argsort(widths, dim=1, descending=True, stable=True)
+        widths, var = widths.gather(1, order), var.gather(1, order)
+        pca = pca.gather(2, order.unsqueeze(1).expand_as(pca))
+    rot = group_rotations(widths, [c.seed for c in configs for _ in range(s)]) if cfg.rotate_groups else None
+    rotated = pca @ rot if rot is not None else pca
+    if cfg.reflector_bits:
+        mixed = (var.unsqueeze(1) @ rot.pow(2)).squeeze(1) if rot is not None else var  # after the rotations
+        bases, matrix = quantise_bases(rotated, fits, reflector_widths(mixed, widths, cfg.reflector_bits))
+    else:  # L⁻ᵀ·P: components in the input space
+        bases, matrix = quantise_bases(torch.linalg.solve(lw.transpose(1, 2), rotated).contiguous(), fits)
+    c = xc @ torch.linalg.inv(matrix).transpose(1, 2)
+    log_gain = log_grid(rms(c)) if cfg.scale_bits else None
+    g_hat = gain_values(gain_codes(rms(c.float()), log_gain, cfg.scale_bits), log_gain, cfg.scale_bits)
+    normed = c / g_hat.double().unsqueeze(-1)
+    sigma = narrow(normed.pow(2).mean(1).sqrt().clamp_min(SIGMA_FLOOR), torch.float16, "kakeya-v2 sigma")
+    tabled = [f for f, c in enumerate(configs) if c.fitted_tables]
+    tables = None
+    if tabled:
+        at = (torch.tensor(tabled, device=dev).unsqueeze(1) * s + torch.arange(s, device=dev)).reshape(-1)
+        keep = torch.linspace(0, n - 1, min(n, TABLE_FIT_TOKENS), device=dev).long()
+        z = (normed[at][:, keep] / sigma[at].double().unsqueeze(1)).float()
+        tables = narrow(fit_tables(z, widths[at], fits=len(tabled)), torch.float16, "kakeya-v2 fitted tables")
+
+    def part(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+        """Rows ``i * S .. (i + 1) * S - 1`` of ``t`` (of fit or sample ``i``), or None."""
+        return None if t is None else t[i * s : (i + 1) * s].clone()
+
+    return [V2Transforms(basis=bases[f], sigma=part(sigma, f), bits=part(widths, f).to(torch.uint8),
+                         mean=part(mean16, picks[f]), log_gain=part(log_gain, f),
+                         head_log_gain=part(head_log_gain, picks[f]),
+                         tables=part(tables, tabled.index(f)) if configs[f].fitted_tables else None)
+            for f in range(fits)]
+
+
+def _principal_components(x32: torch.Tensor, cfg: KakeyaV2Config, whiten: torch.Tensor | None, heads: int
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor]:
+    """What a fit computes before its bit allocation, for samples ``x32 [R, N, D]`` (``R`` streams).
+
+    Args:
+        x32: float32 ``[R, N, D]``.
+        cfg: the fit options (``center``, ``head_gain_bits``, ``scale_bits`` are read).
+        whiten: optional float ``[R, D, D]``, each stream's ``L``.
+        heads: ``G``.
+
+    Returns:
+        ``(mean16, head_log_gain, xc, lw, pca, var)``: the float16 mean ``[R, D]`` (None when not
+        centred), the head gain grids ``[R, G, 2]`` (None without head gains), the centred rows in float64
+        ``[R, N, D]`` (heads divided by their coded gains), the metric ``L`` float64 ``[R, D, D]``, the
+        principal components in the metric (columns, by descending variance) float64 ``[R, D, D]`` and their
+        variances after the per-vector gain ``[R, D]``.
+    """
+    r, n, d = x32.shape
     hb = cfg.head_gain_bits
-    budget = code_bits_per_vector(cfg.bits, cfg.side_bits(heads), d)
     x64 = x32.double()
     mean16 = narrow(x64.mean(1), torch.float16, "kakeya-v2 mean") if cfg.centred else None
     xc = x64 - mean16.double().unsqueeze(1) if mean16 is not None else x64
     head_log_gain = None
     if hb:
-        r = rms(xc, heads)
-        head_log_gain = log_grid(r)
-        xc = xc / _per_element(gain_values(gain_codes(r.float(), head_log_gain, hb), head_log_gain, hb), d).double()
-    lw = torch.eye(d, dtype=torch.float64, device=x.device).expand(s, d, d) if whiten is None else whiten.double()
+        g = rms(xc, heads)
+        head_log_gain = log_grid(g)
+        xc = xc / _per_element(gain_values(gain_codes(g.float(), head_log_gain, hb), head_log_gain, hb), d).double()
+    lw = torch.eye(d, dtype=torch.float64, device=x32.device).expand(r, d, d) if whiten is None else whiten.double()
     w = xc @ lw  # the metric space
     _, vecs = torch.linalg.eigh(w.transpose(1, 2) @ w / n)
     pca = vecs.flip(-1)  # descending variance
     c = w @ pca
     gain = (c.norm(dim=-1, keepdim=True) / math.sqrt(d)).clamp_min(1e-30) if cfg.scale_bits else 1.0
     var = ((c / gain) ** 2).mean(1).clamp_min(SIGMA_FLOOR**2)
-    if cfg.allocation == "waterfill":
-        widths = water_fill(var, budget, MAX_BITS)
-    else:
-        widths = uniform_widths(s, d, budget, x.device)
-    if cfg.reflector_bits:  # coded components first: the reflectors of the uncoded tail are not stored
-        order = torch.argsort(widths, dim=1, descending=True, stable=True)
-        widths, var = widths.gather(1, order), var.gather(1, order)
-        pca = pca.gather(2, order.unsqueeze(1).expand_as(pca))
-    rot = group_rotations(widths, cfg.seed) if cfg.rotate_groups else None
-    rotated = pca @ rot if rot is not None else pca
-    basis: Basis
-    if cfg.reflector_bits:
-        mixed = (var.unsqueeze(1) @ rot.pow(2)).squeeze(1) if rot is not None else var  # after the rotations
-        basis = ReflectorBasis.quantise(rotated, reflector_widths(mixed, widths, cfg.reflector_bits))
-    else:  # L⁻ᵀ·P: components in the input space
-        basis = DenseBasis.quantise(torch.linalg.solve(lw.transpose(1, 2), rotated).contiguous())
-    c = xc @ torch.linalg.inv(basis.matrix()).transpose(1, 2)
-    log_gain = log_grid(rms(c)) if cfg.scale_bits else None
-    g_hat = gain_values(gain_codes(rms(c.float()), log_gain, cfg.scale_bits), log_gain, cfg.scale_bits)
-    normed = c / g_hat.double().unsqueeze(-1)
-    sigma = narrow(normed.pow(2).mean(1).sqrt().clamp_min(SIGMA_FLOOR), torch.float16, "kakeya-v2 sigma")
-    tables = None
-    if cfg.fitted_tables:
-        z = (normed / sigma.double().unsqueeze(1)).float()
-        keep = torch.linspace(0, z.shape[1] - 1, min(z.shape[1], TABLE_FIT_TOKENS), device=z.device).long()
-        tables = narrow(fit_tables(z[:, keep], widths), torch.float16, "kakeya-v2 fitted tables")
-    return V2Transforms(basis=basis, sigma=sigma, bits=widths.to(torch.uint8), mean=mean16, log_gain=log_gain,
-                        head_log_gain=head_log_gain, tables=tables)
+    return mean16, head_log_gain, xc, lw, pca, var
 
 
 class KakeyaV2Codec(Codec):
@@ -644,7 +740,7 @@ class KakeyaV2Codec(Codec):
         if hb:
             grid = t.head_log_gain.to(x.device)
             qh = gain_codes(rms(x, t.heads), grid, hb)
-            x = x / _per_element(gain_values(qh, grid, hb), d)
+            x = (x.view(*qh.shape, d // t.heads) / gain_values(qh, grid, hb).unsqueeze(-1)).view(x.shape)
             fields["head_scale"] = pack_bits(qh, hb)
         c = x @ self._enc.to(x.device)
         self._check_range(c, raw)
@@ -682,6 +778,7 @@ class KakeyaV2Codec(Codec):
         if hb:
             head = expect_field(fields, "head_scale", torch.uint8, (packed_nbytes(s * n * t.heads, hb),))
             qh = unpack_bits(head, hb, s * n * t.heads).reshape(s, n, t.heads)
-            y = y * _per_element(gain_values(qh, t.head_log_gain.to(device), hb), d)
+            y = (y.view(s, n, t.heads, d // t.heads) * gain_values(qh, t.head_log_gain.to(device), hb).unsqueeze(-1)
+                 ).view(s, n, d)
         y = t.centre.to(device).unsqueeze(1) + y
         return y.reshape(s, m, n // m, d).transpose(0, 1).reshape(m * s, n // m, d)

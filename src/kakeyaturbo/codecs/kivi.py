@@ -70,7 +70,7 @@ class KiviCodec(Codec):
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         c = self.config
         a, length, groups, group = self._axes(n, d)
-        codes = read_codes(fields, "codes", s * a * length, c.bits).reshape(s, a, length)
+        codes = read_codes(fields, "codes", s * a * length, c.bits, torch.uint8).reshape(s, a, length)
         step = expect_field(fields, "scale", torch.float16, (s, a, groups))
         low = expect_field(fields, "zero", torch.float16, (s, a, groups))
         y = dequantize_minmax(group_last(codes, group), step, low).reshape(s, a, -1)[..., :length]

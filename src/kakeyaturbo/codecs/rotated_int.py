@@ -50,20 +50,21 @@ def quantize_symmetric(xg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
         bits: code width; levels are ``-(2**(bits-1)-1)..2**(bits-1)-1``.
 
     Returns:
-        ``(codes, scale)``: int64 ``[..., g]`` offset to ``0..2**bits-2`` and float16 ``[...]``.
+        ``(codes, scale)``: uint8 ``[..., g]`` offset to ``0..2**bits-2`` and float16 ``[...]``.
     """
     qmax = 2 ** (bits - 1) - 1
     scale = narrow(xg.abs().amax(-1) / qmax, torch.float16, "rotated-int scale")
     q = torch.round(xg * _safe_inverse(scale).unsqueeze(-1)).clamp(-qmax, qmax)
-    return (q + qmax).to(torch.int64), scale
+    return (q + qmax).to(torch.uint8), scale
 
 
 def dequantize_symmetric(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`quantize_symmetric`: float32 ``[..., g]`` (codes above ``2**bits-2`` are corrupt)."""
+    """Inverse of :func:`quantize_symmetric`: float32 ``[..., g]`` from integer codes (codes above
+    ``2**bits-2`` are corrupt)."""
     qmax = 2 ** (bits - 1) - 1
-    if bool((codes > 2 * qmax).any()):
+    if codes.numel() and int(codes.amax()) > 2 * qmax:
         raise CorruptDataError(f"symmetric {bits}-bit code {2 * qmax + 1} is not a valid level")
-    return (codes - qmax).to(torch.float32) * scale.float().unsqueeze(-1)
+    return (codes.to(torch.float32) - qmax) * scale.float().unsqueeze(-1)
 
 
 def quantize_minmax(xg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,7 +75,7 @@ def quantize_minmax(xg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
         bits: code width; codes ``0..2**bits-1``.
 
     Returns:
-        ``(codes, step, low)``: int64 ``[..., g]``, float16 ``[...]`` step and float16 ``[...]``
+        ``(codes, step, low)``: uint8 ``[..., g]``, float16 ``[...]`` step and float16 ``[...]``
         minimum; ``x ≈ low + code * step``. Codes are computed against the f16-rounded values.
     """
     top = 2**bits - 1
@@ -82,7 +83,7 @@ def quantize_minmax(xg: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     lo = low.float().unsqueeze(-1)
     step = narrow((xg.amax(-1) - low.float()) / top, torch.float16, "min-max scale")
     q = torch.round((xg - lo) * _safe_inverse(step).unsqueeze(-1)).clamp(0, top)
-    return q.to(torch.int64), step, low
+    return q.to(torch.uint8), step, low
 
 
 def dequantize_minmax(codes: torch.Tensor, step: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -90,10 +91,12 @@ def dequantize_minmax(codes: torch.Tensor, step: torch.Tensor, low: torch.Tensor
     return low.float().unsqueeze(-1) + codes.to(torch.float32) * step.float().unsqueeze(-1)
 
 
-def read_codes(fields: dict[str, torch.Tensor], name: str, count: int, bits: int) -> torch.Tensor:
-    """Unpack ``count`` codes of ``bits`` bits from uint8 field ``name`` (size checked): int64 ``[count]``."""
+def read_codes(fields: dict[str, torch.Tensor], name: str, count: int, bits: int,
+               dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Unpack ``count`` codes of ``bits`` bits from uint8 field ``name`` (size checked): ``[count]`` of
+    ``dtype``."""
     packed = expect_field(fields, name, torch.uint8, (packed_nbytes(count, bits),))
-    return unpack_bits(packed, bits, count)
+    return unpack_bits(packed, bits, count, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +164,7 @@ class RotatedIntCodec(Codec):
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         c = self.config
         w, g = self.layout(d)
-        codes = read_codes(fields, "codes", s * n * w, c.bits).reshape(s, n, w // g, g)
+        codes = read_codes(fields, "codes", s * n * w, c.bits, torch.uint8).reshape(s, n, w // g, g)
         scale = expect_field(fields, "scale", torch.float16, (s, n, w // g))
         if c.symmetric:
             y = dequantize_symmetric(codes, scale, c.bits)

@@ -71,12 +71,12 @@ def quantize_unit(y: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
         bits: code width 1..8.
 
     Returns:
-        ``(codes, norm)``: int64 ``[..., m]`` and float16 ``[...]`` (the norm ``||y||``).
+        ``(codes, norm)``: uint8 ``[..., m]`` and float16 ``[...]`` (the norm ``||y||``).
     """
     norm = narrow(y.norm(dim=-1), torch.float16, "turboquant norm")
     nf = norm.float().unsqueeze(-1)
-    unit = torch.where(nf > 0, y / nf.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(y))
-    return quantize(unit, sphere_codebook(bits, y.shape[-1], y.device)), norm
+    unit = y / torch.where(nf > 0, nf, torch.inf)  # a zero norm gives (signed) zeros: the code of 0
+    return quantize(unit, sphere_codebook(bits, y.shape[-1], y.device), torch.uint8), norm
 
 
 def dequantize_unit(codes: torch.Tensor, norm: torch.Tensor, bits: int) -> torch.Tensor:
@@ -148,7 +148,7 @@ class TurboQuantCodec(Codec):
 
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         w, blk = self._layout(d)
-        codes = read_codes(fields, "codes", s * n * w, self.config.bits).reshape(s, n, w // blk, blk)
+        codes = read_codes(fields, "codes", s * n * w, self.config.bits, torch.int32).reshape(s, n, w // blk, blk)
         norm = expect_field(fields, "norm", torch.float16, (s, n, w // blk))
         return self._unrotate(dequantize_unit(codes, norm, self.config.bits).reshape(s, n, w), d)
 
@@ -213,7 +213,7 @@ class TurboQuantProdCodec(Codec):
         mse = self._mse()
         fields = mse._encode(x)
         r = x - mse._decode(fields, s, n, d)
-        signs = (r @ self._sketch(d, x.device).T >= 0).to(torch.int64)
+        signs = r @ self._sketch(d, x.device).T >= 0
         rnorm = narrow(r.norm(dim=-1), torch.float16, "turboquant-prod residual norm")
         return {
             "codes": fields["codes"],
@@ -225,6 +225,6 @@ class TurboQuantProdCodec(Codec):
     def _decode(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         norm = expect_field(fields, "norm", torch.float16, (s, n))
         base = self._mse()._decode(dict(fields, norm=norm.reshape(s, n, 1)), s, n, d)
-        signs = read_codes(fields, "signs", s * n * d, 1).reshape(s, n, d).to(torch.float32) * 2 - 1
+        signs = read_codes(fields, "signs", s * n * d, 1, torch.uint8).reshape(s, n, d).to(torch.float32) * 2 - 1
         rnorm = expect_field(fields, "residual_norm", torch.float16, (s, n)).float().unsqueeze(-1)
         return base + qjl_scale(d, self.config.qjl) * rnorm * (signs @ self._sketch(d, signs.device))

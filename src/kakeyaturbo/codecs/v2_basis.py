@@ -4,8 +4,9 @@
 * :class:`ReflectorBasis`: quantised Householder reflectors (:mod:`kakeyaturbo.ops.householder`) of
   an orthogonal basis, about half the entries, none for a trailing run of unstored reflectors.
 
-Both are built by the fit (``quantise``) or read back from their stored tensors
-(:func:`basis_from_tensors`), whose names and dtypes are what calibration bundles memoise.
+Both are built by the fit (:func:`quantise_bases`, batched over fits) or read back from their
+stored tensors (:func:`basis_from_tensors`), whose names and dtypes are what calibration bundles
+memoise.
 """
 
 from __future__ import annotations
@@ -108,12 +109,6 @@ class ReflectorBasis:
     description: ClassVar[str] = "Householder reflectors"
     scale_name: ClassVar[str] = "reflector_scale"
 
-    @classmethod
-    def quantise(cls, basis: torch.Tensor, widths: torch.Tensor) -> ReflectorBasis:
-        """The reflectors of orthogonal float64 ``basis [S, D, D]`` at ``widths [S, D]`` bits each."""
-        packed, scale = householder.quantize_orthogonal(basis, widths)
-        return cls(packed, scale, widths.to(torch.uint8))
-
     def matrix(self) -> torch.Tensor:
         """As :meth:`Basis.matrix` (exactly orthogonal)."""
         return householder.dequantize_orthogonal(self.reflectors, self.reflector_scale, self.reflector_bits)
@@ -144,6 +139,30 @@ class ReflectorBasis:
 KINDS: tuple[type[DenseBasis] | type[ReflectorBasis], ...] = (DenseBasis, ReflectorBasis)
 TENSOR_NAMES: frozenset[str] = frozenset(f.name for kind in KINDS for f in dataclasses.fields(kind))
 """Every stored basis tensor's name."""
+
+
+def quantise_bases(basis: torch.Tensor, fits: int,
+                   widths: torch.Tensor | None = None) -> tuple[list[Basis], torch.Tensor]:
+    """Store the bases of ``fits`` fits at once.
+
+    Args:
+        basis: float64 ``[F * S, D, D]``: fit ``f``'s ``S`` streams are rows ``f * S .. (f + 1) * S - 1``.
+        fits: ``F``.
+        widths: None for int8 bases (:class:`DenseBasis`, any basis); else integer ``[F * S, D]``, the
+            bits of each Householder reflector of orthogonal bases (:class:`ReflectorBasis`).
+
+    Returns:
+        ``(bases, matrix)``: each fit's stored basis, and float64 ``[F * S, D, D]``, what their
+        :meth:`Basis.matrix` give (computed once for the batch).
+    """
+    if widths is None:
+        dense = DenseBasis.quantise(basis)
+        parts = zip(dense.basis_q.chunk(fits), dense.basis_scale.chunk(fits))
+        return [DenseBasis(q.clone(), scale.clone()) for q, scale in parts], dense.matrix()
+    codes, scale = householder.reflector_codes(basis, widths)
+    reflected = [ReflectorBasis(householder.pack_reflectors(c, w), sc.clone(), w.to(torch.uint8))
+                 for c, sc, w in zip(codes.chunk(fits), scale.chunk(fits), widths.chunk(fits))]
+    return reflected, householder.reflector_matrix(codes, scale, widths)
 
 
 def basis_from_tensors(tensors: Mapping[str, torch.Tensor]) -> DenseBasis | ReflectorBasis:

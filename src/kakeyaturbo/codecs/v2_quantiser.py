@@ -16,6 +16,7 @@ gain grid and tables.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Protocol
@@ -25,8 +26,8 @@ import torch
 from kakeyaturbo.codecs.base import expect_field
 from kakeyaturbo.ops import lloyd_max
 from kakeyaturbo.ops.ecsq import SlotCoder
-from kakeyaturbo.ops.lloyd_max import gaussian_table
-from kakeyaturbo.ops.varpack import pack_varwidth, unpack_varwidth, varwidth_nbytes
+from kakeyaturbo.ops.lloyd_max import Buckets, gaussian_table
+from kakeyaturbo.ops.varpack import Columns, VarwidthLayout, varwidth_nbytes
 from kakeyaturbo.packing import pack_bits, packed_nbytes, unpack_bits
 
 MAX_BITS = 8
@@ -92,33 +93,14 @@ def read_gain_codes(fields: Mapping[str, torch.Tensor], name: str, shape: tuple[
     return unpack_bits(packed, bits, count).reshape(shape)
 
 
-def _quantize(z: torch.Tensor, widths: torch.Tensor, tables: Mapping[int, torch.Tensor]) -> torch.Tensor:
-    """Codes int64 ``[S, n, D]`` of ``z [S, n, D]``; component ``(s, j)`` uses ``tables[widths[s, j]]``."""
-    s, n, d = z.shape
-    codes = torch.zeros(z.shape, dtype=torch.int64, device=z.device)
-    flat = z.reshape(s, n * d).contiguous()
-    for b, table in tables.items():
-        bnd = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
-        idx = torch.searchsorted(bnd, flat, right=False).reshape(s, n, d)
-        codes = torch.where((widths == b).unsqueeze(1), idx, codes)
-    return codes
-
-
-def _dequantize(codes: torch.Tensor, widths: torch.Tensor, tables: Mapping[int, torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`_quantize`: float32 ``[S, n, D]`` (0 where the width is 0)."""
-    s, n, d = codes.shape
-    z = torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
-    for b, table in tables.items():
-        idx = codes.reshape(s, n * d).clamp(max=table.shape[1] - 1)
-        z = torch.where((widths == b).unsqueeze(1), table.gather(1, idx).reshape(s, n, d), z)
-    return z
-
-
-def fit_tables(z: torch.Tensor, widths: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+def fit_tables(z: torch.Tensor, widths: torch.Tensor, max_iter: int = 100, tol: float = 1e-5,
+               fits: int = 1) -> torch.Tensor:
     """Lloyd–Max levels float32 ``[S, 510]`` fitted per (stream, width) to ``z [S, N, D]``.
 
     Each width's samples, pooled per stream, go through :func:`kakeyaturbo.ops.lloyd_max.fit_batch`
-    from the N(0,1) table; a stream without that width keeps N(0,1).
+    from the N(0,1) table; a stream without that width keeps N(0,1). The streams may be ``fits``
+    independent fits' streams, equally many each, one after the other: each fit's levels converge
+    on their own (exactly those of the fit alone).
     """
     s, n, d = z.shape
     out = torch.zeros(s, TABLE_SLOTS, dtype=torch.float32, device=z.device)
@@ -126,7 +108,8 @@ def fit_tables(z: torch.Tensor, widths: torch.Tensor, max_iter: int = 100, tol: 
         member = (widths == b).unsqueeze(1).expand(s, n, d).reshape(s, n * d)
         table = gaussian_table(b).to(device=z.device, dtype=torch.float64).repeat(s, 1)
         if bool(member.any()):
-            table = lloyd_max.fit_batch(z.reshape(s, n * d).double(), member, table, max_iter=max_iter, tol=tol)
+            table = lloyd_max.fit_batch(z.reshape(s, n * d).double(), member, table, max_iter=max_iter, tol=tol,
+                                          groups=fits)
         out[:, table_slice(b)] = table.float()
     return out
 
@@ -141,8 +124,34 @@ class Quantiser(Protocol):
         """float32 ``[s, n, d]`` from the fields of :meth:`encode`; corrupt fields raise CorruptDataError."""
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _FixedPlan:
+    """What :class:`TableQuantiser` precomputes on one device.
+
+    Attributes:
+        columns: the components some stream codes (``K``).
+        sigma: float32 ``[S, K]``.
+        layout: the packed layout of their codes.
+        buckets: the nearest-level quantisers, one per (stream, width in use), and one of one level (width 0).
+        table: int64 ``[S, 1, K]``: each component's quantiser in ``buckets``.
+        values: float32 ``[S * K * 256]``: ``level * sigma`` of every code of every (stream, component).
+        offsets: int32 ``[S, 1, K]``: where each component's values start.
+    """
+
+    columns: Columns
+    sigma: torch.Tensor
+    layout: VarwidthLayout
+    buckets: Buckets
+    table: torch.Tensor
+    values: torch.Tensor
+    offsets: torch.Tensor
+
+
 class TableQuantiser:
     """Fixed widths: each component's nearest Lloyd–Max level at its width (module docstring).
+
+    Only the components some stream codes are touched; the quantisers of every (stream, width) run
+    at once (:class:`~kakeyaturbo.ops.lloyd_max.Buckets`), and decoding looks up ``level * sigma``.
 
     Args:
         sigma: float32 ``[S, D]``, rms of each gain-normalised coefficient.
@@ -156,21 +165,43 @@ class TableQuantiser:
                  tables: Mapping[int, torch.Tensor]) -> None:
         self.sigma, self.widths, self.log_gain, self.scale_bits = sigma, widths, log_gain, scale_bits
         self.tables = dict(tables)
+        self._plans: dict[torch.device, _FixedPlan] = {}
 
-    def _on(self, device: torch.device
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]:
-        """sigma, widths, gain grid and tables on ``device``."""
-        log_gain = self.log_gain.to(device) if self.log_gain is not None else None
-        tables = {b: table.to(device) for b, table in self.tables.items()}
-        return self.sigma.to(device), self.widths.to(device), log_gain, tables
+    def _plan(self, device: torch.device) -> _FixedPlan:
+        """The precomputed plan on ``device`` (built on first use)."""
+        if device not in self._plans:
+            widths = self.widths.to(device)
+            s = widths.shape[0]
+            columns = Columns.of(widths > 0)
+            w = columns.take(widths)
+            sigma = columns.take(self.sigma.to(device))
+            used = sorted(self.tables)
+            levels = torch.zeros(s, TABLE_SLOTS, device=device)
+            for b in used:
+                levels[:, table_slice(b)] = self.tables[b].to(device)
+            code = torch.arange(2**MAX_BITS, device=device)
+            at = (2**w - 2).clamp_min(0).unsqueeze(-1) + code.clamp(max=2**w.unsqueeze(-1) - 1)  # [S, K, 256]
+            level = torch.where(w.unsqueeze(-1) > 0, levels.unsqueeze(1).expand(-1, w.shape[1], -1).gather(2, at), 0.0)
+            rank = torch.zeros(MAX_BITS + 1, dtype=torch.int64, device=device)
+            rank[torch.tensor(used, dtype=torch.int64, device=device)] = torch.arange(len(used), device=device) + 1
+            stream = torch.arange(s, device=device).unsqueeze(1)
+            table = torch.where(w > 0, stream * len(used) + rank[w], 0).unsqueeze(1)
+            quantisers = [torch.zeros(1, device=device)]
+            quantisers += [self.tables[b][i].to(device) for i in range(s) for b in used]
+            self._plans[device] = _FixedPlan(
+                columns, sigma, VarwidthLayout.of(w), Buckets.of_tables(quantisers), table,
+                (level * sigma.unsqueeze(-1)).reshape(-1),
+                (torch.arange(w.numel(), device=device, dtype=torch.int32).reshape(s, 1, -1) * 2**MAX_BITS))
+        return self._plans[device]
 
     def encode(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         """As :meth:`Quantiser.encode`."""
-        sigma, widths, log_gain, tables = self._on(c.device)
+        plan = self._plan(c.device)
+        log_gain = self.log_gain.to(c.device) if self.log_gain is not None else None
         q = gain_codes(rms(c), log_gain, self.scale_bits)
         g_hat = gain_values(q, log_gain, self.scale_bits)
-        z = c / (g_hat.unsqueeze(-1) * sigma.unsqueeze(1))
-        fields = {"codes": pack_varwidth(_quantize(z, widths, tables), widths)}
+        z = plan.columns.take(c) / (g_hat.unsqueeze(-1) * plan.sigma.unsqueeze(1))
+        fields = {"codes": plan.layout.pack(plan.buckets.codes(z, plan.table, torch.uint8))}
         if self.scale_bits:
             fields["scale"] = pack_bits(q, self.scale_bits)
         return fields
@@ -178,10 +209,12 @@ class TableQuantiser:
     def decode(self, fields: Mapping[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
         """As :meth:`Quantiser.decode`."""
         packed = expect_field(fields, "codes", torch.uint8, (varwidth_nbytes(self.widths, (s, n, d)),))
+        plan = self._plan(packed.device)
         q = read_gain_codes(fields, "scale", (s, n), self.scale_bits, packed.device)
-        sigma, widths, log_gain, tables = self._on(packed.device)
-        z = _dequantize(unpack_varwidth(packed, widths, (s, n, d)), widths, tables)
-        return z * sigma.unsqueeze(1) * gain_values(q, log_gain, self.scale_bits).unsqueeze(-1)
+        log_gain = self.log_gain.to(packed.device) if self.log_gain is not None else None
+        codes = plan.layout.unpack(packed, n, torch.int32)
+        scaled = plan.values.index_select(0, (codes + plan.offsets).reshape(-1)).reshape(codes.shape)
+        return plan.columns.put(scaled * gain_values(q, log_gain, self.scale_bits).unsqueeze(-1))
 
 
 class SlotQuantiser:

@@ -27,7 +27,8 @@ import math
 import torch
 
 from kakeyaturbo.errors import ConfigError
-from kakeyaturbo.ops.prefix_code import PrefixCode, read_slots, slot_lengths, write_slots
+from kakeyaturbo.ops.prefix_code import PrefixCode, pack_slots, read_slot_columns, write_slots
+from kakeyaturbo.ops.varpack import Columns
 
 CLASS_STEP = 0.25
 """log2-spread between neighbouring classes."""
@@ -142,6 +143,44 @@ STEP_SPAN = 2.0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class _SlotPlan:
+    """What :class:`SlotCoder` precomputes on one device, over the ``K`` components some stream codes.
+
+    Attributes:
+        columns: those components.
+        classes: int64 ``[S, K]``, ``-1`` = not coded in that stream.
+        raw_bits: int64 ``[S, K]``: raw low bits of each (0 where not coded).
+        width, inv_width: float ``[S, 1, K]``: ``2**raw_bits`` and its inverse.
+        low, bound: float ``[S, 1, K]``: ``∓(HALF + 1) * width`` (0 where not coded): clamping ``c / step``
+            to them before rounding changes no symbol, raw value or length.
+        length_at: float ``[S, 1, K]``: where the value 0 of each component's class sits in
+            :func:`rounded_lengths`.
+        code_at: int64 ``[S, 1, K]``: where each component's class starts in the padded codeword table
+            (:attr:`~kakeyaturbo.ops.prefix_code.PrefixCode.padded`; the empty class where not coded).
+        raw_scale: float ``[K, S]``: 1 for wide classes, -0.0 (adds nothing, not even a sign) else.
+    """
+
+    columns: Columns
+    classes: torch.Tensor
+    raw_bits: torch.Tensor
+    width: torch.Tensor
+    inv_width: torch.Tensor
+    low: torch.Tensor
+    bound: torch.Tensor
+    length_at: torch.Tensor
+    code_at: torch.Tensor
+    raw_scale: torch.Tensor
+
+    def rows(self, s: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classes and raw bits of the ``s * n`` slots (``[1, K]`` when one stream serves them all)."""
+        if s == 1:
+            return self.classes, self.raw_bits
+        k = self.classes.shape[1]
+        return (self.classes.unsqueeze(1).expand(s, n, k).reshape(s * n, k),
+                self.raw_bits.unsqueeze(1).expand(s, n, k).reshape(s * n, k))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class SlotCoder:
     """ECSQ of vectors of coefficients into fixed-size slots (see the module docstring).
 
@@ -182,37 +221,78 @@ class SlotCoder:
         lo, hi = self.log_step[:, :1].to(codes.device), self.log_step[:, 1:].to(codes.device)
         return torch.exp(lo + codes.double() * ((hi - lo) / (2**self.step_bits - 1))).float()
 
-    def _symbols(self, c: torch.Tensor, codes: torch.Tensor, raw_bits: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        full = torch.round(c / self.steps(codes).unsqueeze(-1)).to(torch.int64)
-        width = 1 << raw_bits
-        hi = torch.div(full, width, rounding_mode="floor").clamp(-HALF, HALF)
-        return hi + HALF, (full - hi * width).clamp(torch.zeros_like(width), width - 1)
+    @functools.cached_property
+    def _plans(self) -> dict[torch.device, _SlotPlan]:
+        """The precomputed tables by device."""
+        return {}
+
+    def _plan(self, device: torch.device) -> _SlotPlan:
+        """The precomputed tables on ``device`` (built on first use)."""
+        plans = self._plans
+        if device not in plans:
+            tables = gaussian_classes(str(device))
+            classes = self.classes.to(device)
+            columns = Columns.of(classes >= 0)
+            cls = columns.take(classes)
+            coded = cls >= 0
+            raw_bits = torch.where(coded, tables.raw_bits[cls.clamp_min(0)], 0)
+            width = torch.pow(2.0, raw_bits.float()).unsqueeze(1)
+            _, start = rounded_lengths(str(device))
+            at = torch.where(coded, start[cls.clamp_min(0)], start[-1]).float().unsqueeze(1)
+            bound = torch.where(coded.unsqueeze(1), (HALF + 1) * width, 0.0)
+            code_at = torch.where(coded, cls, tables.raw_bits.numel()).unsqueeze(1) * (2 * HALF + 1)
+            plans[device] = _SlotPlan(columns, cls, raw_bits, width, 1.0 / width, -bound, bound, at, code_at,
+                                      torch.where(raw_bits > 0, 1.0, -0.0).t())
+        return plans[device]
+
+    def _rounded(self, c: torch.Tensor, codes: torch.Tensor, plan: _SlotPlan, exact: bool) -> torch.Tensor:
+        """float ``[S, N, K]``: ``round(c / step)`` for step codes ``codes [S, N]``, clamped to ``±bound``,
+        as the int64 arithmetic of the format reads it: a value beyond the int64 range (possible when
+        ``exact`` is False) reads as ``-2**63``."""
+        v = c / self.steps(codes).unsqueeze(-1)
+        if not exact:
+            v = torch.where(torch.round(v).abs() < 2.0**63, v, -(2.0**63))
+        return torch.round(torch.clamp(v, plan.low, plan.bound))
 
     def encode(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Code coefficients ``c [S, N, D]`` (float32): returns step codes int64 ``[S, N]`` and the
-        packed slots (uint8, ``S * N * slot_bits`` bits)."""
-        s, n, d = c.shape
+        packed slots (uint8, ``S * N * slot_bits`` bits).
+
+        Only the coded components are touched; each vector's step is found by bisection over the
+        step codes, all vectors at once, counting its bits by one table lookup per component."""
+        s, n, _ = c.shape
         tables = gaussian_classes(str(c.device))
-        classes = self.classes.to(c.device)
-        raw_bits = tables.raw_bits[classes.clamp_min(0)].unsqueeze(1)  # [S, 1, D]
-        rows = classes.unsqueeze(1).expand(s, n, d).reshape(s * n, d)
-        rb_rows = raw_bits.expand(s, n, d).reshape(s * n, d)
-
-        def bits_of(sym: torch.Tensor) -> torch.Tensor:
-            return slot_lengths(tables.code, sym.reshape(s * n, d), rows, rb_rows).reshape(s, n, d)
-
+        lengths, _ = rounded_lengths(str(c.device))
+        plan = self._plan(c.device)
+        ck = plan.columns.take(c)
+        k = ck.shape[-1]
         lo = torch.zeros(s, n, dtype=torch.int64, device=c.device)
         hi = torch.full_like(lo, 2**self.step_bits - 1)
+        exact = True  # every |c / step| below 2**62: no rounded value leaves the int64 range
+        if k:
+            least, most = torch.aminmax(ck.reshape(s, -1), dim=-1)  # per stream; the finest step is code 0's
+            exact = bool((torch.maximum(-least, most) / self.steps(lo[:, :1])[:, 0]).amax() < 2.0**62)
+
+        def bits_of(full: torch.Tensor) -> torch.Tensor:
+            return lengths.index_select(0, (full + plan.length_at).to(torch.int32).reshape(-1)).view(s, n, k)
+
         for _ in range(self.step_bits):  # finest step that fits (bits fall as the step grows)
             mid = (lo + hi) // 2
-            fits = bits_of(self._symbols(c, mid, raw_bits)[0]).sum(-1) <= self.slot_bits
+            fits = bits_of(self._rounded(ck, mid, plan, exact)).sum(-1) <= self.slot_bits
             lo, hi = torch.where(fits, lo, mid + 1), torch.where(fits, mid, hi)
-        sym, raw = self._symbols(c, hi, raw_bits)
-        sym, raw = self._fit(sym, raw, bits_of(sym), classes)
-        packed = write_slots(tables.code, sym.reshape(s * n, d), rows, raw.reshape(s * n, d), rb_rows,
-                             self.slot_bits)
-        return hi, packed
+        full = self._rounded(ck, hi, plan, exact)
+        top = torch.floor(full * plan.inv_width).clamp(-HALF, HALF)
+        sym = (top + HALF).to(torch.int64)
+        raw = (full - top * plan.width).clamp(torch.zeros_like(plan.width), plan.width - 1).to(torch.int64)
+        bits = bits_of(full)
+        if bool((bits.sum(-1) > self.slot_bits).any()):  # rare: write_slots counts the fitted lengths again
+            sym, raw = self._fit(sym, raw, bits.to(torch.int64), plan.classes)
+            rows, raw_bits = plan.rows(s, n)
+            return hi, write_slots(tables.code, sym.reshape(s * n, k), rows, raw.reshape(s * n, k), raw_bits,
+                                   self.slot_bits)
+        codeword = tables.code.padded[1].index_select(0, (sym + plan.code_at).to(torch.int32).reshape(-1))
+        words = (codeword.view(s, n, k) << plan.raw_bits.to(torch.int32).unsqueeze(1)) | raw.to(torch.int32)
+        return hi, pack_slots(words.view(s * n, k), bits.to(torch.int32).view(s * n, k), self.slot_bits)
 
     def _fit(self, sym: torch.Tensor, raw: torch.Tensor, bits: torch.Tensor, classes: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,19 +309,50 @@ class SlotCoder:
     def decode(self, codes: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`encode`: coefficients float32 ``[S, N, D]`` from step codes ``[S, N]``."""
         s, n = codes.shape
-        d = self.classes.shape[1]
         tables = gaussian_classes(str(packed.device))
-        classes = self.classes.to(packed.device)
-        safe = classes.clamp_min(0)
-        raw_bits = tables.raw_bits[safe]  # [S, D]
-        rows = classes.unsqueeze(1).expand(s, n, d).reshape(s * n, d)
-        rb_rows = raw_bits.unsqueeze(1).expand(s, n, d).reshape(s * n, d)
-        sym, raw = read_slots(tables.code, packed, rows, rb_rows, s * n, self.slot_bits)
-        sym, raw = sym.reshape(s, n, d), raw.reshape(s, n, d)
-        centroid = tables.centroid.reshape(-1)[safe.unsqueeze(1) * (2 * HALF + 1) + sym]
-        wide = ((sym - HALF) * (1 << raw_bits.unsqueeze(1)) + raw).float()
-        value = torch.where(raw_bits.unsqueeze(1) > 0, wide, centroid)
-        return torch.where(classes.unsqueeze(1) >= 0, value, 0.0) * self.steps(codes).unsqueeze(-1)
+        plan = self._plan(packed.device)
+        rows, raw_bits = plan.rows(s, n)
+        found = read_slot_columns(tables.code, packed, rows, raw_bits, s * n, self.slot_bits)  # [K, S*N]
+        k = found.entry.shape[0]
+        value = decoded_values(str(packed.device)).index_select(0, found.entry.reshape(-1)).view(k, s, n)
+        if found.raw.numel():  # wide classes: their raw low bits (-0.0 adds nothing where a stream has none)
+            wide = found.raw_columns
+            value[wide] += found.raw.view(wide.numel(), s, n) * plan.raw_scale.index_select(0, wide).unsqueeze(-1)
+        return plan.columns.put((value * self.steps(codes)).permute(1, 2, 0))
+
+
+@functools.lru_cache(maxsize=4)
+def rounded_lengths(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lengths, start)``: float32 lengths (codeword and raw bits) of the rounded ``c / step`` values
+    ``f = -bound..bound`` of every class (``bound = (HALF + 1) * 2**m``; ``hi`` is ``floor(f / 2**m)``
+    clamped to ``±HALF``), then one 0 for positions not coded; int64 ``start [C + 1]``: where each
+    class's ``f = 0`` sits."""
+    tables = gaussian_classes(device)
+    parts, start, at = [], [], 0
+    for c, m in enumerate(tables.raw_bits.tolist()):
+        bound = (HALF + 1) << m
+        f = torch.arange(-bound, bound + 1, device=device)
+        hi = torch.div(f, 1 << m, rounding_mode="floor").clamp(-HALF, HALF)
+        parts.append((tables.code.lengths[c, hi + HALF] + m).float())
+        start.append(at + bound)
+        at += 2 * bound + 1
+    parts.append(torch.zeros(1, device=device))
+    start.append(at)
+    return torch.cat(parts), torch.tensor(start, device=device)
+
+
+@functools.lru_cache(maxsize=4)
+def decoded_values(device: str = "cpu") -> torch.Tensor:
+    """float32 ``[(C + 1) * 2**MAX_LEN]``: for every entry of the padded LUTs of the class family's
+    prefix code (:attr:`~kakeyaturbo.ops.prefix_code.PrefixCode.padded`), the reconstruction (in steps)
+    of the symbol it decodes, without raw bits: narrow classes the cell's N(0, r²) centroid, wide
+    ones ``(hi - HALF) * 2**m``; 0 for the class of positions not coded."""
+    tables = gaussian_classes(device)
+    wide = tables.raw_bits.unsqueeze(1) > 0
+    hi = torch.arange(-HALF, HALF + 1, device=device).float() * torch.pow(2.0, tables.raw_bits).unsqueeze(1)
+    values = torch.cat([torch.where(wide, hi, tables.centroid), tables.centroid.new_zeros(1, 2 * HALF + 1)])
+    symbols = tables.code.padded[2].view(values.shape[0], -1).long()
+    return values.gather(1, symbols).reshape(-1)
 
 
 def slot_lengths_of_zero(classes: torch.Tensor) -> torch.Tensor:

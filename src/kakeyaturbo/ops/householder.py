@@ -56,16 +56,17 @@ def reflectors_nbytes(widths: torch.Tensor) -> int:
     return varwidth_nbytes(ew, (ew.shape[0], 1, ew.shape[1]))
 
 
-def quantize_orthogonal(q: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise orthogonal matrices to packed Householder reflectors.
+def reflector_codes(q: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantised Householder reflectors of orthogonal matrices, unpacked.
 
     Args:
         q: float ``[S, D, D]``, each orthogonal (columns are the basis vectors).
         widths: integer ``[S, D]``: bits of reflector ``j`` (0, or 2..8; zeros only as a suffix).
 
     Returns:
-        ``(packed, scale)``: uint8 ``[reflectors_nbytes(widths)]`` (the entries, offset-binary,
-        LSB-first in :func:`torch.tril_indices` order) and float16 ``[S, D]`` per-reflector scales.
+        ``(codes, scale)``: int64 ``[S, D (D - 1) / 2]``, the offset-binary code of each entry below
+        the diagonal in :func:`torch.tril_indices` order (0 in an unstored reflector), and float16
+        ``[S, D]`` per-reflector scales.
     """
     if q.dim() != 3 or q.shape[-1] != q.shape[-2] or tuple(widths.shape) != tuple(q.shape[:2]):
         raise ShapeError(f"quantize_orthogonal: q must be [S, D, D] and widths [S, D], got "
@@ -79,8 +80,44 @@ def quantize_orthogonal(q: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Te
     scale = narrow((peak / levels).clamp_min(2.0**-24), torch.float16, "reflector scale")
     half = levels[:, cols]
     codes = torch.round(low / scale.double()[:, cols]).clamp(-half, half) + half
-    codes = torch.where(ew > 0, codes, 0).long()
-    return pack_varwidth(codes.unsqueeze(1), ew), scale
+    return torch.where(ew > 0, codes, 0).long(), scale
+
+
+def pack_reflectors(codes: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[reflectors_nbytes(widths)]``: the codes ``[S, T]`` of :func:`reflector_codes` packed
+    LSB-first at their reflectors' ``widths [S, D]``."""
+    _, _, ew = _entry_widths(widths.to(codes.device))
+    return pack_varwidth(codes.unsqueeze(1), ew)
+
+
+def reflector_matrix(codes: torch.Tensor, scale: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """float64 ``[S, D, D]``, exactly orthogonal: the product of the reflectors whose entries are
+    ``codes [S, T]`` (:func:`reflector_codes`) at ``scale`` float16 ``[S, D]`` and ``widths [S, D]``."""
+    widths = widths.to(codes.device)
+    rows, cols, ew = _entry_widths(widths)
+    s, d = widths.shape
+    half = _half_range(widths)[:, cols]
+    entries = torch.where(ew > 0, (codes.double() - half) * scale.to(codes.device).double()[:, cols], 0.0)
+    low = torch.zeros(s, d, d, dtype=torch.float64, device=codes.device)
+    low[:, rows, cols] = entries
+    norm2 = 1.0 + low.pow(2).sum(1)
+    tau = torch.where(widths > 0, 2.0 / norm2, 0.0)
+    return torch.linalg.householder_product(low, tau)
+
+
+def quantize_orthogonal(q: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise orthogonal matrices to packed Householder reflectors.
+
+    Args:
+        q: float ``[S, D, D]``, each orthogonal (columns are the basis vectors).
+        widths: integer ``[S, D]``: bits of reflector ``j`` (0, or 2..8; zeros only as a suffix).
+
+    Returns:
+        ``(packed, scale)``: uint8 ``[reflectors_nbytes(widths)]`` (the entries, offset-binary,
+        LSB-first in :func:`torch.tril_indices` order) and float16 ``[S, D]`` per-reflector scales.
+    """
+    codes, scale = reflector_codes(q, widths)
+    return pack_reflectors(codes, widths), scale
 
 
 def dequantize_orthogonal(packed: torch.Tensor, scale: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
@@ -91,14 +128,6 @@ def dequantize_orthogonal(packed: torch.Tensor, scale: torch.Tensor, widths: tor
         scale: float16 ``[S, D]``.
         widths: integer ``[S, D]``, as given to :func:`quantize_orthogonal`.
     """
-    widths = widths.to(packed.device)
-    rows, cols, ew = _entry_widths(widths)
-    s, d = widths.shape
-    codes = unpack_varwidth(packed, ew, (s, 1, ew.shape[1])).squeeze(1).double()
-    half = _half_range(widths)[:, cols]
-    entries = torch.where(ew > 0, (codes - half) * scale.to(packed.device).double()[:, cols], 0.0)
-    low = torch.zeros(s, d, d, dtype=torch.float64, device=packed.device)
-    low[:, rows, cols] = entries
-    norm2 = 1.0 + low.pow(2).sum(1)
-    tau = torch.where(widths > 0, 2.0 / norm2, 0.0)
-    return torch.linalg.householder_product(low, tau)
+    _, _, ew = _entry_widths(widths.to(packed.device))
+    codes = unpack_varwidth(packed, ew, (ew.shape[0], 1, ew.shape[1])).squeeze(1)
+    return reflector_matrix(codes, scale, widths)

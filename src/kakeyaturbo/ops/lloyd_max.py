@@ -9,8 +9,11 @@ width); :func:`fit` is one set, for the ``kakeya`` codec's calibrated tables.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from functools import cache
+from typing import ClassVar
 
 import torch
 
@@ -80,49 +83,129 @@ def boundaries(table: torch.Tensor) -> torch.Tensor:
     return (table[1:] + table[:-1]) / 2
 
 
-def quantize(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Buckets:
+    """Nearest-level codes for several tables at once, without a binary search per value.
+
+    For a value ``z`` and its table ``t``, the code is the number of table ``t``'s decision
+    boundaries below ``z``: for ascending boundaries exactly ``torch.searchsorted(bounds_t, z)``
+    (ties go to the lower level). Each table's boundary range is cut into :attr:`cells` equal
+    cells, and one monotone float expression, ``int(clamp(z * inv + off, 0, cells - 1) + base)``,
+    gives the cell of a value and of every boundary alike. Boundaries in earlier cells are then
+    below ``z`` and those in later cells are not, so the code is the count of boundaries in earlier
+    cells (a lookup) plus at most :attr:`depth` comparisons with the boundaries sharing ``z``'s cell.
+
+    Attributes:
+        inv, off, base: ``[T]`` float: the cell expression of each table (``base = t * cells``).
+        below: float ``[T * cells]``: per (table, cell), that table's boundaries in earlier cells.
+        within: float ``[depth, T * cells]``: the boundaries in each cell, ascending, +inf after them.
+        cells: cells per table (:data:`CELLS_PER_LEVEL` times the most levels of a table).
+    """
+
+    inv: torch.Tensor
+    off: torch.Tensor
+    base: torch.Tensor
+    below: torch.Tensor
+    within: torch.Tensor
+    cells: int
+    CELLS_PER_LEVEL: ClassVar[int] = 4
+
+    @property
+    def depth(self) -> int:
+        """The most boundaries one cell holds."""
+        return self.within.shape[0]
+
+    @classmethod
+    def of_tables(cls, tables: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> Buckets:
+        """The buckets of the nearest-level quantisers of ``tables`` (each an ascending ``[L_t]`` table,
+        ``L_t >= 1``; a one-level table codes everything as 0), computed in ``dtype``."""
+        bounds = [boundaries(t.to(dtype)).sort().values for t in tables]
+        dev = tables[0].device if tables else torch.device("cpu")
+        cells = cls.CELLS_PER_LEVEL * max([b.numel() + 1 for b in bounds] or [1])
+        spans = [float(b[-1] - b[0]) if b.numel() else 0.0 for b in bounds]
+        inv = [cells / span if span > 0 else 1.0 for span in spans]
+        off = [-float(b[0]) * scale if b.numel() else 0.0 for b, scale in zip(bounds, inv)]
+        params = [torch.tensor(v, dtype=dtype, device=dev) for v in (inv, off, [t * cells for t in range(len(bounds))])]
+        below = torch.zeros(len(bounds) * cells, dtype=dtype, device=dev)
+        placed = []
+        for t, b in enumerate(bounds):  # every boundary's cell, by the expression values go through
+            cell = cls._cell(b, cells, *(p[t] for p in params)).to(torch.int64)
+            before = torch.searchsorted(cell, torch.arange(t * cells, (t + 1) * cells, device=dev))  # cell ascends
+            below[t * cells:(t + 1) * cells] = before.to(dtype)
+            placed.append((cell, torch.arange(b.numel(), device=dev) - before[cell - t * cells]))
+        depth = max([int(rank.max()) + 1 for _, rank in placed if rank.numel()] or [0])
+        within = torch.full((depth, len(bounds) * cells), math.inf, dtype=dtype, device=dev)
+        for b, (cell, rank) in zip(bounds, placed):
+            within[rank, cell] = b
+        return cls(*params, below, within, cells)
+
+    @staticmethod
+    def _cell(z: torch.Tensor, cells: int, inv: torch.Tensor, off: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """int32 cell of each value of ``z`` (monotone in ``z``)."""
+        return (torch.clamp(z * inv + off, 0, cells - 1) + base).to(torch.int32)
+
+    def codes(self, z: torch.Tensor, table: torch.Tensor | int = 0, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        """Codes of ``z`` (float, any shape) in ``dtype``, value ``z[i]`` in table ``table[i]`` (an int, or an
+        integer tensor broadcastable to ``z``)."""
+        which = table if isinstance(table, int) else table.long()
+        cell = self._cell(z, self.cells, self.inv[which], self.off[which], self.base[which]).reshape(-1)
+        code = self.below.index_select(0, cell)
+        flat = z.reshape(-1)
+        above = torch.empty_like(code)
+        for row in self.within:
+            code += torch.gt(flat, row.index_select(0, cell), out=above)
+        return code.reshape(z.shape).to(dtype)
+
+
+def quantize(z: torch.Tensor, table: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Nearest-level indices (ties go to the lower index).
 
     Args:
         z: float tensor of any shape.
         table: ascending float tensor ``[L]`` on the device of ``z``.
+        dtype: integer dtype of the result (one that holds ``L - 1``).
 
     Returns:
-        int64 tensor shaped like ``z`` with values in ``[0, L)``.
+        tensor of ``dtype`` shaped like ``z`` with values in ``[0, L)``.
     """
-    bnd = boundaries(table.to(z.dtype)).contiguous()
-    return torch.searchsorted(bnd, z.contiguous(), right=False)
+    return Buckets.of_tables([table], z.dtype).codes(z, dtype=dtype)
 
 
 def dequantize(idx: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Look up ``table[idx]`` (float32, shaped like ``idx``)."""
-    return table.to(torch.float32)[idx]
+    return table.to(torch.float32).index_select(0, idx.reshape(-1)).reshape(idx.shape)
 
 
 def fit_batch(samples: torch.Tensor, member: torch.Tensor, table: torch.Tensor, *, max_iter: int,
-              tol: float) -> torch.Tensor:
+              tol: float, groups: int = 1) -> torch.Tensor:
     """Lloyd–Max iteration on ``B`` independent sample sets at once.
 
     Each row's member samples are sorted once; every step then finds the cell edges by binary
     search and the centroids from prefix sums (a sample on an edge goes to the lower cell, as in
-    :func:`quantize`); an empty cell keeps its level. Stops when no level of any row moved by
-    ``tol`` or more, or after ``max_iter`` steps.
+    :func:`quantize`); an empty cell keeps its level. The rows form ``groups`` equal runs of
+    consecutive rows (independent fits batched together): a run stops when none of its levels
+    moved by ``tol`` or more, or after ``max_iter`` steps, so each run's levels are exactly those
+    of the run fitted alone.
 
     Args:
         samples: float64 ``[B, M]``.
         member: bool ``[B, M]``: which samples belong to each row's set.
         table: float64 ``[B, L]``, ascending: the starting levels.
         max_iter: most steps.
-        tol: convergence threshold on the largest level move.
+        tol: convergence threshold on the largest level move of a run.
+        groups: runs, dividing ``B``.
 
     Returns:
         float64 ``[B, L]``, ascending.
     """
     b = samples.shape[0]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or b % groups:
+        raise ShapeError(f"fit_batch: groups must be a positive divisor of the {b} rows, got {groups!r}")
     ordered = torch.sort(torch.where(member, samples, math.inf), dim=1).values
     count = member.sum(1, keepdim=True)
     finite = torch.where(torch.isfinite(ordered), ordered, 0.0)  # members first, +inf padding after
     prefix = torch.cat([ordered.new_zeros(b, 1), finite.cumsum(1)], 1)
+    running = torch.ones(groups, dtype=torch.bool, device=table.device)
     for _ in range(max_iter):
         bnd = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
         inner = torch.searchsorted(ordered, bnd, right=True)  # samples in cells up to each edge
@@ -130,9 +213,10 @@ def fit_batch(samples: torch.Tensor, member: torch.Tensor, table: torch.Tensor, 
         mass = (edges[:, 1:] - edges[:, :-1]).double()
         sums = prefix.gather(1, edges[:, 1:]) - prefix.gather(1, edges[:, :-1])
         new = torch.sort(torch.where(mass > 0, sums / mass.clamp_min(1), table), dim=1).values
-        moved = float((new - table).abs().max())
-        table = new
-        if moved < tol:
+        moved = (new - table).abs().reshape(groups, -1).amax(1)
+        table = torch.where(running.repeat_interleave(b // groups).unsqueeze(1), new, table)
+        running &= ~(moved < tol)
+        if not bool(running.any()):
             break
     return table
 

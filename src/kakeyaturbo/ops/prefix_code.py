@@ -9,18 +9,26 @@ after another (each optionally followed by ``raw`` plain bits, most-significant 
 of exactly ``slot_bits`` bits, zero-padded; the ``R`` slots are concatenated and packed
 LSB-first (:func:`kakeyaturbo.packing.pack_bits` with 1-bit codes). Every slot has the same size,
 so rows decode in parallel: :func:`read_slots` walks the ``J`` positions (a loop over positions,
-vectorised over rows), peeking ``max_len`` bits per row and decoding them by table lookup.
+vectorised over rows) with two lookups a step, the next ``max_len`` bits at each row's position
+(precomputed for every bit of the payload) and the length of the codeword they begin with; symbols
+and raw bits are then read at all the positions at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 
 import torch
 
 from kakeyaturbo.errors import ConfigError, CorruptDataError, NumericRangeError, ShapeError
-from kakeyaturbo.packing import pack_bits, packed_nbytes, unpack_bits
+from kakeyaturbo.packing import packed_nbytes
+
+FIELD_BITS = 16
+"""Longest codeword, and most raw bits after one, the slot functions handle."""
+_REVERSED = torch.tensor([int(f"{i:08b}"[::-1], 2) for i in range(256)], dtype=torch.uint8)
+"""Each byte with its bits in reverse order (LSB-first bytes to MSB-first ones and back)."""
 
 
 def huffman_lengths(weights: list[float], max_len: int) -> list[int]:
@@ -98,6 +106,16 @@ class PrefixCode:
         return PrefixCode(self.lengths.to(device), self.codes.to(device), self.lut_symbol.to(device),
                           self.lut_length.to(device), self.max_len)
 
+    @functools.cached_property
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat int32 tables with one more class, ``C``, of empty codewords (a position that is not
+        coded): ``lengths``, ``codes`` (``[(C + 1) * A]``), ``lut_symbol``, ``lut_length``
+        (``[(C + 1) * 2**max_len]``)."""
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(1, t.shape[1])]).reshape(-1).to(torch.int32)
+
+        return grow(self.lengths), grow(self.codes), grow(self.lut_symbol), grow(self.lut_length)
+
 
 def slot_lengths(code: PrefixCode, symbols: torch.Tensor, classes: torch.Tensor,
                  raw_bits: torch.Tensor) -> torch.Tensor:
@@ -114,15 +132,28 @@ def slot_lengths(code: PrefixCode, symbols: torch.Tensor, classes: torch.Tensor,
     return torch.where(classes >= 0, length, 0)
 
 
+def _positions(code: PrefixCode, classes: torch.Tensor, raw_bits: torch.Tensor, rows: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class index into :attr:`PrefixCode.padded` (``C`` where not coded) and raw bits (0 where not
+    coded) of each position: int32, shaped like the broadcast of ``classes`` and ``raw_bits``."""
+    cls = torch.broadcast_tensors(classes, raw_bits)[0]
+    rb = torch.broadcast_tensors(raw_bits, classes)[0]
+    coded = cls >= 0
+    none = code.lengths.shape[0]
+    if cls.shape[0] not in (1, rows):
+        raise ShapeError(f"prefix slots: classes and raw bits must have 1 or {rows} rows, got {cls.shape[0]}")
+    return torch.where(coded, cls, none).to(torch.int32), torch.where(coded, rb, 0).to(torch.int32)
+
+
 def write_slots(code: PrefixCode, symbols: torch.Tensor, classes: torch.Tensor, raw: torch.Tensor,
                 raw_bits: torch.Tensor, slot_bits: int) -> torch.Tensor:
     """Write each row's codewords (and raw bits) into a ``slot_bits``-bit slot; see the module docstring.
 
     Args:
-        symbols: int64 ``[R, J]`` in ``0..A-1``.
+        symbols: integer ``[R, J]`` in ``0..A-1``.
         classes: int64 ``[R, J]`` (broadcastable), ``-1`` = position not coded.
-        raw: int64 ``[R, J]``: raw values, ``0 <= raw < 2**raw_bits``.
-        raw_bits: int64 ``[R, J]`` (broadcastable), ``0..`` per position.
+        raw: integer ``[R, J]``: raw values, ``0 <= raw < 2**raw_bits``.
+        raw_bits: int64 ``[R, J]`` (broadcastable), ``0..FIELD_BITS`` per position.
         slot_bits: bits per row.
 
     Returns:
@@ -132,26 +163,48 @@ def write_slots(code: PrefixCode, symbols: torch.Tensor, classes: torch.Tensor, 
         NumericRangeError: a row's codewords do not fit its slot.
     """
     r, j = symbols.shape
-    dev = symbols.device
-    cls = classes.expand(r, j)
-    rb = raw_bits.expand(r, j)
-    lengths = slot_lengths(code, symbols, cls, rb)
+    lengths_t, codes_t, _, _ = code.padded
+    cls, rb = _positions(code, classes, raw_bits, r)
+    if code.max_len > FIELD_BITS or (rb.numel() and int(rb.max()) > FIELD_BITS):
+        raise ShapeError(f"prefix slots: codewords and raw fields must be at most {FIELD_BITS} bits")
+    flat = (cls * code.lengths.shape[1] + symbols.to(torch.int32)).reshape(-1)
+    lengths = lengths_t.index_select(0, flat).view(r, j) + rb
     total = lengths.sum(1)
     if r and int(total.max()) > slot_bits:
         row = int(total.argmax())
         raise NumericRangeError(f"prefix slots: row {row} needs {int(total[row])} bits, the slot holds {slot_bits}")
-    a = code.lengths.shape[1]
-    flat = cls.clamp_min(0) * a + symbols
-    word = (code.codes.reshape(-1)[flat] << rb) | raw
-    start = lengths.cumsum(1) - lengths
-    width = int(lengths.max()) if lengths.numel() else 0
-    k = torch.arange(width, device=dev)
-    live = k < lengths.unsqueeze(-1)  # [R, J, W]
-    bit = (word.unsqueeze(-1) >> (lengths.unsqueeze(-1) - 1 - k).clamp_min(0)) & 1
-    where = torch.arange(r, device=dev).reshape(r, 1, 1) * slot_bits + start.unsqueeze(-1) + k
-    stream = torch.zeros(r * slot_bits, dtype=torch.int64, device=dev)
-    stream[where[live]] = bit[live]
-    return pack_bits(stream, 1)
+    word = (codes_t.index_select(0, flat).view(r, j) << rb) | (raw.to(torch.int32) & ((1 << rb) - 1))
+    return pack_slots(word, lengths, slot_bits)
+
+
+def pack_slots(words: torch.Tensor, lengths: torch.Tensor, slot_bits: int) -> torch.Tensor:
+    """The slots of :func:`write_slots` from each position's word (its codeword and raw bits, MSB first)
+    and length, int32 ``[R, J]`` each (lengths at most 31 - 7, rows at most ``slot_bits`` long; not
+    checked here). Every word lands in the 64-bit frame of the two 32-bit words its first bit falls in
+    (the stream is written MSB-first and bit-reversed per byte at the end), by two scatter-adds."""
+    r, _ = words.shape
+    dev = words.device
+    index = torch.int32 if r * slot_bits < 2**31 else torch.int64
+    start = lengths.cumsum(1, dtype=index) - lengths + torch.arange(r, dtype=index, device=dev).unsqueeze(1) * slot_bits
+    frame = words.to(torch.int64) << (63 - (start & 31) - lengths)  # bits 62..31: the first word, 30..0: the next
+    nbytes = packed_nbytes(r * slot_bits, 1)
+    out = torch.zeros(nbytes // 4 + 2, dtype=torch.int64, device=dev)
+    at = (start >> 5).reshape(-1).to(torch.int64)
+    out.scatter_add_(0, at, (frame >> 31).reshape(-1))
+    out.scatter_add_(0, at + 1, ((frame & 0x7FFF_FFFF) << 1).reshape(-1))
+    msb_first = out.view(torch.uint8).reshape(-1, 8)[:, :4].flip(1).reshape(-1)[:nbytes]  # big-endian bytes
+    return _REVERSED.to(dev).index_select(0, msb_first.to(torch.int32))
+
+
+def _windows(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
+    """int32 ``[bits]``: the ``width`` bits (MSB first, ``width <= FIELD_BITS``) from every bit offset of
+    the LSB-first stream ``packed`` (zeros past its end)."""
+    nbytes = -(-bits // 8)
+    msb = torch.zeros(nbytes + 2, dtype=torch.int32, device=packed.device)
+    msb[: packed.numel()] = _REVERSED.to(packed.device).index_select(0, packed.to(torch.int32)).to(torch.int32)
+    word = (msb[:-2] << 16) | (msb[1:-1] << 8) | msb[2:]  # the 24 bits from each byte on
+    shifts = 24 - width - torch.arange(8, dtype=torch.int32, device=packed.device)
+    return ((word.unsqueeze(1) >> shifts) & ((1 << width) - 1)).reshape(-1)[:bits]
 
 
 def read_slots(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, raw_bits: torch.Tensor,
@@ -160,8 +213,8 @@ def read_slots(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, ra
 
     Args:
         packed: uint8 ``[packed_nbytes(rows * slot_bits, 1)]``.
-        classes: int64 ``[rows, J]`` (broadcastable), ``-1`` = not coded.
-        raw_bits: int64 ``[rows, J]`` (broadcastable).
+        classes: int64 ``[rows, J]`` or ``[1, J]`` (broadcastable), ``-1`` = not coded.
+        raw_bits: int64 ``[rows, J]`` or ``[1, J]`` (broadcastable).
 
     Returns:
         ``(symbols, raw)``, int64 ``[rows, J]`` each (0 where not coded).
@@ -169,38 +222,71 @@ def read_slots(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, ra
     Raises:
         CorruptDataError: wrong byte count, or a row's codewords run past its slot.
     """
+    found = read_slot_columns(code, packed, classes, raw_bits, rows, slot_bits)
+    raw = torch.zeros(found.entry.shape, dtype=torch.int64, device=packed.device)
+    raw[found.raw_columns] = found.raw.to(torch.int64)
+    return code.padded[2].index_select(0, found.entry.reshape(-1)).view(found.entry.shape).t().to(torch.int64), raw.t()
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotColumns:
+    """The codewords :func:`read_slot_columns` found, position-major.
+
+    Attributes:
+        entry: int32 ``[J, rows]``: each codeword's entry in the (padded) LUT tables of
+            :attr:`PrefixCode.padded`: its class's row and the ``max_len`` bits it begins.
+        raw_columns: int64 ``[J']``: the positions that have raw bits in some row.
+        raw: int32 ``[J', rows]``: their raw values (0 in rows without raw bits there).
+    """
+
+    entry: torch.Tensor
+    raw_columns: torch.Tensor
+    raw: torch.Tensor
+
+
+def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, raw_bits: torch.Tensor,
+                      rows: int, slot_bits: int) -> SlotColumns:
+    """:func:`read_slots`, position-major and stopping at the LUT entries (a decoder can look up what it
+    needs in one step); arguments and errors as there."""
     need = packed_nbytes(rows * slot_bits, 1)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
         raise CorruptDataError(f"prefix slots: expected {need} uint8 bytes, got {packed.dtype} "
                                f"{tuple(packed.shape)}")
     j = classes.shape[-1]
     dev = packed.device
-    cls = classes.expand(rows, j)
-    rb = raw_bits.expand(rows, j)
+    cls, rb = _positions(code, classes, raw_bits, rows)
     raw_max = int(rb.max()) if rb.numel() else 0
-    peek = code.max_len + raw_max
-    bits = unpack_bits(packed, 1, rows * slot_bits).reshape(rows, slot_bits)
-    bits = torch.cat([bits, bits.new_zeros(rows, peek)], 1)  # in memory only: reads near a slot's end
-    weights = 1 << torch.arange(peek - 1, -1, -1, device=dev)
-    ahead = torch.arange(peek, device=dev)
-    pos = torch.zeros(rows, dtype=torch.int64, device=dev)
-    symbols = torch.zeros(rows, j, dtype=torch.int64, device=dev)
-    raw = torch.zeros(rows, j, dtype=torch.int64, device=dev)
-    lut_width = code.lut_symbol.shape[1]
-    for col in range(j):
-        c = cls[:, col]
-        at = pos.clamp(max=slot_bits).unsqueeze(1)  # a corrupt row may run past its slot: checked below
-        window = (bits.gather(1, at + ahead) * weights).sum(1)  # next `peek` bits, MSB first
-        entry = c.clamp_min(0) * lut_width + (window >> raw_max)
-        sym = code.lut_symbol.reshape(-1)[entry]
-        length = code.lut_length.reshape(-1)[entry]
-        m = rb[:, col]
-        value = (window >> (peek - length - m).clamp_min(0)) & ((1 << m) - 1)
-        coded = c >= 0
-        symbols[:, col] = torch.where(coded, sym, 0)
-        raw[:, col] = torch.where(coded, value, 0)
-        pos = pos + torch.where(coded, length + m, 0)
-    if rows and int(pos.max()) > slot_bits:
-        raise CorruptDataError(f"prefix slots: row {int(pos.argmax())} runs to bit {int(pos.max())}, past its "
+    width = max(code.max_len, raw_max)
+    if width > FIELD_BITS:
+        raise ShapeError(f"prefix slots: codewords and raw fields must be at most {FIELD_BITS} bits")
+    lut_length = code.padded[3]
+    lut = 1 << code.max_len
+    window = _windows(packed, rows * slot_bits + j * (code.max_len + raw_max) + 1, width)
+    peek = width - code.max_len  # window bits beyond a LUT index
+    entry, extra = (cls * lut).t(), rb.t()  # [J, rows or 1]
+    if cls.shape[0] == 1:  # one class per position for every row: each step reads that class's LUT row
+        rows_of = lut_length.view(-1, lut)
+        steps = [(rows_of[c], None, m or None) for c, m in zip(cls[0].tolist(), rb[0].tolist())]
+    else:
+        steps = [(lut_length, e, x if raw_max else None) for e, x in zip(entry, extra)]
+    positions = [torch.arange(rows, dtype=torch.int32, device=dev) * slot_bits]
+    for table, offset, more in steps:  # the codeword lengths chain the positions: the one loop
+        at = positions[-1]
+        ahead = window.index_select(0, at)
+        ahead = ahead >> peek if peek else ahead
+        at = at + table.index_select(0, ahead if offset is None else ahead + offset)
+        positions.append(at if more is None else at + more)
+    end = positions[-1] - positions[0]
+    if rows and int(end.max()) > slot_bits:
+        raise CorruptDataError(f"prefix slots: row {int(end.argmax())} runs to bit {int(end.max())}, past its "
                                f"{slot_bits}-bit slot (corrupt or mismatched payload)")
-    return symbols, raw
+    at = torch.stack(positions[:-1])
+    ahead = window.index_select(0, at.reshape(-1)).view(j, rows)
+    found = (ahead >> peek if peek else ahead) + entry
+    wide = (extra > 0).any(1).nonzero().squeeze(1)
+    if not wide.numel():
+        return SlotColumns(found, wide, found.new_zeros(0, rows))
+    index = found.index_select(0, wide).reshape(-1)
+    after = at.index_select(0, wide).reshape(-1) + lut_length.index_select(0, index)
+    raw = window.index_select(0, after).view(wide.numel(), rows) >> (width - extra.index_select(0, wide))
+    return SlotColumns(found, wide, raw)
