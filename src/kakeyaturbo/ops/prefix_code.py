@@ -119,17 +119,16 @@ class PrefixCode:
 
 def slot_lengths(code: PrefixCode, symbols: torch.Tensor, classes: torch.Tensor,
                  raw_bits: torch.Tensor) -> torch.Tensor:
-    """Bits each position takes: int64 ``[R, J]`` (codeword plus raw bits; 0 where ``classes < 0``).
+    """Bits each position takes: int32 ``[R, J]`` (codeword plus raw bits; 0 where ``classes < 0``).
 
     Args:
-        symbols: int64 ``[R, J]`` in ``0..A-1``.
+        symbols: integer ``[R, J]`` in ``0..A-1``.
         classes: int64 ``[R, J]`` (broadcastable); ``-1`` marks a position that is not coded.
         raw_bits: int64 ``[R, J]`` (broadcastable): plain bits after each codeword.
     """
-    cls = classes.clamp_min(0).expand(symbols.shape)
-    a = code.lengths.shape[1]
-    length = code.lengths.reshape(-1)[cls * a + symbols] + raw_bits
-    return torch.where(classes >= 0, length, 0)
+    cls, rb = _positions(code, classes, raw_bits, symbols.shape[0])
+    at = (cls * code.lengths.shape[1] + symbols.to(torch.int32)).reshape(-1)
+    return code.padded[0].index_select(0, at).view(symbols.shape) + rb
 
 
 def _positions(code: PrefixCode, classes: torch.Tensor, raw_bits: torch.Tensor, rows: int
@@ -163,17 +162,16 @@ def write_slots(code: PrefixCode, symbols: torch.Tensor, classes: torch.Tensor, 
         NumericRangeError: a row's codewords do not fit its slot.
     """
     r, j = symbols.shape
-    lengths_t, codes_t, _, _ = code.padded
     cls, rb = _positions(code, classes, raw_bits, r)
     if code.max_len > FIELD_BITS or (rb.numel() and int(rb.max()) > FIELD_BITS):
         raise ShapeError(f"prefix slots: codewords and raw fields must be at most {FIELD_BITS} bits")
-    flat = (cls * code.lengths.shape[1] + symbols.to(torch.int32)).reshape(-1)
-    lengths = lengths_t.index_select(0, flat).view(r, j) + rb
+    lengths = slot_lengths(code, symbols, classes, raw_bits)
     total = lengths.sum(1)
     if r and int(total.max()) > slot_bits:
         row = int(total.argmax())
         raise NumericRangeError(f"prefix slots: row {row} needs {int(total[row])} bits, the slot holds {slot_bits}")
-    word = (codes_t.index_select(0, flat).view(r, j) << rb) | (raw.to(torch.int32) & ((1 << rb) - 1))
+    codeword = code.padded[1].index_select(0, (cls * code.lengths.shape[1] + symbols.to(torch.int32)).reshape(-1))
+    word = (codeword.view(r, j) << rb) | (raw.to(torch.int32) & ((1 << rb) - 1))
     return pack_slots(word, lengths, slot_bits)
 
 
