@@ -1,6 +1,7 @@
 """`kakeya-v2`: calibrated static transform coding, per token, no per-block side data.
 
-Calibration (:func:`fit_transforms`, offline, once per model) gives each stream ``s`` (one of the
+Calibration (:func:`fit_transforms`, offline, once per model; :func:`fit_transforms_batch` makes
+many independent fits at once, bit-identical to one by one) gives each stream ``s`` (one of the
 ``S`` leading rows of the codec input ``[S, N, D]``; in the engine, one (layer, KV head) of the K or V
 stream, or one layer's joint rows):
 
@@ -558,7 +559,7 @@ def fit_transforms_batch(x: torch.Tensor, configs: Sequence[KakeyaV2Config], *, 
         raise ConfigError("fit_transforms: reflector_bits stores an orthogonal basis, but a whitening folds "
                           "L⁻ᵀ into the basis; fit whitened keys with reflector_bits=0")
     fits, dev = len(configs), x.device
-    budget = torch.tensor([code_bits_per_vector(c.bits, c.side_bits(heads), d) for c in configs], device=dev)
+    budget = torch.tensor([code_bits_per_vector(one.bits, one.side_bits(heads), d) for one in configs], device=dev)
     mean16, head_log_gain, xc, lw, pca, var = _principal_components(
         x32, cfg, None if whiten is None else whiten.reshape(u * s, d, d), heads)
     rows = (torch.tensor(picks, device=dev).unsqueeze(1) * s + torch.arange(s, device=dev)).reshape(-1)
@@ -571,7 +572,7 @@ def fit_transforms_batch(x: torch.Tensor, configs: Sequence[KakeyaV2Config], *, 
         order = torch.argsort(widths, dim=1, descending=True, stable=True)
         widths, var = widths.gather(1, order), var.gather(1, order)
         pca = pca.gather(2, order.unsqueeze(1).expand_as(pca))
-    rot = group_rotations(widths, [c.seed for c in configs for _ in range(s)]) if cfg.rotate_groups else None
+    rot = group_rotations(widths, [one.seed for one in configs for _ in range(s)]) if cfg.rotate_groups else None
     rotated = pca @ rot if rot is not None else pca
     if cfg.reflector_bits:
         mixed = (var.unsqueeze(1) @ rot.pow(2)).squeeze(1) if rot is not None else var  # after the rotations
@@ -583,7 +584,7 @@ def fit_transforms_batch(x: torch.Tensor, configs: Sequence[KakeyaV2Config], *, 
     g_hat = gain_values(gain_codes(rms(c.float()), log_gain, cfg.scale_bits), log_gain, cfg.scale_bits)
     normed = c / g_hat.double().unsqueeze(-1)
     sigma = narrow(normed.pow(2).mean(1).sqrt().clamp_min(SIGMA_FLOOR), torch.float16, "kakeya-v2 sigma")
-    tabled = [f for f, c in enumerate(configs) if c.fitted_tables]
+    tabled = [f for f, one in enumerate(configs) if one.fitted_tables]
     tables = None
     if tabled:
         at = (torch.tensor(tabled, device=dev).unsqueeze(1) * s + torch.arange(s, device=dev)).reshape(-1)
