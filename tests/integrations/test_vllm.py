@@ -150,7 +150,7 @@ def test_v2_recipe_blocks_are_small_and_continue_like_a_recompute(setup):
     bf16 = len(store.entries()) * BLOCK * 30 * 2 * 3 * 64 * 2  # blocks x tokens x layers x K/V x heads x D x 2 B
     assert bf16 / stored > 4.5
     cal = recipes_calibration(cal_dir)
-    _check_against_transformers(setup, store, V2, cal, "bfloat16", k_tol=0.15, v_tol=0.3)  # 2.5-bit coding error
+    _check_against_transformers(setup, store, V2, cal, "bfloat16", k_tol=0.3, v_tol=0.5)  # 2.5 bits; scrambled: ~1.3
     kl, agree = [], 0
     loaded = [(a, b) for a, b in zip(first["results"], second["results"]) if b["cached"] == 256]
     for a, b in loaded:
