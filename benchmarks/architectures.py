@@ -26,30 +26,27 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.models.tiny_models import FAMILIES, SLIDING_FAMILIES, tiny_model  # noqa: E402
+
 import kakeyaturbo as kt  # noqa: E402
 from kakeyaturbo.errors import KakeyaError  # noqa: E402
+from kakeyaturbo.generation import held_bytes  # noqa: E402
 from kakeyaturbo.models.loading import default_model_dir  # noqa: E402
 from kakeyaturbo.models.text import load_corpus, token_windows  # noqa: E402
-from tests.models.tiny_models import FAMILIES, SLIDING_FAMILIES, tiny_model  # noqa: E402
 
 RECIPES = ("exact", "fp8", "kivi-4", "turboquant-3", "kakeya-quality", "kakeya-balanced", "kakeya-max")
 WINDOW, PREFILL, STEPS, EVERY = 96, 160, 192, 32
 
 
-def _held(cache: Any) -> int:
-    """Bytes a transformers ``DynamicCache`` holds now."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
 @torch.no_grad()
-def _trace(model: Any, ids: torch.Tensor, cache: Any, held: Any) -> list[int]:
-    """Bytes ``held(cache)`` after the prefill and every ``EVERY`` greedy steps."""
+def _trace(model: Any, ids: torch.Tensor, cache: Any) -> list[int]:
+    """Bytes the cache holds after the prefill and every ``EVERY`` greedy steps."""
     out = model(input_ids=ids, cache=cache, use_cache=True)
-    trace = [held(cache)]
+    trace = [held_bytes(cache)]
     for step in range(1, STEPS + 1):
         out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
         if step % EVERY == 0:
-            trace.append(held(cache))
+            trace.append(held_bytes(cache))
     return trace
 
 
@@ -61,7 +58,7 @@ def family_rows(family: str, tokenizer: Any, corpus: Any) -> list[dict[str, Any]
     model = tiny_model(family, "sdpa", **sizes).to(torch.bfloat16)
     calibration = kt.calibrate(model, tokenizer, corpus, windows=6, tokens=512)
     ids = token_windows(tokenizer, corpus.evaluation, 1, PREFILL)
-    reference = _trace(model, ids, DynamicCache(config=model.config), _held)
+    reference = _trace(model, ids, DynamicCache(config=model.config))
     rows = []
     for name in RECIPES:
         t0 = time.perf_counter()
@@ -70,7 +67,7 @@ def family_rows(family: str, tokenizer: Any, corpus: Any) -> list[dict[str, Any]
         except KakeyaError as exc:
             rows.append({"family": family, "recipe": name, "runs": False, "error": str(exc)})
             continue
-        trace = _trace(model, ids, cache, lambda c: c.memory_report()["total"])
+        trace = _trace(model, ids, cache)
         report = cache.memory_report()
         rows.append({
             "family": family, "recipe": name, "runs": True, "seconds": round(time.perf_counter() - t0, 2),

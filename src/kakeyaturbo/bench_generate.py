@@ -44,21 +44,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_calibration_arg(g)
 
 
-def _held(cache: Any) -> int:
-    """Bytes a cache holds now (``DynamicCache``: its tensors)."""
-    if hasattr(cache, "memory_report"):
-        return int(cache.memory_report()["total"])
-    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized
-               for t in (layer.keys, layer.values))
-
-
 def _time_one(model: Any, ids: torch.Tensor, make_cache: Any, steps: int) -> dict[str, Any]:
-    from kakeyaturbo.generation import timed_generate
+    from kakeyaturbo.generation import held_bytes, timed_generate
 
     cache = make_cache()
     held: list[int] = []
     _, timing = timed_generate(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cache,
-                               max_new_tokens=steps, on_token=lambda: held.append(_held(cache)))
+                               max_new_tokens=steps, on_token=lambda: held.append(held_bytes(cache)))
     growth = max((b - a for a, b in zip(held, held[1:])), default=0)
     return {"prefill_s": timing.prefill_s, "per_token_s": timing.per_token_s, "tokens_per_s": timing.tokens_per_s,
             "bytes_held": held[-1], "max_step_growth": growth}

@@ -18,6 +18,14 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 
+def held_bytes(cache: Any) -> int:
+    """Bytes a cache holds now: a KakeyaTurbo cache's memory report, or a transformers cache's tensors."""
+    if hasattr(cache, "memory_report"):
+        return int(cache.memory_report()["total"])
+    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized
+               for t in (layer.keys, layer.values))
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationTiming:
     """Wall-clock seconds of one ``generate`` call.

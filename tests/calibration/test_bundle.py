@@ -13,6 +13,8 @@ import torch
 from kakeyaturbo import recipes
 from kakeyaturbo.cache import KakeyaCache
 from kakeyaturbo.calibration import Calibration, CalibrationSettings, config_hash, fits, prepare
+from kakeyaturbo.calibration.bundle import read_manifest, statistics_id
+from kakeyaturbo.calibration.probes import pending_probes
 from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Config, fit_transforms
 from kakeyaturbo.errors import ConfigError, CorruptDataError
 from kakeyaturbo.evaluation.sweep import load_grid
@@ -163,6 +165,11 @@ def test_bundle_errors(tmp_path, tiny_bundle):
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CorruptDataError, match="unreadable"):
         Calibration.load(tmp_path / "b")
+    assert statistics_id(read_manifest(tmp_path / "b")) == cal.stats_id  # the manifest alone names the statistics
+    (tmp_path / "b" / "statistics.safetensors").unlink()
+    assert read_manifest(tmp_path / "b") == manifest
+    with pytest.raises(ConfigError, match="not a calibration bundle"):
+        Calibration.load(tmp_path / "b")
     no_probe = recipes.Recipe.from_dict({"name": "spread", "layer_bits": "sensitivity", "probe": TINY_PROBE,
                                          "k": {"codec": "kakeya-v2", "config": {"bits": 2.5}},
                                          "v": {"codec": "kakeya-v2", "config": {"bits": 2.5}}})
@@ -202,7 +209,9 @@ def test_v2_sensitivity_drives_layer_budgets(tiny_bundle):
         "name": "spread", "sink_tokens": 1, "chunk_tokens": 16, "layer_bits": "sensitivity", "probe": TINY_PROBE,
         "k": {"codec": "kakeya-v2", "config": {"bits": 2.5}}, "v": {"codec": "kakeya-v2", "config": {"bits": 2.5}},
     })
+    assert pending_probes(recipe, cal) == ["sensitivity probe"]
     plans = KakeyaCache.from_model(model, recipe, cal).plans
+    assert pending_probes(recipe, cal) == []
     probed = cal.sensitivity(recipe.sensitivity_setup())
     assert set(probed) == {"k", "v"} and set(probed["k"]) == {0, 1, 2}
     assert all(set(per) == {2.0, 3.0} and min(per.values()) >= 0 for s in probed.values() for per in s.values())

@@ -57,7 +57,7 @@ def setup(tmp_path_factory):
 
 
 def _path(store: KVStore, setup: dict[str, Any], recipe: str, prompt: int, block: int, cal: Any = None) -> Path:
-    ident = identity_for(setup["model"], setup["config"], recipes.load(recipe), BLOCK, cal)
+    ident = identity_for(setup["model"], setup["config"], recipes.load(recipe), BLOCK, cal.stats_id if cal else "")
     return store.path(prefix_keys(setup["prompts"][prompt], BLOCK, ident)[block])
 
 
@@ -105,7 +105,7 @@ def _check_against_transformers(setup: dict[str, Any], store: KVStore, recipe: s
     from kakeyaturbo.integrations.blocks import serving_recipe
 
     r = serving_recipe(recipes.load(recipe), BLOCK)
-    ident = identity_for(setup["model"], setup["config"], r, BLOCK, cal)
+    ident = identity_for(setup["model"], setup["config"], r, BLOCK, cal.stats_id if cal else "")
     codec = BlockCodec(build_plans(r, 30, 3, 64, cal), BLOCK, ident, r.sink_tokens, rope_factory(setup["config"]))
     k, v = codec.decode(store.get(prefix_keys(setup["prompts"][0], BLOCK, ident)[0]), 0)
     model = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=getattr(torch, dtype)).eval()

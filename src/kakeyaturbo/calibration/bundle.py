@@ -129,10 +129,8 @@ class Calibration:
 
     @property
     def stats_id(self) -> str:
-        """Hash of what the statistics were measured from (model config, text, split, settings)."""
-        keys = ("config_hash", "text", "split", "settings", "layer_types", "dtype")
-        blob = json.dumps({k: self.manifest.get(k) for k in keys}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """Hash of what the statistics were measured from (:func:`statistics_id`)."""
+        return statistics_id(self.manifest)
 
     @property
     def n_layers(self) -> int:
@@ -258,37 +256,60 @@ class Calibration:
             CorruptDataError: unreadable manifest or statistics.
         """
         d = Path(directory)
-        not_a_bundle = (f"{d} is not a calibration bundle (needs {MANIFEST} and {STATISTICS}); create one with "
-                        "`kakeya calibrate --out DIR`")
-        if not (d / MANIFEST).is_file():
-            raise ConfigError(not_a_bundle)
-        try:
-            manifest = json.loads((d / MANIFEST).read_text())
-        except (ValueError, OSError) as exc:
-            raise CorruptDataError(f"calibration bundle {d} is unreadable: {exc}") from None
-        if not isinstance(manifest, dict):
-            raise CorruptDataError(f"calibration bundle {d}: manifest.json is not a JSON object")
-        version = manifest.get("bundle_version")
-        if version != BUNDLE_VERSION:
-            model = manifest.get("model", "MODEL")
-            raise ConfigError(f"calibration bundle {d} is version {version}, this KakeyaTurbo reads version "
-                              f"{BUNDLE_VERSION} (statistics, with transforms fitted on demand); rebuild it with "
-                              f"`{calibrate_command(model, d)}`")
+        manifest = read_manifest(d)
         if not (d / STATISTICS).is_file():
-            raise ConfigError(not_a_bundle)
+            raise ConfigError(_not_a_bundle(d))
         try:
             statistics = load_file(str(d / STATISTICS))
         except (ValueError, OSError, RuntimeError, SafetensorError) as exc:
             raise CorruptDataError(f"calibration bundle {d} is unreadable: {exc}") from None
-        for key, kind in MANIFEST_FIELDS.items():
-            value = manifest.get(key)
-            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
-                wanted = "a positive integer" if kind is int else f"a {kind.__name__}"
-                raise CorruptDataError(f"calibration bundle {d}: manifest {key!r} must be {wanted}, got {value!r}")
-        if len(manifest["layer_types"]) != manifest["n_layers"] or not all(
-                isinstance(t, str) for t in manifest["layer_types"]):
-            raise CorruptDataError(f"calibration bundle {d}: manifest 'layer_types' must be n_layers strings")
         return cls(manifest, statistics, d)
+
+
+def _not_a_bundle(d: Path) -> str:
+    return (f"{d} is not a calibration bundle (needs {MANIFEST} and {STATISTICS}); create one with "
+            "`kakeya calibrate --out DIR`")
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The checked manifest of the bundle in ``directory``, without reading its statistics.
+
+    Raises:
+        ConfigError: no manifest, or a bundle of an older version (the message names the command
+            that rebuilds it).
+        CorruptDataError: an unreadable manifest or one with fields of the wrong type.
+    """
+    d = Path(directory)
+    if not (d / MANIFEST).is_file():
+        raise ConfigError(_not_a_bundle(d))
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except (ValueError, OSError) as exc:
+        raise CorruptDataError(f"calibration bundle {d} is unreadable: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise CorruptDataError(f"calibration bundle {d}: manifest.json is not a JSON object")
+    version = manifest.get("bundle_version")
+    if version != BUNDLE_VERSION:
+        model = manifest.get("model", "MODEL")
+        raise ConfigError(f"calibration bundle {d} is version {version}, this KakeyaTurbo reads version "
+                          f"{BUNDLE_VERSION} (statistics, with transforms fitted on demand); rebuild it with "
+                          f"`{calibrate_command(model, d)}`")
+    for key, kind in MANIFEST_FIELDS.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            wanted = "a positive integer" if kind is int else f"a {kind.__name__}"
+            raise CorruptDataError(f"calibration bundle {d}: manifest {key!r} must be {wanted}, got {value!r}")
+    if len(manifest["layer_types"]) != manifest["n_layers"] or not all(
+            isinstance(t, str) for t in manifest["layer_types"]):
+        raise CorruptDataError(f"calibration bundle {d}: manifest 'layer_types' must be n_layers strings")
+    return manifest
+
+
+def statistics_id(manifest: Mapping[str, Any]) -> str:
+    """Hash of what a bundle's statistics were measured from (model config, text, split, settings)."""
+    keys = ("config_hash", "text", "split", "settings", "layer_types", "dtype")
+    blob = json.dumps({k: manifest.get(k) for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def config_hash(config: Any) -> str:

@@ -15,7 +15,7 @@ Both are memoised in the bundle under a hash of their setup and of the statistic
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -210,6 +210,24 @@ def prefit(cal: Calibration, recipes: Iterable[Any], f: Any) -> None:
                               if c.codec == KakeyaV2Codec.name])
 
 
+def _probes(recipe: Any, cal: Calibration) -> list[tuple[str, Callable[[Any], Any], str]]:
+    """The model-running probes ``recipe`` needs from ``cal``: ``(memo key, measure(model), label)``."""
+    probes: list[tuple[str, Callable[[Any], Any], str]] = []
+    if recipe.layer_bits == "sensitivity":
+        setup = recipe.sensitivity_setup()
+        probes.append((sensitivity_key(cal, setup), lambda model: measure_sensitivity(model, cal, setup),
+                       "sensitivity probe"))
+    if recipe.boundary_top:
+        probes.append((boundary_key(cal), lambda model: measure_boundary(model, cal), "boundary ranking"))
+    return probes
+
+
+def pending_probes(recipe: Any, cal: Calibration) -> list[str]:
+    """Labels of the probes ``recipe`` needs that ``cal`` has not memoised (each runs the model once;
+    the ``kakeya-v2`` fits need only the statistics)."""
+    return [label for key, _, label in _probes(recipe, cal) if cal.memo_get(key) is None]
+
+
 def prepare(recipe: Any, calibration: Calibration | None, model: Any) -> None:
     """Make (or read back) every fit and probe ``recipe`` needs from ``calibration`` for ``model``:
     its sensitivity probe, boundary ranking and ``kakeya-v2`` transforms (fitted in batches:
@@ -228,12 +246,7 @@ def prepare(recipe: Any, calibration: Calibration | None, model: Any) -> None:
     name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     calibration.check_model(name, config_hash(model.config))
     with calibration.fitting(f"fitting {recipe.name}"):
-        if recipe.layer_bits == "sensitivity":
-            setup = recipe.sensitivity_setup()
-            calibration.memoised(sensitivity_key(calibration, setup),
-                                 lambda: measure_sensitivity(model, calibration, setup), "sensitivity probe")
-        if recipe.boundary_top:
-            calibration.memoised(boundary_key(calibration), lambda: measure_boundary(model, calibration),
-                                 "boundary ranking")
+        for key, measure, label in _probes(recipe, calibration):
+            calibration.memoised(key, lambda measure=measure: measure(model), label)
         prefit(calibration, [recipe], f)
         build_plans(recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration)

@@ -73,13 +73,13 @@ def serving_recipe(recipe: Recipe, block_size: int) -> Recipe:
 
 
 def identity_for(model_name: str, model_config: Any, recipe: Recipe, block_size: int,
-                 calibration: Any = None) -> BlockIdentity:
-    """The :class:`BlockIdentity` of blocks of ``block_size`` tokens coded by ``recipe`` for a model."""
+                 stats: str = "") -> BlockIdentity:
+    """The :class:`BlockIdentity` of blocks of ``block_size`` tokens coded by ``recipe`` for a model
+    (``stats``: the calibration's statistics id, for recipes that need one)."""
     from kakeyaturbo.calibration import config_hash
 
     digest = hashlib.sha256(f"{serving_recipe(recipe, block_size).to_json()}|block={block_size}".encode())
-    return BlockIdentity(model_name, config_hash(model_config), digest.hexdigest(),
-                         "" if calibration is None else calibration.stats_id)
+    return BlockIdentity(model_name, config_hash(model_config), digest.hexdigest(), stats)
 
 
 def prefix_keys(token_ids: Sequence[int], block_size: int, identity: BlockIdentity) -> list[str]:
@@ -142,6 +142,16 @@ def read_header(blob: bytes) -> tuple[dict[str, Any], list[bytes]]:
     if offset != len(blob) - 4:
         raise CorruptDataError("KV block has bytes after its last part")
     return header, parts
+
+
+def check_block(header: dict[str, Any], identity: BlockIdentity, start: int, block_size: int, layers: int) -> None:
+    """Raise :class:`CorruptDataError` unless a block's header (:func:`read_header`) is that of a block
+    coded for ``identity`` covering ``block_size`` tokens from ``start`` over ``layers`` layers."""
+    if header["identity"] != identity.to_dict():
+        raise CorruptDataError(f"KV block was coded for {header['identity']}, not {identity.to_dict()}")
+    if (header["start"], header["tokens"], header["layers"]) != (start, block_size, layers):
+        raise CorruptDataError(f"KV block covers {header['tokens']} tokens from {header['start']} over "
+                               f"{header['layers']} layers, expected {block_size} from {start} over {layers}")
 
 
 class BlockCodec:
@@ -219,12 +229,7 @@ class BlockCodec:
                 position or geometry.
         """
         header, parts = read_header(blob)
-        if header["identity"] != self.identity.to_dict():
-            raise CorruptDataError(f"KV block was coded for {header['identity']}, not {self.identity.to_dict()}")
-        if (header["start"], header["tokens"], header["layers"]) != (start, self.block_size, len(self.plans)):
-            raise CorruptDataError(f"KV block covers {header['tokens']} tokens from {header['start']} over "
-                                   f"{header['layers']} layers, expected {self.block_size} from {start} over "
-                                   f"{len(self.plans)}")
+        check_block(header, self.identity, start, self.block_size, len(self.plans))
         decoded = {name: Encoded.from_bytes(raw) for name, raw in zip(_names(header["parts"]), parts)}
         dtype = _DTYPES[header["dtype"]]
         sink = self._sink(start)

@@ -49,9 +49,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from kakeyaturbo.calibration.bundle import Calibration, config_hash, default_bundle_dir, read_manifest, statistics_id
 from kakeyaturbo.errors import ConfigError, CorruptDataError, KakeyaError
-from kakeyaturbo.integrations.blocks import BlockCodec, identity_for, prefix_keys, read_header, serving_recipe
+from kakeyaturbo.integrations.blocks import (
+    BlockCodec,
+    check_block,
+    identity_for,
+    prefix_keys,
+    read_header,
+    serving_recipe,
+)
 from kakeyaturbo.integrations.store import KVStore
+from kakeyaturbo.models.arch import SLIDING, facts
 
 log = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handlers print it
 DEFAULT_RECIPE = "kakeya-balanced"
@@ -135,9 +144,15 @@ class KakeyaConnector(KVConnectorBase_V1):
         self.hf_config = vllm_config.model_config.hf_config
         self.recipe = recipes.load(extra.get("recipe", DEFAULT_RECIPE))
         self.store = KVStore(extra["store"], extra.get("store_bytes"), int(extra.get("memory_bytes", DEFAULT_MEMORY)))
-        self.calibration = self._calibration(extra.get("calibration"))
-        self.identity = identity_for(self.model_name, self.hf_config, self.recipe, self.block_size,
-                                     self.calibration)
+        self.n_layers = facts(self.hf_config).n_layers
+        bundle = self._bundle_dir(extra.get("calibration"))
+        # the scheduler keys blocks by the bundle's statistics id (its manifest); the worker codes with it
+        self.calibration = None
+        if bundle is not None and role == KVConnectorRole.WORKER:
+            self.calibration = Calibration.load(bundle)
+            self.calibration.check_model(self.model_name, config_hash(self.hf_config))
+        stats = "" if bundle is None else statistics_id(read_manifest(bundle))
+        self.identity = identity_for(self.model_name, self.hf_config, self.recipe, self.block_size, stats)
         self.stats = {"looked_up": 0, "hit_tokens": 0, "misses": 0, "loaded_blocks": 0, "saved_blocks": 0,
                       "load_errors": 0}
         # scheduler side
@@ -154,23 +169,18 @@ class KakeyaConnector(KVConnectorBase_V1):
             self.codec = self._codec()
 
     # --- set-up ---------------------------------------------------------------------------------
-    def _calibration(self, directory: str | None) -> Any:
+    def _bundle_dir(self, directory: str | None) -> Path | None:
+        """The calibration bundle the recipe needs (``directory``, else the model's default), or None."""
         if not self.recipe.needs_calibration:
             return None
-        from kakeyaturbo.calibration import Calibration, config_hash, default_bundle_dir
         from kakeyaturbo.models.loading import DEFAULT_MODEL, cache_dir
 
         packaged = Path(self.model_name).resolve() == (cache_dir() / "models" / DEFAULT_MODEL).resolve()
-        where = Path(directory) if directory else default_bundle_dir(DEFAULT_MODEL if packaged else self.model_name)
-        cal = Calibration.load(where)
-        cal.check_model(self.model_name, config_hash(self.hf_config))
-        return cal
+        return Path(directory) if directory else default_bundle_dir(DEFAULT_MODEL if packaged else self.model_name)
 
     def _codec(self) -> BlockCodec:
         from kakeyaturbo.cache import rope_factory
         from kakeyaturbo.engine import build_plans
-        from kakeyaturbo.models.arch import SLIDING, facts
-
         f = facts(self.hf_config)
         if SLIDING in f.layer_types:
             raise ConfigError(f"KakeyaConnector: {self.model_name} has sliding-window layers, which this connector "
@@ -183,19 +193,16 @@ class KakeyaConnector(KVConnectorBase_V1):
         return BlockCodec(plans, self.block_size, self.identity, recipe.sink_tokens, rope)
 
     def _prepare(self, recipe: Any) -> None:
-        """Fits and probes the recipe needs (the probes run the model: loaded here, on CPU, only then)."""
+        """Fits and probes the recipe needs; the model (loaded here, on CPU) only if a probe must run."""
         from kakeyaturbo.calibration import prepare
-        from kakeyaturbo.calibration.probes import boundary_key, sensitivity_key
+        from kakeyaturbo.calibration.probes import pending_probes, prefit
 
-        cal = self.calibration
-        missing = (recipe.layer_bits == "sensitivity"
-                   and cal.memo_get(sensitivity_key(cal, recipe.sensitivity_setup())) is None) or (
-            bool(recipe.boundary_top) and cal.memo_get(boundary_key(cal)) is None)
-        if missing:
+        if pending_probes(recipe, self.calibration):
             from kakeyaturbo.models.loading import load_model
 
-            model, _ = load_model(self.model_name, dtype=torch.bfloat16)
-            prepare(recipe, cal, model)
+            prepare(recipe, self.calibration, load_model(self.model_name, dtype=torch.bfloat16)[0])
+        else:
+            prefit(self.calibration, [recipe], facts(self.hf_config))
 
     # --- scheduler side -------------------------------------------------------------------------
     def _valid(self, key: str, start: int) -> bool:
@@ -203,9 +210,7 @@ class KakeyaConnector(KVConnectorBase_V1):
         if blob is None:
             return False
         try:
-            header, _ = read_header(blob)
-            if header["identity"] != self.identity.to_dict() or header["start"] != start:
-                raise CorruptDataError(f"block {key[:12]} was coded for {header['identity']} at {header['start']}")
+            check_block(read_header(blob)[0], self.identity, start, self.block_size, self.n_layers)
         except CorruptDataError as exc:
             log.warning("KakeyaConnector: store miss, %s", exc)
             self.stats["misses"] += 1
