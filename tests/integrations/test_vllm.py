@@ -12,10 +12,7 @@ connector can promise bf16 greedy tokens equal to a full recompute; in float32 t
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +31,9 @@ V2 = "kakeya-2.5b-uniform"
 
 def engine(tmp: Path, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Run one engine process; its output (see ``vllm_runner``)."""
-    spec_file, out_file = tmp / f"{name}.spec.json", tmp / f"{name}.out.json"
-    spec_file.write_text(json.dumps(spec))
-    done = subprocess.run([sys.executable, "-m", "kakeyaturbo.integrations.vllm_runner", str(spec_file),
-                           str(out_file)], capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(out_file.read_text())
+    from kakeyaturbo.integrations.vllm_runner import run_in_process
+
+    return run_in_process(spec, tmp, name, timeout=1200)
 
 
 @pytest.fixture(scope="module")
