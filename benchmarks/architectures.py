@@ -31,6 +31,7 @@ from tests.models.tiny_models import FAMILIES, SLIDING_FAMILIES, tiny_model  # n
 import kakeyaturbo as kt  # noqa: E402
 from kakeyaturbo.errors import KakeyaError  # noqa: E402
 from kakeyaturbo.generation import held_bytes  # noqa: E402
+from kakeyaturbo.models.forward import with_cache  # noqa: E402
 from kakeyaturbo.models.loading import default_model_dir  # noqa: E402
 from kakeyaturbo.models.text import load_corpus, token_windows  # noqa: E402
 
@@ -41,10 +42,10 @@ WINDOW, PREFILL, STEPS, EVERY = 96, 160, 192, 32
 @torch.no_grad()
 def _trace(model: Any, ids: torch.Tensor, cache: Any) -> list[int]:
     """Bytes the cache holds after the prefill and every ``EVERY`` greedy steps."""
-    out = model(input_ids=ids, cache=cache, use_cache=True)
+    out = model(input_ids=ids, **with_cache(model, cache), use_cache=True)
     trace = [held_bytes(cache)]
     for step in range(1, STEPS + 1):
-        out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+        out = model(input_ids=out.logits[:, -1:].argmax(-1), **with_cache(model, cache), use_cache=True)
         if step % EVERY == 0:
             trace.append(held_bytes(cache))
     return trace

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from kakeyaturbo.models.forward import with_cache
+
 
 def held_bytes(cache: Any) -> int:
     """Bytes a cache holds now: a KakeyaTurbo cache's memory report, or a transformers cache's tensors."""
@@ -103,7 +105,7 @@ def timed_generate(model: Any, inputs: Mapping[str, torch.Tensor], cache: Any, *
     clock = _Clock(on_token)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    out = model.generate(**inputs, cache=cache, max_new_tokens=max_new_tokens, do_sample=sample,
+    out = model.generate(**inputs, **with_cache(model, cache), max_new_tokens=max_new_tokens, do_sample=sample,
                          temperature=0.7 if sample else None, top_p=None, top_k=None, streamer=clock)
     prompt = inputs["input_ids"].shape[1]
     first = clock.arrived[1] if len(clock.arrived) > 1 else time.perf_counter()

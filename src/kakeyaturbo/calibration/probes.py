@@ -25,7 +25,7 @@ from tqdm import tqdm
 from kakeyaturbo.calibration.bundle import Calibration, fit_key
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.models.arch import decoder_layers
-from kakeyaturbo.models.forward import logits, prefill
+from kakeyaturbo.models.forward import logits, prefill, with_cache
 
 SENSITIVITY = "sensitivity"
 BOUNDARY = "boundary"
@@ -93,7 +93,7 @@ def _logits_from(model: Any, layer: int, hidden: torch.Tensor, ids: torch.Tensor
     try:
         for i in range(layer):
             layers[i] = _Skipped()
-        return model(input_ids=ids, cache=cache, use_cache=True).logits.float()
+        return model(input_ids=ids, **with_cache(model, cache), use_cache=True).logits.float()
     finally:
         handle.remove()
         for i, module in enumerate(below):
@@ -146,7 +146,7 @@ def measure_sensitivity(model: Any, cal: Calibration, setup: Mapping[str, Any]) 
         for w in range(windows):
             prefix, cont = ids[w : w + 1, :ctx], ids[w : w + 1, ctx : ctx + n]
             reference = prefill(probe_model, prefix)
-            exact = probe_model(input_ids=cont, cache=copy.deepcopy(reference), use_cache=True,
+            exact = probe_model(input_ids=cont, **with_cache(probe_model, copy.deepcopy(reference)), use_cache=True,
                                 output_hidden_states=True)
             ref = exact.logits[0].float()[:-1].log_softmax(-1)
             ref_probs = ref.exp()

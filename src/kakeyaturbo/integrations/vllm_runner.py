@@ -47,7 +47,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     for prompt in spec["prompts"]:
         ids, top = (prompt["ids"], prompt["prompt_logprobs"]) if isinstance(prompt, dict) else (prompt, None)
         params = SamplingParams(max_tokens=spec.get("max_tokens", 16), temperature=0.0,
-                                logprobs=spec.get("logprobs", 5), prompt_logprobs=top, skip_reading_prefix_cache=False)
+                                logprobs=spec.get("logprobs", 5), prompt_logprobs=top, skip_reading_prefix_cache=False,
+                                detokenize=False)
         t1 = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=list(ids))], params, use_tqdm=False)[0]
         seconds = time.perf_counter() - t1
