@@ -42,10 +42,11 @@ WINDOW, PREFILL, STEPS, EVERY = 96, 160, 192, 32
 @torch.no_grad()
 def _trace(model: Any, ids: torch.Tensor, cache: Any) -> list[int]:
     """Bytes the cache holds after the prefill and every ``EVERY`` greedy steps."""
-    out = model(input_ids=ids, **with_cache(model, cache), use_cache=True)
+    kw = with_cache(model, cache)
+    out = model(input_ids=ids, **kw, use_cache=True)
     trace = [held_bytes(cache)]
     for step in range(1, STEPS + 1):
-        out = model(input_ids=out.logits[:, -1:].argmax(-1), **with_cache(model, cache), use_cache=True)
+        out = model(input_ids=out.logits[:, -1:].argmax(-1), **kw, use_cache=True)
         if step % EVERY == 0:
             trace.append(held_bytes(cache))
     return trace
