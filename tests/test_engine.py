@@ -10,8 +10,9 @@ import torch
 from kakeyaturbo import codecs
 from kakeyaturbo.codecs.base import Codec, CodecConfig, check_codebook, check_int, expect_field
 from kakeyaturbo.codecs.kakeya_v2 import fit_transforms
+from kakeyaturbo.container import Encoded
 from kakeyaturbo.engine import build_plans, calibrated_codecs, check_recipe, sensitivity_budgets
-from kakeyaturbo.errors import ConfigError, ShapeError
+from kakeyaturbo.errors import ConfigError, CorruptDataError, ShapeError
 from kakeyaturbo.recipes import Recipe, SensitivityProbe, StreamRecipe
 from tests.transforms.test_whitening import spd_whitening
 
@@ -106,6 +107,21 @@ def test_encode_decode_roundtrip(layout, dtype):
     k_hat, v_hat = plan.decode(chunk)
     assert k_hat.dtype == dtype and v_hat.shape == v.shape
     assert rel(k_hat, k) < 4e-3 and rel(v_hat, v) < 0.1
+
+
+def test_own_chunks_skip_the_payload_checks_read_ones_keep_them():
+    plan = build_plans(Recipe("r", StreamRecipe("fp8"), StreamRecipe("fp8"), chunk_tokens=8), 1, N_KV, D)[0]
+    k, v = kv()
+    own = plan.encode(k, v)
+    read = dataclasses.replace(own, k=kt_from_bytes(own.k), v=kt_from_bytes(own.v), own=False)
+    assert own.own and all(torch.equal(a, b) for a, b in zip(plan.decode(own), plan.decode(read)))
+    read.k.fields["scale"].fill_(float("nan"))  # what a forged file could hold; own chunks cannot
+    with pytest.raises(CorruptDataError, match="NaN"):
+        plan.decode(read)
+
+
+def kt_from_bytes(enc: Encoded) -> Encoded:
+    return Encoded.from_bytes(enc.to_bytes())
 
 
 def test_layouts_as_the_codec_sees_them():

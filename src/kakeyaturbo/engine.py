@@ -69,12 +69,15 @@ class StoredChunk:
         k, v: the codec outputs (K after pre-transforms: inverse RoPE, whitening).
         tokens: number of tokens covered.
         dtype: dtype :meth:`LayerPlan.decode` returns (the dtype the tokens arrived in).
+        own: made by :meth:`LayerPlan.encode` in this process (not read from bytes), so decoded
+            without the checks against corrupt payloads (:meth:`~kakeyaturbo.codecs.base.Codec.decode_own`).
     """
 
     k: Encoded
     v: Encoded
     tokens: int
     dtype: torch.dtype
+    own: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -157,15 +160,17 @@ class LayerPlan:
             raise ShapeError(f"layer {self.layer}: K {tuple(k_pre.shape)} and V {tuple(v.shape)} differ")
         k_in = self.whitening.forward(k_pre) if self.whitening is not None else k_pre
         return StoredChunk(self.k_codec.encode(self._to_rows(k_in)), self.v_codec.encode(self._to_rows(v)),
-                           k_pre.shape[2], k_pre.dtype)
+                           k_pre.shape[2], k_pre.dtype, own=True)
 
     def decode(self, chunk: StoredChunk) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode to ``(k_pre_hat, v_hat)``, each ``[B, n_kv, T, D]`` in the chunk's dtype."""
         batch = chunk.k.shape[0]
-        k = self._from_rows(self.k_codec.decode(chunk.k), batch, chunk.tokens)
+        decode_k, decode_v = (self.k_codec.decode_own, self.v_codec.decode_own) if chunk.own else \
+            (self.k_codec.decode, self.v_codec.decode)
+        k = self._from_rows(decode_k(chunk.k), batch, chunk.tokens)
         if self.whitening is not None:
             k = self.whitening.inverse(k)
-        v = self._from_rows(self.v_codec.decode(chunk.v), batch, chunk.tokens)
+        v = self._from_rows(decode_v(chunk.v), batch, chunk.tokens)
         return k.to(chunk.dtype), v.to(chunk.dtype)
 
 

@@ -83,6 +83,13 @@ def test_roundtrip_shape_dtype_device(codec, device, dtype):
     assert rel < (2.0 if codec.needs_calibration else 0.5), f"{codec.name}: relative error {rel}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_own_equals_decode(codec, device, dtype):
+    enc = codec.encode(_x(device, dtype))
+    own, checked = codec.decode_own(enc), codec.decode(enc)
+    assert own.dtype == checked.dtype and own.device == checked.device and torch.equal(own, checked)
+
+
 def test_odd_sizes(codec, device):
     x = _x(device, shape=(3, 37, 64))
     y = codec.decode(codec.encode(x))
