@@ -10,8 +10,8 @@ of exactly ``slot_bits`` bits, zero-padded; the ``R`` slots are concatenated and
 LSB-first (:func:`kakeyaturbo.packing.pack_bits` with 1-bit codes). Every slot has the same size,
 so rows decode in parallel: :func:`read_slots` walks the ``J`` positions (a loop over positions,
 vectorised over rows) with two lookups a step, the next ``max_len`` bits at each row's position
-(shifted out of the 24 bits that start at its byte, precomputed once per byte) and the length of
-the codeword they begin with; symbols and raw bits are then read at all the positions at once.
+(precomputed for every bit of the payload) and the length of the codeword they begin with; symbols
+and raw bits are then read at all the positions at once.
 """
 
 from __future__ import annotations
@@ -194,19 +194,15 @@ def pack_slots(words: torch.Tensor, lengths: torch.Tensor, slot_bits: int) -> to
     return _REVERSED.to(dev).index_select(0, msb_first.to(torch.int32))
 
 
-def _byte_words(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 ``[ceil(bits / 8)]``: the 24 bits (MSB first) of the LSB-first stream ``packed`` from each
-    byte on (zeros past its end); :func:`_bits_at` reads any field of up to ``FIELD_BITS`` bits from them."""
+def _windows(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
+    """int32 ``[bits]``: the ``width`` bits (MSB first, ``width <= FIELD_BITS``) from every bit offset of
+    the LSB-first stream ``packed`` (zeros past its end)."""
     nbytes = -(-bits // 8)
     msb = torch.zeros(nbytes + 2, dtype=torch.int32, device=packed.device)
     msb[: packed.numel()] = _REVERSED.to(packed.device).index_select(0, packed.to(torch.int32)).to(torch.int32)
-    return (msb[:-2] << 16) | (msb[1:-1] << 8) | msb[2:]
-
-
-def _bits_at(words: torch.Tensor, at: torch.Tensor, width: int | torch.Tensor) -> torch.Tensor:
-    """The ``width`` bits (``<= FIELD_BITS``, MSB first) from each bit offset ``at`` (int32) of the stream
-    whose :func:`_byte_words` are ``words``."""
-    return (words.index_select(0, at >> 3) >> (24 - width - (at & 7))) & ((1 << width) - 1)
+    word = (msb[:-2] << 16) | (msb[1:-1] << 8) | msb[2:]  # the 24 bits from each byte on
+    shifts = 24 - width - torch.arange(8, dtype=torch.int32, device=packed.device)
+    return ((word.unsqueeze(1) >> shifts) & ((1 << width) - 1)).reshape(-1)[:bits]
 
 
 def read_slots(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, raw_bits: torch.Tensor,
@@ -263,7 +259,8 @@ def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Ten
         raise ShapeError(f"prefix slots: codewords and raw fields must be at most {FIELD_BITS} bits")
     lut_length = code.padded[3]
     lut = 1 << code.max_len
-    words = _byte_words(packed, rows * slot_bits + j * (code.max_len + raw_max) + 1)
+    window = _windows(packed, rows * slot_bits + j * (code.max_len + raw_max) + 1, width)
+    peek = width - code.max_len  # window bits beyond a LUT index
     entry, extra = (cls * lut).t(), rb.t()  # [J, rows or 1]
     if cls.shape[0] == 1:  # one class per position for every row: each step reads that class's LUT row
         rows_of = lut_length.view(-1, lut)
@@ -273,7 +270,8 @@ def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Ten
     positions = [torch.arange(rows, dtype=torch.int32, device=dev) * slot_bits]
     for table, offset, more in steps:  # the codeword lengths chain the positions: the one loop
         at = positions[-1]
-        ahead = _bits_at(words, at, code.max_len)
+        ahead = window.index_select(0, at)
+        ahead = ahead >> peek if peek else ahead
         at = at + table.index_select(0, ahead if offset is None else ahead + offset)
         positions.append(at if more is None else at + more)
     end = positions[-1] - positions[0]
@@ -281,12 +279,12 @@ def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Ten
         raise CorruptDataError(f"prefix slots: row {int(end.argmax())} runs to bit {int(end.max())}, past its "
                                f"{slot_bits}-bit slot (corrupt or mismatched payload)")
     at = torch.stack(positions[:-1])
-    found = _bits_at(words, at.reshape(-1), code.max_len).view(j, rows) + entry
+    ahead = window.index_select(0, at.reshape(-1)).view(j, rows)
+    found = (ahead >> peek if peek else ahead) + entry
     wide = (extra > 0).any(1).nonzero().squeeze(1)
     if not wide.numel():
         return SlotColumns(found, wide, found.new_zeros(0, rows))
     index = found.index_select(0, wide).reshape(-1)
     after = at.index_select(0, wide).reshape(-1) + lut_length.index_select(0, index)
-    raw_width = extra.index_select(0, wide).expand(-1, rows).reshape(-1)
-    raw = _bits_at(words, after, raw_width).view(wide.numel(), rows)
+    raw = window.index_select(0, after).view(wide.numel(), rows) >> (width - extra.index_select(0, wide))
     return SlotColumns(found, wide, raw)
