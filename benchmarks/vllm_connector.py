@@ -202,9 +202,9 @@ def main() -> int:
         cal = None
         for name, kv in stores:
             print(f"{name}: storing", flush=True)
-            stored = _engine(work, f"{name[:7]}-store", model, prompts, 1, **kv)
+            stored = _engine(work, f"{name.split()[0]}-store", model, prompts, 1, **kv)
             print(f"{name}: loading", flush=True)
-            loaded = _engine(work, f"{name[:7]}-load", model, prompts, REPEATS, **kv)
+            loaded = _engine(work, f"{name.split()[0]}-load", model, prompts, REPEATS, **kv)
             if "example_store" in kv:
                 size, tokens = _example_bytes(work / "ex")
                 example_per_token = size / tokens

@@ -16,6 +16,7 @@ start-up seconds.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -44,21 +45,24 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
               enable_prefix_caching=False, seed=0, **kwargs)
     started = time.perf_counter() - t0
     results = []
-    for prompt in spec["prompts"]:
-        ids, top = (prompt["ids"], prompt["prompt_logprobs"]) if isinstance(prompt, dict) else (prompt, None)
-        params = SamplingParams(max_tokens=spec.get("max_tokens", 16), temperature=0.0,
-                                logprobs=spec.get("logprobs", 5), prompt_logprobs=top, skip_reading_prefix_cache=False,
-                                detokenize=False)
-        t1 = time.perf_counter()
-        out = llm.generate([TokensPrompt(prompt_token_ids=list(ids))], params, use_tqdm=False)[0]
-        seconds = time.perf_counter() - t1
-        steps = out.outputs[0].logprobs or []
-        results.append({"tokens": list(out.outputs[0].token_ids), "cached": int(out.num_cached_tokens or 0),
-                        "seconds": seconds, "logprobs": [_top(step) for step in steps],
-                        # position j is predicted from token j - 1's hidden state, which vLLM never computes
-                        # for a loaded token (its row is left empty)
-                        "prompt_logprobs": [None if j <= int(out.num_cached_tokens or 0) else _top(step)
-                                            for j, step in enumerate(out.prompt_logprobs or [])]})
+    try:
+        for prompt in spec["prompts"]:
+            ids, top = (prompt["ids"], prompt["prompt_logprobs"]) if isinstance(prompt, dict) else (prompt, None)
+            params = SamplingParams(max_tokens=spec.get("max_tokens", 16), temperature=0.0,
+                                    logprobs=spec.get("logprobs", 5), prompt_logprobs=top,
+                                    skip_reading_prefix_cache=False, detokenize=False)
+            t1 = time.perf_counter()
+            out = llm.generate([TokensPrompt(prompt_token_ids=list(ids))], params, use_tqdm=False)[0]
+            seconds = time.perf_counter() - t1
+            steps = out.outputs[0].logprobs or []
+            results.append({"tokens": list(out.outputs[0].token_ids), "cached": int(out.num_cached_tokens or 0),
+                            "seconds": seconds, "logprobs": [_top(step) for step in steps],
+                            # position j is predicted from token j - 1's hidden state, which vLLM never computes
+                            # for a loaded token (its row is left empty)
+                            "prompt_logprobs": [None if j <= int(out.num_cached_tokens or 0) else _top(step)
+                                                for j, step in enumerate(out.prompt_logprobs or [])]})
+    finally:
+        llm.llm_engine.engine_core.shutdown()  # engine core and workers gone before this process leaves
     return {"start_s": started, "results": results}
 
 
@@ -88,4 +92,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # After a clean engine shutdown, vLLM's C++ runtime can abort while the interpreter tears down
+    # ("terminate called without an active exception", SIGABRT), at random, once the results are
+    # written; leaving without that teardown keeps a finished run's exit status 0. Errors raised above
+    # still exit non-zero with their traceback.
+    os._exit(code)
