@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -164,14 +164,25 @@ class LayerPlan:
 
     def decode(self, chunk: StoredChunk) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode to ``(k_pre_hat, v_hat)``, each ``[B, n_kv, T, D]`` in the chunk's dtype."""
-        batch = chunk.k.shape[0]
-        decode_k, decode_v = (self.k_codec.decode_own, self.v_codec.decode_own) if chunk.own else \
-            (self.k_codec.decode, self.v_codec.decode)
-        k = self._from_rows(decode_k(chunk.k), batch, chunk.tokens)
-        if self.whitening is not None:
-            k = self.whitening.inverse(k)
-        v = self._from_rows(decode_v(chunk.v), batch, chunk.tokens)
-        return k.to(chunk.dtype), v.to(chunk.dtype)
+        return self.decode_many([chunk])[0]
+
+    def decode_many(self, chunks: Sequence[StoredChunk]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`decode` of each chunk: own chunks without the payload checks, chunks read from bytes
+        checked and, where the codec joins payloads (:meth:`~kakeyaturbo.codecs.base.Codec.decode_many`),
+        each stream of all of them in one codec call."""
+        if all(c.own for c in chunks):
+            ks = [self.k_codec.decode_own(c.k) for c in chunks]
+            vs = [self.v_codec.decode_own(c.v) for c in chunks]
+        else:
+            ks, vs = self.k_codec.decode_many([c.k for c in chunks]), self.v_codec.decode_many([c.v for c in chunks])
+        out = []
+        for chunk, k_rows, v_rows in zip(chunks, ks, vs):
+            batch = chunk.k.shape[0]
+            k = self._from_rows(k_rows, batch, chunk.tokens)
+            if self.whitening is not None:
+                k = self.whitening.inverse(k)
+            out.append((k.to(chunk.dtype), self._from_rows(v_rows, batch, chunk.tokens).to(chunk.dtype)))
+        return out
 
 
 def _resolve_layer(name: str, layer: int, n_layers: int) -> int:

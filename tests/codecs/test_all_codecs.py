@@ -90,6 +90,21 @@ def test_decode_own_equals_decode(codec, device, dtype):
     assert own.dtype == checked.dtype and own.device == checked.device and torch.equal(own, checked)
 
 
+def test_decode_many_equals_decode_and_joins_byte_exactly(codec, device):
+    xs = [_x(device, shape=(s, 64, 64)) for s in (1, 3, 2)] + [_x(device, shape=(2, 40, 64))]
+    encs = [codec.encode(x) for x in xs]
+    assert all(torch.equal(a, codec.decode(e)) for a, e in zip(codec.decode_many(encs), encs))
+    joined = codec.join_fields(encs[:3])
+    assert (joined is not None) == (codec.name == "kakeya-v2")  # one transform: its streams join
+    if joined is not None:
+        whole = codec.encode(torch.cat(xs[:3])).fields
+        assert joined.keys() == whole.keys() and all(torch.equal(joined[f], whole[f]) for f in whole)
+    broken = kt.Encoded(encs[1].codec, encs[1].config, encs[1].shape, encs[1].dtype,
+                        {f: t[: t.shape[0] // 2] for f, t in encs[1].fields.items()})
+    with pytest.raises(kt.errors.CorruptDataError):
+        codec.decode_many([encs[0], broken, encs[2]])
+
+
 def test_odd_sizes(codec, device):
     x = _x(device, shape=(3, 37, 64))
     y = codec.decode(codec.encode(x))

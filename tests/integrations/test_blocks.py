@@ -79,6 +79,20 @@ def test_damaged_foreign_and_misplaced_blocks_are_refused(kv):
         c.encode(k, v, 0)
 
 
+def test_decode_many_equals_decode_and_a_bad_block_fails_alone(kv):
+    model, k, v = kv
+    c = codec(model, FP8)
+    good = [(c.encode(k[:, :, s : s + 32], v[:, :, s : s + 32], s), s) for s in (0, 32)]
+    truncated = (good[1][0][:-9], 32)
+    forged = (codec(model, Recipe("exact", chunk_tokens=16)).encode(k[:, :, 32:], v[:, :, 32:], 32), 32)  # same id
+    out = c.decode_many([good[0], truncated, forged, good[1]])
+    assert isinstance(out[1], CorruptDataError) and "CRC32" in str(out[1])
+    assert isinstance(out[2], CorruptDataError) and "lacks part" in str(out[2])
+    for got, (blob, start) in zip((out[0], out[3]), good):
+        assert all(torch.equal(a, b) for a, b in zip(got, c.decode(blob, start)))
+    assert c.decode_many([]) == []
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_are_a_block_or_a_corrupt_data_error(blob):

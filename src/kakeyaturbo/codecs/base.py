@@ -22,7 +22,7 @@ import json
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -283,15 +283,55 @@ class Codec(ABC):
                 breaks the header schema (module docstring), or its payload is inconsistent with
                 its header or decodes to values beyond float32.
         """
-        self.check_encoded(enc)
+        return self.decode_many([enc])[0]
+
+    def decode_many(self, encs: Sequence[Encoded]) -> list[torch.Tensor]:
+        """:meth:`decode` of each payload; those of one vector shape ``[n, D]`` that :meth:`join_fields`
+        can concatenate (codecs whose streams are coded one after another, byte-aligned) in one call
+        over all their streams: many small payloads (a serving engine's blocks) then cost what one large
+        one does.
+
+        Raises:
+            CorruptDataError: as :meth:`decode`, for any of them.
+        """
+        for enc in encs:
+            self.check_encoded(enc)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, enc in enumerate(encs):
+            groups.setdefault(tuple(enc.shape[-2:]), []).append(i)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(encs)
+        for (n, d), members in groups.items():
+            part = [encs[i] for i in members]
+            counts = [math.prod(e.shape[:-2]) for e in part]
+            joined = self.join_fields(part) if len(part) > 1 else None
+            if joined is None:
+                decoded = [self._decode_checked(e.fields, c, n, d) for e, c in zip(part, counts)]
+            else:
+                decoded = list(self._decode_checked(joined, sum(counts), n, d).split(counts))
+            for i, y in zip(members, decoded):
+                out[i] = self._cast(y, encs[i])
+        return out
+
+    def join_fields(self, encs: Sequence[Encoded]) -> dict[str, torch.Tensor] | None:
+        """The fields of one payload holding the streams of ``encs`` (checked payloads of this codec and
+        config, of one vector shape ``[n, D]``) one after another, or None where this codec cannot join
+        them (the default)."""
+        return None
+
+    def _decode_checked(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
+        """float32 ``[s, n, d]`` from checked fields; payload errors and non-finite output raise."""
         try:
-            out = self._decode(enc.fields, math.prod(enc.shape[:-2]), enc.shape[-2], enc.shape[-1])
+            out = self._decode(fields, s, n, d)
         except (RuntimeError, IndexError, ValueError) as exc:
             if isinstance(exc, CorruptDataError):
                 raise
             raise CorruptDataError(f"{self.name}: payload inconsistent with its header: {exc}") from None
         if not all_finite(out):
             raise CorruptDataError(f"{self.name}: payload decodes to values beyond the float32 range")
+        return out
+
+    @staticmethod
+    def _cast(out: torch.Tensor, enc: Encoded) -> torch.Tensor:
         return output_cast(out.reshape(enc.shape), dtype_from_name(enc.dtype, OUTPUT_DTYPES, "input"))
 
     def decode_own(self, enc: Encoded) -> torch.Tensor:
@@ -299,8 +339,7 @@ class Codec(ABC):
         serialized (a cache's own chunks, decoded again at every step): the same tensor, without the
         checks that guard against corrupt or forged payloads (which cost a pass over every field and
         over the output)."""
-        out = self._decode(enc.fields, math.prod(enc.shape[:-2]), enc.shape[-2], enc.shape[-1])
-        return output_cast(out.reshape(enc.shape), dtype_from_name(enc.dtype, OUTPUT_DTYPES, "input"))
+        return self._cast(self._decode(enc.fields, math.prod(enc.shape[:-2]), enc.shape[-2], enc.shape[-1]), enc)
 
     def check_encoded(self, enc: Any) -> None:
         """Check ``enc`` against this codec's header schema (module docstring) before anything is decoded."""

@@ -712,14 +712,22 @@ class KakeyaV2Codec(Codec):
         """Bytes of the calibrated transforms."""
         return self.transforms.nbytes
 
-    def decode(self, enc: Encoded) -> torch.Tensor:
-        """As :meth:`Codec.decode`, refusing payloads encoded with other transforms by name."""
+    def check_encoded(self, enc: Any) -> None:
+        """As :meth:`Codec.check_encoded`, refusing payloads encoded with other transforms by name."""
         if isinstance(enc, Encoded) and enc.codec == self.name:
             theirs = enc.config.get("transforms_hash") if isinstance(enc.config, Mapping) else None
             if theirs != self.config.transforms_hash:
                 raise CorruptDataError(f"payload was encoded with transforms {theirs!r}; this codec holds "
                                        f"transforms {self.config.transforms_hash!r}")
-        return super().decode(enc)
+        super().check_encoded(enc)
+
+    def join_fields(self, encs: Sequence[Encoded]) -> dict[str, torch.Tensor] | None:
+        """With one transform (the joint layout) every field codes the vectors in order at a fixed number
+        of bits each, so payloads of a multiple of 8 vectors per stream (each then ends on a byte)
+        concatenate field by field."""
+        if self.transforms.streams != 1 or encs[0].shape[-2] % 8:
+            return None
+        return {key: torch.cat([e.fields[key] for e in encs]) for key in encs[0].fields}
 
     def _streams(self, s: int, d: int, error: type[Exception]) -> int:
         """How many times the transforms' ``S`` streams repeat in ``s`` flattened streams."""

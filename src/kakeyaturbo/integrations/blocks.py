@@ -35,6 +35,11 @@ from kakeyaturbo.errors import ConfigError, CorruptDataError, ShapeError
 from kakeyaturbo.recipes import Recipe
 from kakeyaturbo.transforms.rope import Rope
 
+_Parts = dict[tuple[int, str, int], Encoded]
+"""A block's coded parts by (layer, kind, span)."""
+_Parsed = tuple[int, _Parts, torch.dtype, int]
+"""A block read and checked: its index in the call, parts, dtype and start."""
+
 MAGIC = b"KTVB"
 VERSION = 1
 _PREFIX = struct.Struct("<4sHI")
@@ -228,23 +233,59 @@ class BlockCodec:
             CorruptDataError: a damaged blob, or one coded for another model, recipe, calibration,
                 position or geometry.
         """
-        header, parts = read_header(blob)
-        check_block(header, self.identity, start, self.block_size, len(self.plans))
-        decoded = {name: Encoded.from_bytes(raw) for name, raw in zip(_names(header["parts"]), parts)}
-        dtype = _DTYPES[header["dtype"]]
-        sink = self._sink(start)
-        ks, vs = [], []
+        out = self.decode_many([(blob, start)])[0]
+        if isinstance(out, CorruptDataError):
+            raise out
+        return out
+
+    def decode_many(self, blocks: Sequence[tuple[bytes, int]]
+                    ) -> list[tuple[torch.Tensor, torch.Tensor] | CorruptDataError]:
+        """:meth:`decode` of each ``(blob, start)``: a prefix's blocks, each layer's coded spans of all of
+        them decoded together (:meth:`~kakeyaturbo.engine.LayerPlan.decode_many`: one codec call per
+        layer and stream where the codec joins payloads), as fast per token as one long payload.
+        A block that does not decode gets its :class:`CorruptDataError` in its place; the others
+        are unaffected."""
+        out: list[Any] = [None] * len(blocks)
+        parsed: list[_Parsed] = []
+        for i, (blob, start) in enumerate(blocks):
+            try:
+                header, parts = read_header(blob)
+                check_block(header, self.identity, start, self.block_size, len(self.plans))
+                decoded = {name: Encoded.from_bytes(raw) for name, raw in zip(_names(header["parts"]), parts)}
+                parsed.append((i, decoded, _DTYPES[header["dtype"]], start))
+            except CorruptDataError as exc:
+                out[i] = exc
+        try:
+            results: list[Any] = self._decode_parsed(parsed)
+        except CorruptDataError as exc:  # one of them is bad: each alone, so that only it fails
+            results = [exc] if len(parsed) == 1 else [self._decode_one(item) for item in parsed]
+        for (i, *_), result in zip(parsed, results):
+            out[i] = result
+        return out
+
+    def _decode_one(self, item: _Parsed) -> tuple[torch.Tensor, torch.Tensor] | CorruptDataError:
+        try:
+            return self._decode_parsed([item])[0]
+        except CorruptDataError as exc:
+            return exc
+
+    def _decode_parsed(self, items: Sequence[_Parsed]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(k, v)`` of each parsed block (its index, parts, dtype and start)."""
+        ks: list[list[torch.Tensor]] = [[] for _ in items]
+        vs: list[list[torch.Tensor]] = [[] for _ in items]
         for plan, rope in zip(self.plans, self.ropes):
             try:
-                k, v = self._layer(plan, rope, decoded, start, sink)
+                layer = self._layer(plan, rope, [(parts, start) for _, parts, _, start in items])
             except (ShapeError, RuntimeError) as exc:  # a forged part of another shape or codec
                 raise CorruptDataError(f"KV block layer {plan.layer} does not decode: {exc}") from None
-            want = (plan.n_kv_heads, self.block_size, plan.head_dim)
-            if tuple(k.shape) != want or tuple(v.shape) != want:
-                raise CorruptDataError(f"KV block layer {plan.layer} decodes to {tuple(k.shape)}, expected {want}")
-            ks.append(k.to(dtype))
-            vs.append(v.to(dtype))
-        return torch.stack(ks), torch.stack(vs)
+            want_shape = (plan.n_kv_heads, self.block_size, plan.head_dim)
+            for j, ((k, v), (_, _, dtype, _)) in enumerate(zip(layer, items)):
+                if tuple(k.shape) != want_shape or tuple(v.shape) != want_shape:
+                    raise CorruptDataError(f"KV block layer {plan.layer} decodes to {tuple(k.shape)}, "
+                                           f"expected {want_shape}")
+                ks[j].append(k.to(dtype))
+                vs[j].append(v.to(dtype))
+        return [(torch.stack(k), torch.stack(v)) for k, v in zip(ks, vs)]
 
     def _sink(self, start: int) -> int:
         """Exact leading tokens of the block at ``start`` (the recipe's sink tokens that fall in it)."""
@@ -257,24 +298,39 @@ class BlockCodec:
         whole = coded // plan.chunk_tokens * plan.chunk_tokens
         return ([(0, whole)] if whole else []) + ([(whole, coded)] if coded > whole else [])
 
-    def _layer(self, plan: LayerPlan, rope: Rope | None, parts: dict[tuple[int, str, int], Encoded], start: int,
-               sink: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 post-RoPE ``(k, v)`` ``[n_kv, block_size, D]`` of one layer from its parts."""
+    def _layer(self, plan: LayerPlan, rope: Rope | None, blocks: Sequence[tuple[_Parts, int]]
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """float32 post-RoPE ``(k, v)`` ``[n_kv, block_size, D]`` of one layer of each block (its parts
+        and start), every coded span of all of them decoded by one :meth:`LayerPlan.decode_many`."""
+        ks: list[list[torch.Tensor]] = []
+        vs: list[list[torch.Tensor]] = []
+        chunks: list[StoredChunk] = []
+        owners: list[int] = []
+        positions: list[torch.Tensor] = []
         try:
-            ks = [self._exact.decode(parts[plan.layer, "k_exact", 0]).float()] if plan.exact or sink else []
-            vs = [self._exact.decode(parts[plan.layer, "v_exact", 0]).float()] if plan.exact or sink else []
-            if plan.exact:
-                return ks[0], vs[0]
-            for j, (a, b) in enumerate(self._spans(plan, sink)):
-                chunk = StoredChunk(parts[plan.layer, "k", j], parts[plan.layer, "v", j], b - a, torch.float32)
-                k, v = (t[0] for t in plan.decode(chunk))
-                if rope is not None:
-                    k = rope.apply(k.unsqueeze(0), torch.arange(start + sink + a, start + sink + b))[0]
-                ks.append(k)
-                vs.append(v)
+            for i, (parts, start) in enumerate(blocks):
+                sink = self._sink(start)
+                exact = plan.exact or sink
+                ks.append([self._exact.decode(parts[plan.layer, "k_exact", 0]).float()] if exact else [])
+                vs.append([self._exact.decode(parts[plan.layer, "v_exact", 0]).float()] if exact else [])
+                if plan.exact:
+                    continue
+                for j, (a, b) in enumerate(self._spans(plan, sink)):
+                    chunks.append(StoredChunk(parts[plan.layer, "k", j], parts[plan.layer, "v", j], b - a,
+                                              torch.float32))
+                    owners.append(i)
+                    positions.append(torch.arange(start + sink + a, start + sink + b))
         except KeyError as exc:
             raise CorruptDataError(f"KV block lacks part {list(exc.args[0])}") from None
-        return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
+        if chunks:
+            decoded = plan.decode_many(chunks)
+            k_all = torch.cat([k[0] for k, _ in decoded], dim=-2)  # [n_kv, tokens of every span, D]
+            if rope is not None:
+                k_all = rope.apply(k_all.unsqueeze(0), torch.cat(positions))[0]
+            for i, k, (_, v) in zip(owners, k_all.split([c.tokens for c in chunks], dim=-2), decoded):
+                ks[i].append(k)
+                vs[i].append(v[0])
+        return [(torch.cat(k, dim=-2), torch.cat(v, dim=-2)) for k, v in zip(ks, vs)]
 
 
 def _names(parts: list[Any]) -> list[tuple[int, str, int]]:

@@ -301,18 +301,18 @@ class KakeyaConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         """Decode this step's stored blocks into the paged cache (a damaged one: a load error)."""
         meta = self._get_connector_metadata()
-        for key, block_id, start in meta.loads:
-            blob = self.store.get(key)
-            try:
-                if blob is None:
-                    raise CorruptDataError(f"block {key[:12]} left the store")
-                k, v = self.codec.decode(blob, start)
-            except CorruptDataError as exc:
-                log.warning("KakeyaConnector: load error, %s", exc)
+        blobs = [self.store.get(key) for key, _, _ in meta.loads]
+        found = [(blob, start) for blob, (_, _, start) in zip(blobs, meta.loads) if blob is not None]
+        decoded = iter(self.codec.decode_many(found))  # all of this step's blocks in one call per layer
+        for blob, (key, block_id, _) in zip(blobs, meta.loads):
+            result = next(decoded) if blob is not None else CorruptDataError(f"block {key[:12]} left the store")
+            if isinstance(result, CorruptDataError):
+                log.warning("KakeyaConnector: load error, %s", result)
                 self.store.discard(key)
                 self._errors.add(block_id)
                 self.stats["load_errors"] += 1
                 continue
+            k, v = result
             for layer in range(len(self.codec.plans)):
                 self._write(layer, block_id, k[layer], v[layer])
             self.stats["loaded_blocks"] += 1
