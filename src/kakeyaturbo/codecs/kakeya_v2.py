@@ -663,6 +663,7 @@ class KakeyaV2Codec(Codec):
         dec = transforms.basis.matrix()
         self._dec = dec.float()
         self._enc = torch.linalg.inv(dec).transpose(1, 2).float()
+        self._unprojections: dict[torch.device, torch.Tensor] = {}
         self._quantiser: Quantiser
         if cfg.entropy_coded:
             self._quantiser = SlotQuantiser(transforms.sigma.float(), transforms.bits > 0, transforms.log_gain,
@@ -755,6 +756,14 @@ class KakeyaV2Codec(Codec):
         self._check_range(c, raw)
         return fields | self._quantiser.encode(c)
 
+    def _unprojection(self, device: torch.device) -> torch.Tensor:
+        """float32 ``[S, K, D]``: the basis rows of the coded components (coefficients ``[S, n, K]`` times
+        it are the centred vectors), on ``device`` (made once per device)."""
+        if device not in self._unprojections:
+            index = self._quantiser.columns(device).index
+            self._unprojections[device] = self._dec.to(device).index_select(2, index).transpose(1, 2).contiguous()
+        return self._unprojections[device]
+
     def _check_range(self, c: torch.Tensor, x: torch.Tensor) -> None:
         """Raise :class:`NumericRangeError` when a vector of the coefficients ``c [S_t, m*n, D]`` (per
         transform) has an rms beyond :data:`GAIN_HEADROOM` times its grid's top; ``x [S, n, D]`` is the
@@ -780,14 +789,16 @@ class KakeyaV2Codec(Codec):
         t = self.transforms
         m = self._streams(s, d, CorruptDataError)
         s, n = t.streams, m * n
-        c = self._quantiser.decode(fields, s, n, d)
+        c = self._quantiser.decode(fields, s, n, d)  # [S, m*n, K]: the coded components only
         device = c.device
-        y = c @ self._dec.to(device).transpose(1, 2)  # [S, m*n, D]
+        centre = t.centre.to(device).unsqueeze(1)
         hb = self.config.head_gain_bits
         if hb:
             head = expect_field(fields, "head_scale", torch.uint8, (packed_nbytes(s * n * t.heads, hb),))
             qh = unpack_bits(head, hb, s * n * t.heads).reshape(s, n, t.heads)
-            y = (y.view(s, n, t.heads, d // t.heads) * gain_values(qh, t.head_log_gain.to(device), hb).unsqueeze(-1)
-                 ).view(s, n, d)
-        y = t.centre.to(device).unsqueeze(1) + y
+            y = torch.bmm(c, self._unprojection(device))
+            y.view(s, n, t.heads, d // t.heads).mul_(gain_values(qh, t.head_log_gain.to(device), hb).unsqueeze(-1))
+            y.add_(centre)
+        else:
+            y = torch.baddbmm(centre, c, self._unprojection(device))
         return y.reshape(s, m, n // m, d).transpose(0, 1).reshape(m * s, n // m, d)

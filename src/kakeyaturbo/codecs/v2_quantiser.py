@@ -120,8 +120,12 @@ class Quantiser(Protocol):
     def encode(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         """The fields (``"codes"``, and ``"scale"`` with a gain code) of float32 ``c [S, n, D]``."""
 
+    def columns(self, device: torch.device) -> Columns:
+        """The ``K`` components some stream codes; every other coefficient decodes as 0."""
+
     def decode(self, fields: Mapping[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:
-        """float32 ``[s, n, d]`` from the fields of :meth:`encode`; corrupt fields raise CorruptDataError."""
+        """float32 ``[s, n, K]``, the coefficients of :meth:`columns`, from the fields of :meth:`encode`;
+        corrupt fields raise CorruptDataError."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -214,7 +218,11 @@ class TableQuantiser:
         log_gain = self.log_gain.to(packed.device) if self.log_gain is not None else None
         codes = plan.layout.unpack(packed, n, torch.int32)
         scaled = plan.values.index_select(0, (codes + plan.offsets).reshape(-1)).reshape(codes.shape)
-        return plan.columns.put(scaled * gain_values(q, log_gain, self.scale_bits).unsqueeze(-1))
+        return scaled * gain_values(q, log_gain, self.scale_bits).unsqueeze(-1)
+
+    def columns(self, device: torch.device) -> Columns:
+        """As :meth:`Quantiser.columns`."""
+        return self._plan(device).columns
 
 
 class SlotQuantiser:
@@ -240,4 +248,8 @@ class SlotQuantiser:
         """As :meth:`Quantiser.decode`."""
         packed = expect_field(fields, "codes", torch.uint8, (packed_nbytes(s * n * self.slots.slot_bits, 1),))
         q = read_gain_codes(fields, "scale", (s, n), self.scale_bits, packed.device)
-        return self.slots.decode(q, packed)
+        return self.slots.decode_columns(q, packed)
+
+    def columns(self, device: torch.device) -> Columns:
+        """As :meth:`Quantiser.columns`."""
+        return self.slots.columns(device)

@@ -1,4 +1,5 @@
-"""Attention kernels that read the compressed cache directly (torch reference; Triton optional)."""
+"""Kernels: decode attention straight from the compressed cache (torch reference), and the compiled
+CPU walk of prefix-code slots (:mod:`kakeyaturbo.kernels.prefix_slots`, numba)."""
 
 from kakeyaturbo.kernels.attention import (
     CompressedSpan,

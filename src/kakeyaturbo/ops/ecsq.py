@@ -306,8 +306,16 @@ class SlotCoder:
         tail = torch.arange(bits.shape[-1], device=bits.device) >= k
         return torch.where(tail, HALF, sym), torch.where(tail, 0, raw)
 
+    def columns(self, device: torch.device) -> Columns:
+        """The ``K`` components some stream codes."""
+        return self._plan(device).columns
+
     def decode(self, codes: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`encode`: coefficients float32 ``[S, N, D]`` from step codes ``[S, N]``."""
+        return self._plan(packed.device).columns.put(self.decode_columns(codes, packed))
+
+    def decode_columns(self, codes: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` of the :meth:`columns` only: float32 ``[S, N, K]`` (a view)."""
         s, n = codes.shape
         tables = gaussian_classes(str(packed.device))
         plan = self._plan(packed.device)
@@ -318,7 +326,7 @@ class SlotCoder:
         if found.raw.numel():  # wide classes: their raw low bits (-0.0 adds nothing where a stream has none)
             wide = found.raw_columns
             value[wide] += found.raw.view(wide.numel(), s, n) * plan.raw_scale.index_select(0, wide).unsqueeze(-1)
-        return plan.columns.put((value * self.steps(codes)).permute(1, 2, 0))
+        return (value * self.steps(codes)).permute(1, 2, 0)
 
 
 @functools.lru_cache(maxsize=4)

@@ -245,28 +245,60 @@ class SlotColumns:
 def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, raw_bits: torch.Tensor,
                       rows: int, slot_bits: int) -> SlotColumns:
     """:func:`read_slots`, position-major and stopping at the LUT entries (a decoder can look up what it
-    needs in one step); arguments and errors as there."""
+    needs in one step); arguments and errors as there. On the CPU the chained walk is compiled
+    (:mod:`kakeyaturbo.kernels.prefix_slots`); elsewhere it is :func:`_walk_torch`."""
     need = packed_nbytes(rows * slot_bits, 1)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
         raise CorruptDataError(f"prefix slots: expected {need} uint8 bytes, got {packed.dtype} "
                                f"{tuple(packed.shape)}")
-    j = classes.shape[-1]
-    dev = packed.device
     cls, rb = _positions(code, classes, raw_bits, rows)
     raw_max = int(rb.max()) if rb.numel() else 0
     width = max(code.max_len, raw_max)
     if width > FIELD_BITS:
         raise ShapeError(f"prefix slots: codewords and raw fields must be at most {FIELD_BITS} bits")
+    entry, extra = cls * (1 << code.max_len), rb  # [rows or 1, J]
+    wide = (extra > 0).any(0).nonzero().squeeze(1)
+    walk = _walk_compiled if packed.device.type == "cpu" else _walk_torch
+    found, raw, end = walk(code, packed, entry, extra, rows, slot_bits, width, wide)
+    if rows and int(end.max()) > slot_bits:
+        raise CorruptDataError(f"prefix slots: row {int(end.argmax())} runs to bit {int(end.max())}, past its "
+                               f"{slot_bits}-bit slot (corrupt or mismatched payload)")
+    return SlotColumns(found, wide, raw)
+
+
+Walk = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""What a walk over the slots returns: LUT entries int32 ``[J, rows]``, raw values int32 ``[J', rows]``
+of the positions ``wide`` (those with raw bits in some row), bits each row used ``[rows]``."""
+
+
+def _walk_compiled(code: PrefixCode, packed: torch.Tensor, entry: torch.Tensor, extra: torch.Tensor, rows: int,
+                   slot_bits: int, width: int, wide: torch.Tensor) -> Walk:
+    """The walk as one compiled loop per row over the bit-reversed bytes (CPU)."""
+    from kakeyaturbo.kernels.prefix_slots import walk_slots
+
+    reach = rows * slot_bits + entry.shape[1] * 2 * width
+    msb = torch.zeros(packed_nbytes(reach, 1) + 3, dtype=torch.uint8)
+    msb[: packed.numel()] = _REVERSED.index_select(0, packed.to(torch.int32))
+    found, raw, end = walk_slots(msb, entry, extra, code.padded[3], rows, slot_bits, width, width - code.max_len)
+    return found, raw.index_select(0, wide), end
+
+
+def _walk_torch(code: PrefixCode, packed: torch.Tensor, entry: torch.Tensor, extra: torch.Tensor, rows: int,
+                slot_bits: int, width: int, wide: torch.Tensor) -> Walk:
+    """The walk in torch, one round of lookups per position vectorised over rows, from a table of the
+    ``width`` bits at every bit offset (any device)."""
+    j = entry.shape[1]
+    dev = packed.device
     lut_length = code.padded[3]
     lut = 1 << code.max_len
-    window = _windows(packed, rows * slot_bits + j * (code.max_len + raw_max) + 1, width)
+    window = _windows(packed, rows * slot_bits + j * 2 * width + 1, width)
     peek = width - code.max_len  # window bits beyond a LUT index
-    entry, extra = (cls * lut).t(), rb.t()  # [J, rows or 1]
-    if cls.shape[0] == 1:  # one class per position for every row: each step reads that class's LUT row
+    entry, extra = entry.t(), extra.t()  # [J, rows or 1]
+    if entry.shape[1] == 1:  # one class per position for every row: each step reads that LUT row
         rows_of = lut_length.view(-1, lut)
-        steps = [(rows_of[c], None, m or None) for c, m in zip(cls[0].tolist(), rb[0].tolist())]
+        steps = [(rows_of[c // lut], None, m or None) for c, m in zip(entry[:, 0].tolist(), extra[:, 0].tolist())]
     else:
-        steps = [(lut_length, e, x if raw_max else None) for e, x in zip(entry, extra)]
+        steps = [(lut_length, e, x if wide.numel() else None) for e, x in zip(entry, extra)]
     positions = [torch.arange(rows, dtype=torch.int32, device=dev) * slot_bits]
     for table, offset, more in steps:  # the codeword lengths chain the positions: the one loop
         at = positions[-1]
@@ -274,17 +306,13 @@ def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Ten
         ahead = ahead >> peek if peek else ahead
         at = at + table.index_select(0, ahead if offset is None else ahead + offset)
         positions.append(at if more is None else at + more)
-    end = positions[-1] - positions[0]
-    if rows and int(end.max()) > slot_bits:
-        raise CorruptDataError(f"prefix slots: row {int(end.argmax())} runs to bit {int(end.max())}, past its "
-                               f"{slot_bits}-bit slot (corrupt or mismatched payload)")
     at = torch.stack(positions[:-1])
     ahead = window.index_select(0, at.reshape(-1)).view(j, rows)
     found = (ahead >> peek if peek else ahead) + entry
-    wide = (extra > 0).any(1).nonzero().squeeze(1)
+    end = positions[-1] - positions[0]
     if not wide.numel():
-        return SlotColumns(found, wide, found.new_zeros(0, rows))
+        return found, found.new_zeros(0, rows), end
     index = found.index_select(0, wide).reshape(-1)
     after = at.index_select(0, wide).reshape(-1) + lut_length.index_select(0, index)
     raw = window.index_select(0, after).view(wide.numel(), rows) >> (width - extra.index_select(0, wide))
-    return SlotColumns(found, wide, raw)
+    return found, raw, end
