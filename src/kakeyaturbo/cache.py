@@ -225,29 +225,33 @@ class KakeyaLayer(CacheLayerMixin):
         self.hot_k = self.hot_k[..., done:, :].clone()
         self.hot_v = self.hot_v[..., done:, :].clone()
 
-    def _decode(self, chunk: StoredChunk, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode one stored chunk whose first token is at ``start``: post-RoPE K and V, model dtype."""
-        k, v = self.plan.decode(chunk)
-        if self.rope is not None:
-            k = self.rope.apply(k, _positions(start, chunk.tokens))
-        return k.to(self.dtype), v.to(self.dtype)
+    def _decode(self, chunks: list[StoredChunk], starts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Decode stored chunks whose first tokens are at ``starts`` (one codec call per stream for all
+        of them where the codec joins payloads): post-RoPE K and V, model dtype."""
+        out = []
+        for chunk, start, (k, v) in zip(chunks, starts, self.plan.decode_many(chunks)):
+            if self.rope is not None:
+                k = self.rope.apply(k, _positions(start, chunk.tokens))
+            out.append((k.to(self.dtype), v.to(self.dtype)))
+        return out
 
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything held: ``(keys, values)`` each ``[B, n_kv, length - held_start, D]``, post-RoPE,
         model dtype (stored chunks decoded or taken from those kept, exact parts as they are)."""
-        keys, values = [self.sink_k], [self.sink_v]
+        starts = [self.chunks_start + sum(c.tokens for c in self.chunks[:i]) for i in range(len(self.chunks))]
+        todo = [i for i, kv in enumerate(self.kept) if kv is None]
+        fresh = dict(zip(todo, self._decode([self.chunks[i] for i in todo], [starts[i] for i in todo])))
         room = self.decoded_budget - self.decoded_nbytes
-        start = self.chunks_start
-        for i, chunk in enumerate(self.chunks):
+        keys, values = [self.sink_k], [self.sink_v]
+        for i in range(len(self.chunks)):
             kv = self.kept[i]
             if kv is None:
-                kv = self._decode(chunk, start)
+                kv = fresh[i]
                 if _nbytes(kv[0]) + _nbytes(kv[1]) <= room:
                     self.kept[i] = kv
                     room -= _nbytes(kv[0]) + _nbytes(kv[1])
             keys.append(kv[0])
             values.append(kv[1])
-            start += chunk.tokens
         keys.append(self.hot_k)
         values.append(self.hot_v)
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
@@ -304,7 +308,7 @@ class KakeyaLayer(CacheLayerMixin):
             start = self.chunks_start
             for i, chunk in enumerate(self.chunks):
                 if start + chunk.tokens > new_len:
-                    self.hot_k, self.hot_v = self.kept[i] or self._decode(chunk, start)
+                    self.hot_k, self.hot_v = self.kept[i] or self._decode([chunk], [start])[0]
                     self.chunks, self.kept = self.chunks[:i], self.kept[:i]
                     break
                 start += chunk.tokens

@@ -170,11 +170,9 @@ class LayerPlan:
         """:meth:`decode` of each chunk: own chunks without the payload checks, chunks read from bytes
         checked and, where the codec joins payloads (:meth:`~kakeyaturbo.codecs.base.Codec.decode_many`),
         each stream of all of them in one codec call."""
-        if all(c.own for c in chunks):
-            ks = [self.k_codec.decode_own(c.k) for c in chunks]
-            vs = [self.v_codec.decode_own(c.v) for c in chunks]
-        else:
-            ks, vs = self.k_codec.decode_many([c.k for c in chunks]), self.v_codec.decode_many([c.v for c in chunks])
+        own = all(c.own for c in chunks)
+        ks = self.k_codec.decode_many([c.k for c in chunks], own=own)
+        vs = self.v_codec.decode_many([c.v for c in chunks], own=own)
         out = []
         for chunk, k_rows, v_rows in zip(chunks, ks, vs):
             batch = chunk.k.shape[0]

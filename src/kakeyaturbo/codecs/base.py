@@ -285,17 +285,20 @@ class Codec(ABC):
         """
         return self.decode_many([enc])[0]
 
-    def decode_many(self, encs: Sequence[Encoded]) -> list[torch.Tensor]:
+    def decode_many(self, encs: Sequence[Encoded], *, own: bool = False) -> list[torch.Tensor]:
         """:meth:`decode` of each payload; those of one vector shape ``[n, D]`` that :meth:`join_fields`
         can concatenate (codecs whose streams are coded one after another, byte-aligned) in one call
-        over all their streams: many small payloads (a serving engine's blocks) then cost what one large
-        one does.
+        over all their streams: many small payloads (a serving engine's blocks, a cache's chunks) then
+        cost what one large one does. With ``own``, the payloads are this process's own, as in
+        :meth:`decode_own`, and skip the checks.
 
         Raises:
-            CorruptDataError: as :meth:`decode`, for any of them.
+            CorruptDataError: as :meth:`decode`, for any of them (not checked with ``own``).
         """
-        for enc in encs:
-            self.check_encoded(enc)
+        if not own:
+            for enc in encs:
+                self.check_encoded(enc)
+        decode = self._decode if own else self._decode_checked
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, enc in enumerate(encs):
             groups.setdefault(tuple(enc.shape[-2:]), []).append(i)
@@ -305,9 +308,9 @@ class Codec(ABC):
             counts = [math.prod(e.shape[:-2]) for e in part]
             joined = self.join_fields(part) if len(part) > 1 else None
             if joined is None:
-                decoded = [self._decode_checked(e.fields, c, n, d) for e, c in zip(part, counts)]
+                decoded = [decode(e.fields, c, n, d) for e, c in zip(part, counts)]
             else:
-                decoded = list(self._decode_checked(joined, sum(counts), n, d).split(counts))
+                decoded = list(decode(joined, sum(counts), n, d).split(counts))
             for i, y in zip(members, decoded):
                 out[i] = self._cast(y, encs[i])
         return out
@@ -339,7 +342,7 @@ class Codec(ABC):
         serialized (a cache's own chunks, decoded again at every step): the same tensor, without the
         checks that guard against corrupt or forged payloads (which cost a pass over every field and
         over the output)."""
-        return self._cast(self._decode(enc.fields, math.prod(enc.shape[:-2]), enc.shape[-2], enc.shape[-1]), enc)
+        return self.decode_many([enc], own=True)[0]
 
     def check_encoded(self, enc: Any) -> None:
         """Check ``enc`` against this codec's header schema (module docstring) before anything is decoded."""

@@ -18,36 +18,41 @@ import torch
 from kakeyaturbo.errors import ShapeError
 from kakeyaturbo.packing import packed_nbytes
 
+BLOCK = 256
+"""Rows walked together by one thread: their chains are independent, so the CPU overlaps them."""
 
-@numba.njit(cache=True, nogil=True)
+
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _walk(msb: np.ndarray, entry: np.ndarray, extra: np.ndarray, lut_length: np.ndarray, rows: int,
           slot_bits: int, width: int, peek: int, found: np.ndarray, raw: np.ndarray, end: np.ndarray) -> None:
     """Fill ``found [J, rows]``, ``raw [J, rows]`` and ``end [rows]`` (bits each row used); ``entry``
-    and ``extra`` are ``[1 or rows, J]``; ``msb`` the stream's bytes bit-reversed, zero-padded. Rows are
-    the inner loop: their chains are independent, so the CPU overlaps them."""
+    and ``extra`` are ``[1 or rows, J]``; ``msb`` the stream's bytes bit-reversed, zero-padded. Blocks
+    of :data:`BLOCK` rows run on numba's threads, each walking its rows position by position."""
     per_row = entry.shape[0] != 1
     mask = (1 << width) - 1
-    at = np.arange(rows) * np.int64(slot_bits)
-    for j in range(entry.shape[1]):
-        for r in range(rows):
-            e_row = r if per_row else 0
-            p = at[r]
-            q = p >> 3
-            window = (((np.int64(msb[q]) << 16) | (np.int64(msb[q + 1]) << 8) | np.int64(msb[q + 2]))
-                      >> (24 - width - (p & 7))) & mask
-            index = (window >> peek) + entry[e_row, j]
-            found[j, r] = index
-            p += lut_length[index]
-            more = extra[e_row, j]
-            if more:
+    for b in numba.prange((rows + BLOCK - 1) // BLOCK):
+        first, last = b * BLOCK, min(rows, (b + 1) * BLOCK)
+        at = np.arange(first, last) * np.int64(slot_bits)
+        for j in range(entry.shape[1]):
+            for r in range(first, last):
+                e_row = r if per_row else 0
+                p = at[r - first]
                 q = p >> 3
                 window = (((np.int64(msb[q]) << 16) | (np.int64(msb[q + 1]) << 8) | np.int64(msb[q + 2]))
                           >> (24 - width - (p & 7))) & mask
-                raw[j, r] = window >> (width - more)
-                p += more
-            at[r] = p
-    for r in range(rows):
-        end[r] = at[r] - r * np.int64(slot_bits)
+                index = (window >> peek) + entry[e_row, j]
+                found[j, r] = index
+                p += lut_length[index]
+                more = extra[e_row, j]
+                if more:
+                    q = p >> 3
+                    window = (((np.int64(msb[q]) << 16) | (np.int64(msb[q + 1]) << 8) | np.int64(msb[q + 2]))
+                              >> (24 - width - (p & 7))) & mask
+                    raw[j, r] = window >> (width - more)
+                    p += more
+                at[r - first] = p
+        for r in range(first, last):
+            end[r] = at[r - first] - r * np.int64(slot_bits)
 
 
 def walk_slots(msb: torch.Tensor, entry: torch.Tensor, extra: torch.Tensor, lut_length: torch.Tensor, rows: int,
