@@ -27,10 +27,9 @@ def test_compiled_walk_equals_the_torch_walk_on_any_bytes(seed, rows, cols, slot
     packed = torch.randint(0, 256, (packed_nbytes(rows * slot, 1),), generator=g, dtype=torch.uint8)
     cls, rb = _positions(code, classes, raw_bits, rows)
     width = max(max_len, int(rb.max()))
-    entry = cls * (1 << max_len)
     wide = (rb > 0).any(0).nonzero().squeeze(1)
-    for got, want in zip(_walk_compiled(code, packed, entry, rb, rows, slot, width, wide),
-                         _walk_torch(code, packed, entry, rb, rows, slot, width, wide)):
+    for got, want in zip(_walk_compiled(code, packed, cls, rb, rows, slot, width, wide),
+                         _walk_torch(code, packed, cls, rb, rows, slot, width, wide)):
         assert torch.equal(got.to(want.dtype), want)
 
 
@@ -44,6 +43,28 @@ def test_cpu_reads_take_the_compiled_walk(monkeypatch):
 
 
 def test_a_short_stream_is_refused():
+    code = _code(0, 7)
     with pytest.raises(ShapeError, match="padded bytes"):
         walk_slots(torch.zeros(2, dtype=torch.uint8), torch.zeros(1, 4, dtype=torch.int32),
-                   torch.zeros(1, 4, dtype=torch.int32), torch.zeros(8, dtype=torch.int32), 3, 8, 3, 0)
+                   torch.zeros(1, 4, dtype=torch.int32), code.canonical, 11, 7, 3, 8, 7)
+
+
+@given(seed=st.integers(0, 2**31), max_len=st.integers(4, 14))
+def test_canonical_tables_decode_every_codeword(seed, max_len):
+    """Every codeword, followed by any bits, decodes to its symbol and length from the small tables."""
+    code = _code(seed, max_len)
+    t = code.canonical
+    a, m = code.lengths.shape[1], max_len
+    for c in range(code.lengths.shape[0]):
+        for sym in range(a):
+            n = int(code.lengths[c, sym])
+            w = (int(code.codes[c, sym]) << (m - n)) | (seed % (1 << (m - n)))
+            e = int(t.short[(c << t.bits) + (w >> (m - t.bits))])
+            if e & 31 != 31:
+                assert (e >> 5, e & 31) == (sym, n)
+                continue
+            k = t.bits + 1
+            while w >= int(t.limit[c * (m + 1) + k]):
+                k += 1
+            rank = int(t.offset[c * (m + 1) + k]) + (w >> (m - k)) - int(t.first[c * (m + 1) + k])
+            assert (int(t.order[c * a + rank]), k) == (sym, n)

@@ -5,8 +5,11 @@ and each start is the previous one plus the previous codeword's length: a chain 
 lookups per row. Vectorised over rows in torch, that is ``J`` rounds of a few small tensor ops
 (~5 µs of dispatch each, whatever the row count), which bounded the kakeya-v2 decoders at ~10-30
 MB/s on a 2-core CPU. Here the same walk is one compiled loop per row, reading the stream's bytes
-directly (no per-bit window table), and returns what the torch walk does: each codeword's LUT entry,
-the raw bits after it, and where each row ended. The torch walk stays the path for other devices.
+directly (no per-bit window table) and the code's small canonical tables (an 8-bit first lookup,
+canonical decoding past it: the full ``2**max_len`` LUTs of the ECSQ family are 4 MB, which the
+model's weights evict from the cache between steps). It returns what the torch walk does: each
+codeword's ``class * A + symbol``, the raw bits after it, and where each row ended. The torch walk
+stays the path for other devices.
 """
 
 from __future__ import annotations
@@ -16,67 +19,87 @@ import numpy as np
 import torch
 
 from kakeyaturbo.errors import ShapeError
+from kakeyaturbo.ops.prefix_code import LONG, CanonicalTables
 from kakeyaturbo.packing import packed_nbytes
 
 BLOCK = 256
 """Rows walked together by one thread: their chains are independent, so the CPU overlaps them."""
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bits(msb: np.ndarray, at: int, width: int, mask: int) -> int:
+    """The ``width`` bits (at most 16) from bit ``at`` of the bit-reversed stream, MSB first."""
+    q = at >> 3
+    word = (np.int64(msb[q]) << 16) | (np.int64(msb[q + 1]) << 8) | np.int64(msb[q + 2])
+    return (word >> (24 - width - (at & 7))) & mask
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _walk(msb: np.ndarray, entry: np.ndarray, extra: np.ndarray, lut_length: np.ndarray, rows: int,
-          slot_bits: int, width: int, peek: int, found: np.ndarray, raw: np.ndarray, end: np.ndarray) -> None:
-    """Fill ``found [J, rows]``, ``raw [J, rows]`` and ``end [rows]`` (bits each row used); ``entry``
-    and ``extra`` are ``[1 or rows, J]``; ``msb`` the stream's bytes bit-reversed, zero-padded. Blocks
-    of :data:`BLOCK` rows run on numba's threads, each walking its rows position by position."""
-    per_row = entry.shape[0] != 1
+def _walk(msb: np.ndarray, cls: np.ndarray, extra: np.ndarray, short: np.ndarray, limit: np.ndarray,
+          first: np.ndarray, offset: np.ndarray, order: np.ndarray, symbols: int, max_len: int, short_bits: int,
+          rows: int, slot_bits: int, width: int, found: np.ndarray, raw: np.ndarray, end: np.ndarray) -> None:
+    """Fill ``found [J, rows]`` (``class * A + symbol``), ``raw [J, rows]`` and ``end [rows]`` (bits
+    each row used); ``cls`` and ``extra`` are ``[1 or rows, J]``; the tables those of
+    :class:`~kakeyaturbo.ops.prefix_code.CanonicalTables`. Blocks of :data:`BLOCK` rows run on numba's
+    threads, each walking its rows position by position."""
+    per_row = cls.shape[0] != 1
     mask = (1 << width) - 1
+    peek = width - max_len
+    lengths = max_len + 1
     for b in numba.prange((rows + BLOCK - 1) // BLOCK):
-        first, last = b * BLOCK, min(rows, (b + 1) * BLOCK)
-        at = np.arange(first, last) * np.int64(slot_bits)
-        for j in range(entry.shape[1]):
-            for r in range(first, last):
-                e_row = r if per_row else 0
-                p = at[r - first]
-                q = p >> 3
-                window = (((np.int64(msb[q]) << 16) | (np.int64(msb[q + 1]) << 8) | np.int64(msb[q + 2]))
-                          >> (24 - width - (p & 7))) & mask
-                index = (window >> peek) + entry[e_row, j]
-                found[j, r] = index
-                p += lut_length[index]
-                more = extra[e_row, j]
+        start, stop = b * BLOCK, min(rows, (b + 1) * BLOCK)
+        at = np.arange(start, stop) * np.int64(slot_bits)
+        for j in range(cls.shape[1]):
+            for r in range(start, stop):
+                c = np.int64(cls[r if per_row else 0, j])
+                p = at[r - start]
+                w = _bits(msb, p, width, mask) >> peek
+                entry = short[(c << short_bits) + (w >> (max_len - short_bits))]
+                n = entry & 31
+                if n == LONG:
+                    n = short_bits + 1
+                    while w >= limit[c * lengths + n]:
+                        n += 1
+                    at_n = c * lengths + n
+                    symbol = order[c * symbols + offset[at_n] + (w >> (max_len - n)) - first[at_n]]
+                else:
+                    symbol = entry >> 5
+                found[j, r] = c * symbols + symbol
+                p += n
+                more = extra[r if per_row else 0, j]
                 if more:
-                    q = p >> 3
-                    window = (((np.int64(msb[q]) << 16) | (np.int64(msb[q + 1]) << 8) | np.int64(msb[q + 2]))
-                              >> (24 - width - (p & 7))) & mask
-                    raw[j, r] = window >> (width - more)
+                    raw[j, r] = _bits(msb, p, width, mask) >> (width - more)
                     p += more
-                at[r - first] = p
-        for r in range(first, last):
-            end[r] = at[r - first] - r * np.int64(slot_bits)
+                at[r - start] = p
+        for r in range(start, stop):
+            end[r] = at[r - start] - r * np.int64(slot_bits)
 
 
-def walk_slots(msb: torch.Tensor, entry: torch.Tensor, extra: torch.Tensor, lut_length: torch.Tensor, rows: int,
-               slot_bits: int, width: int, peek: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def walk_slots(msb: torch.Tensor, cls: torch.Tensor, extra: torch.Tensor, tables: CanonicalTables, symbols: int,
+               max_len: int, rows: int, slot_bits: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chained walk over ``rows`` slots of ``slot_bits`` bits (CPU tensors).
 
     Args:
         msb: uint8 stream bytes, each bit-reversed (most significant bit first), zero-padded to cover
             every position a walk can reach (``rows * slot_bits + J * (2 * width) + 24`` bits).
-        entry: int32 ``[1 or rows, J]``: each position's class row offset into the padded LUTs.
+        cls: int32 ``[1 or rows, J]``: each position's class (``C``, the last of ``tables``: not coded).
         extra: int32 ``[1 or rows, J]``: raw bits after each position's codeword.
-        lut_length: int32 padded LUT of codeword lengths.
-        width: bits read per lookup (``max(max_len, max raw bits)``, at most 16); ``peek = width - max_len``.
+        tables: the code's :attr:`~kakeyaturbo.ops.prefix_code.PrefixCode.canonical` tables.
+        symbols: the code's alphabet size ``A``; ``max_len`` its longest codeword.
+        width: bits read per lookup (``max(max_len, max raw bits)``, at most 16).
 
     Returns:
-        ``(found, raw, end)``: int32 ``[J, rows]`` LUT entries and raw values, int64 ``[rows]`` bits used.
+        ``(found, raw, end)``: int32 ``[J, rows]`` ``class * A + symbol`` and raw values, int64
+        ``[rows]`` bits each row used.
     """
-    j = entry.shape[1]
+    j = cls.shape[1]
     need = packed_nbytes(rows * slot_bits + j * 2 * width, 1) + 3
     if msb.numel() < need:
         raise ShapeError(f"walk_slots: the stream needs {need} padded bytes, got {msb.numel()}")
     found = torch.empty(j, rows, dtype=torch.int32)
     raw = torch.zeros(j, rows, dtype=torch.int32)
     end = torch.empty(rows, dtype=torch.int64)
-    _walk(msb.numpy(), entry.contiguous().numpy(), extra.contiguous().numpy(), lut_length.numpy(), rows,
-          slot_bits, width, peek, found.numpy(), raw.numpy(), end.numpy())
+    _walk(msb.numpy(), cls.contiguous().numpy(), extra.contiguous().numpy(), tables.short.numpy(),
+          tables.limit.numpy(), tables.first.numpy(), tables.offset.numpy(), tables.order.numpy(), symbols, max_len,
+          tables.bits, rows, slot_bits, width, found.numpy(), raw.numpy(), end.numpy())
     return found, raw, end

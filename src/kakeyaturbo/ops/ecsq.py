@@ -351,16 +351,15 @@ def rounded_lengths(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=4)
 def decoded_values(device: str = "cpu") -> torch.Tensor:
-    """float32 ``[(C + 1) * 2**MAX_LEN]``: for every entry of the padded LUTs of the class family's
-    prefix code (:attr:`~kakeyaturbo.ops.prefix_code.PrefixCode.padded`), the reconstruction (in steps)
-    of the symbol it decodes, without raw bits: narrow classes the cell's N(0, r²) centroid, wide
-    ones ``(hi - HALF) * 2**m``; 0 for the class of positions not coded."""
+    """float32 ``[(C + 1) * (2 * HALF + 1)]``: for every (class, symbol) of the class family's prefix code,
+    padded as :attr:`~kakeyaturbo.ops.prefix_code.PrefixCode.padded` (the entries
+    :func:`~kakeyaturbo.ops.prefix_code.read_slot_columns` finds), the reconstruction in steps without
+    raw bits: narrow classes the cell's N(0, r²) centroid, wide ones ``(hi - HALF) * 2**m``; 0 for the
+    class of positions not coded."""
     tables = gaussian_classes(device)
     wide = tables.raw_bits.unsqueeze(1) > 0
     hi = torch.arange(-HALF, HALF + 1, device=device).float() * torch.pow(2.0, tables.raw_bits).unsqueeze(1)
-    values = torch.cat([torch.where(wide, hi, tables.centroid), tables.centroid.new_zeros(1, 2 * HALF + 1)])
-    symbols = tables.code.padded[2].view(values.shape[0], -1).long()
-    return values.gather(1, symbols).reshape(-1)
+    return torch.cat([torch.where(wide, hi, tables.centroid), tables.centroid.new_zeros(1, 2 * HALF + 1)]).reshape(-1)
 
 
 def slot_lengths_of_zero(classes: torch.Tensor) -> torch.Tensor:

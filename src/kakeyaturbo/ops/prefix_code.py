@@ -116,6 +116,64 @@ class PrefixCode:
 
         return grow(self.lengths), grow(self.codes), grow(self.lut_symbol), grow(self.lut_length)
 
+    @functools.cached_property
+    def canonical(self) -> CanonicalTables:
+        """The small tables a decoder that must stay in cache reads (see :class:`CanonicalTables`)."""
+        c, a = self.lengths.shape
+        m = self.max_len
+        p = min(SHORT_BITS, m)
+        count = torch.stack([(self.lengths == n).sum(1) for n in range(m + 1)], 1)  # [C, m + 1]
+        first = torch.zeros_like(count)
+        for n in range(2, m + 1):  # canonical codes: each length starts after the shorter ones, shifted
+            first[:, n] = (first[:, n - 1] + count[:, n - 1]) << 1
+        limit = (first + count) << (m - torch.arange(m + 1))
+        offset = count.cumsum(1) - count
+        order = torch.argsort(self.lengths * a + torch.arange(a), dim=1)
+        at = torch.arange(1 << p) << (m - p)
+        length, symbol = self.lut_length[:, at], self.lut_symbol[:, at]
+        short = torch.where(length <= p, symbol << 5 | length, LONG)
+
+        def grow(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(1, t.shape[1])]).reshape(-1).to(dtype)
+
+        return CanonicalTables(p, grow(short, torch.int32), grow(limit, torch.int64), grow(first, torch.int64),
+                               grow(offset, torch.int32), grow(order, torch.int32))
+
+
+SHORT_BITS = 8
+"""Codeword bits :attr:`CanonicalTables.short` resolves in one lookup."""
+LONG = 31
+"""The length field of a :attr:`CanonicalTables.short` entry whose codeword is longer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CanonicalTables:
+    """Tables of a :class:`PrefixCode` small enough to stay in a CPU cache while a decoder walks many
+    slots (the ``2**max_len`` LUTs of every class do not: 4 MB for the ECSQ family), flat over the
+    ``C + 1`` classes of :attr:`PrefixCode.padded` (the last one empty: a position not coded).
+
+    A codeword starting with the ``max_len``-bit word ``w`` is looked up by its first ``bits`` bits in
+    ``short`` (``symbol << 5 | length``); where that length field is :data:`LONG` the codeword is
+    longer, and canonical decoding finds it: its length ``n`` is the first past ``bits`` with
+    ``w < limit[n]``, and its symbol ``order[offset[n] + (w >> (max_len - n)) - first[n]]``.
+
+    Attributes:
+        bits: the bits ``short`` is indexed by (``min(SHORT_BITS, max_len)``).
+        short: int32 ``[(C + 1) * 2**bits]``.
+        limit: int64 ``[(C + 1) * (max_len + 1)]``: one past the last codeword of each length, as a
+            ``max_len``-bit word.
+        first: int64 ``[(C + 1) * (max_len + 1)]``: the first codeword of each length.
+        offset: int32 ``[(C + 1) * (max_len + 1)]``: codewords shorter than each length.
+        order: int32 ``[(C + 1) * A]``: the symbols in canonical order (by length, then symbol).
+    """
+
+    bits: int
+    short: torch.Tensor
+    limit: torch.Tensor
+    first: torch.Tensor
+    offset: torch.Tensor
+    order: torch.Tensor
+
 
 def slot_lengths(code: PrefixCode, symbols: torch.Tensor, classes: torch.Tensor,
                  raw_bits: torch.Tensor) -> torch.Tensor:
@@ -223,7 +281,7 @@ def read_slots(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, ra
     found = read_slot_columns(code, packed, classes, raw_bits, rows, slot_bits)
     raw = torch.zeros(found.entry.shape, dtype=torch.int64, device=packed.device)
     raw[found.raw_columns] = found.raw.to(torch.int64)
-    return code.padded[2].index_select(0, found.entry.reshape(-1)).view(found.entry.shape).t().to(torch.int64), raw.t()
+    return (found.entry % code.lengths.shape[1]).t().to(torch.int64), raw.t()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,8 +289,8 @@ class SlotColumns:
     """The codewords :func:`read_slot_columns` found, position-major.
 
     Attributes:
-        entry: int32 ``[J, rows]``: each codeword's entry in the (padded) LUT tables of
-            :attr:`PrefixCode.padded`: its class's row and the ``max_len`` bits it begins.
+        entry: int32 ``[J, rows]``: ``class * A + symbol`` of each codeword (class ``C`` where a position
+            is not coded): an index into any per-(class, symbol) table padded as :attr:`PrefixCode.padded`.
         raw_columns: int64 ``[J']``: the positions that have raw bits in some row.
         raw: int32 ``[J', rows]``: their raw values (0 in rows without raw bits there).
     """
@@ -256,10 +314,9 @@ def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Ten
     width = max(code.max_len, raw_max)
     if width > FIELD_BITS:
         raise ShapeError(f"prefix slots: codewords and raw fields must be at most {FIELD_BITS} bits")
-    entry, extra = cls * (1 << code.max_len), rb  # [rows or 1, J]
-    wide = (extra > 0).any(0).nonzero().squeeze(1)
+    wide = (rb > 0).any(0).nonzero().squeeze(1)
     walk = _walk_compiled if packed.device.type == "cpu" else _walk_torch
-    found, raw, end = walk(code, packed, entry, extra, rows, slot_bits, width, wide)
+    found, raw, end = walk(code, packed, cls, rb, rows, slot_bits, width, wide)
     if rows and int(end.max()) > slot_bits:
         raise CorruptDataError(f"prefix slots: row {int(end.argmax())} runs to bit {int(end.max())}, past its "
                                f"{slot_bits}-bit slot (corrupt or mismatched payload)")
@@ -267,36 +324,39 @@ def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Ten
 
 
 Walk = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""What a walk over the slots returns: LUT entries int32 ``[J, rows]``, raw values int32 ``[J', rows]``
+"""What a walk over the slots returns: ``class * A + symbol`` int32 ``[J, rows]``, raw values int32 ``[J', rows]``
 of the positions ``wide`` (those with raw bits in some row), bits each row used ``[rows]``."""
 
 
-def _walk_compiled(code: PrefixCode, packed: torch.Tensor, entry: torch.Tensor, extra: torch.Tensor, rows: int,
+def _walk_compiled(code: PrefixCode, packed: torch.Tensor, cls: torch.Tensor, extra: torch.Tensor, rows: int,
                    slot_bits: int, width: int, wide: torch.Tensor) -> Walk:
-    """The walk as one compiled loop per row over the bit-reversed bytes (CPU)."""
+    """The walk as one compiled loop per row over the bit-reversed bytes and the code's
+    :attr:`~PrefixCode.canonical` tables (CPU); ``cls`` and ``extra`` int32 ``[rows or 1, J]``."""
     from kakeyaturbo.kernels.prefix_slots import walk_slots
 
-    reach = rows * slot_bits + entry.shape[1] * 2 * width
+    reach = rows * slot_bits + cls.shape[1] * 2 * width
     msb = torch.zeros(packed_nbytes(reach, 1) + 3, dtype=torch.uint8)
     msb[: packed.numel()] = _REVERSED.index_select(0, packed.to(torch.int32))
-    found, raw, end = walk_slots(msb, entry, extra, code.padded[3], rows, slot_bits, width, width - code.max_len)
+    found, raw, end = walk_slots(msb, cls, extra, code.canonical, code.lengths.shape[1], code.max_len, rows,
+                                 slot_bits, width)
     return found, raw.index_select(0, wide), end
 
 
-def _walk_torch(code: PrefixCode, packed: torch.Tensor, entry: torch.Tensor, extra: torch.Tensor, rows: int,
+def _walk_torch(code: PrefixCode, packed: torch.Tensor, cls: torch.Tensor, extra: torch.Tensor, rows: int,
                 slot_bits: int, width: int, wide: torch.Tensor) -> Walk:
     """The walk in torch, one round of lookups per position vectorised over rows, from a table of the
-    ``width`` bits at every bit offset (any device)."""
-    j = entry.shape[1]
+    ``width`` bits at every bit offset and the ``2**max_len`` LUTs (any device)."""
+    j = cls.shape[1]
     dev = packed.device
-    lut_length = code.padded[3]
+    lut_symbol, lut_length = code.padded[2:]
     lut = 1 << code.max_len
     window = _windows(packed, rows * slot_bits + j * 2 * width + 1, width)
     peek = width - code.max_len  # window bits beyond a LUT index
-    entry, extra = entry.t(), extra.t()  # [J, rows or 1]
+    cls, extra = cls.t(), extra.t()  # [J, rows or 1]
+    entry = cls * lut
     if entry.shape[1] == 1:  # one class per position for every row: each step reads that LUT row
         rows_of = lut_length.view(-1, lut)
-        steps = [(rows_of[c // lut], None, m or None) for c, m in zip(entry[:, 0].tolist(), extra[:, 0].tolist())]
+        steps = [(rows_of[c], None, m or None) for c, m in zip(cls[:, 0].tolist(), extra[:, 0].tolist())]
     else:
         steps = [(lut_length, e, x if wide.numel() else None) for e, x in zip(entry, extra)]
     positions = [torch.arange(rows, dtype=torch.int32, device=dev) * slot_bits]
@@ -308,11 +368,12 @@ def _walk_torch(code: PrefixCode, packed: torch.Tensor, entry: torch.Tensor, ext
         positions.append(at if more is None else at + more)
     at = torch.stack(positions[:-1])
     ahead = window.index_select(0, at.reshape(-1)).view(j, rows)
-    found = (ahead >> peek if peek else ahead) + entry
+    index = ((ahead >> peek if peek else ahead) + entry).reshape(-1)
+    found = lut_symbol.index_select(0, index).view(j, rows) + cls * code.lengths.shape[1]
     end = positions[-1] - positions[0]
     if not wide.numel():
         return found, found.new_zeros(0, rows), end
-    index = found.index_select(0, wide).reshape(-1)
+    index = index.view(j, rows).index_select(0, wide).reshape(-1)
     after = at.index_select(0, wide).reshape(-1) + lut_length.index_select(0, index)
     raw = window.index_select(0, after).view(wide.numel(), rows) >> (width - extra.index_select(0, wide))
     return found, raw, end
