@@ -76,6 +76,16 @@ BENCHES = (
      "`kakeya bench --generate --ctx 1024 4096 --steps 16 --repeats 2`: SmolLM2 in bf16 prefills ctx tokens of "
      "the evaluation text and generates 16 greedily, once with DynamicCache and once per recipe, interleaved "
      "within each round; ratios are medians over rounds of runs made side by side on the 2-core CPU."),
+    ("cross-layer/cross_layer.md", "Bases over several layers (idealised)",
+     "`benchmarks/cross_layer.py`: eigenbases of groups of a token's features (one KV head, one layer, 2 / 4 / 10 "
+     "adjacent layers) fitted on calibration text; the Gaussian rate-distortion error of each at equal bits on "
+     "evaluation text, one water level over the model. Ranks transforms; not a codec's figure (see its NOTE.md)."),
+    ("entropy/kakeya-balanced.md", "Entropy coding against the fixed slots, kakeya-balanced",
+     "`benchmarks/entropy_coding.py`: each stream's quantiser input coded with one step and calibrated "
+     "per-component models (estimated and ANS-coded by constriction), at the slots' squared error; the "
+     "empirical-entropy bound at that step, and coding from the previous token (closed loop, per chunk)."),
+    ("entropy/kakeya-max.md", "Entropy coding against the fixed slots, kakeya-max",
+     "As above, for kakeya-max."),
     ("kakeya_codec.md", "The seed's KakeyaTurbo block codec grid",
      "bits × PCA × block size on synthetic KV (single-threaded run)."),
 )
