@@ -12,7 +12,7 @@ head gains divided out) on ``--windows`` windows of evaluation text, and
   codes the calibration text shorter; a static model, so chunks decode one by one). Its bits are the
   model's code lengths; the step is interpolated (log-log) to the slots' squared error.
 
-Real bytes: where ``constriction`` is installed (``pip install constriction``), the symbols of every
+Real bytes: where ``constriction`` is installed (``pip install -e .[research]``), the symbols of every
 stream are also ANS-coded with those models and the coder's output counted (32-bit words, one stream
 per layer and K/V). Head gains, step codes of the slots and headers are outside both counts.
 
