@@ -116,16 +116,13 @@ def _quality(ref: dict[str, Any], alt: dict[str, Any], prompts: dict[str, Any]) 
 def _codec_speed(store: Any, recipe: str, model: str, config: Any, ids: list[int], cal: Any) -> dict[str, Any]:
     """Decode the stored blocks of ``ids`` and encode the decoded K/V again with the connector's codec."""
     from kakeyaturbo import recipes
-    from kakeyaturbo.cache import rope_factory
-    from kakeyaturbo.engine import build_plans
     from kakeyaturbo.integrations.blocks import BlockCodec, identity_for, prefix_keys, serving_recipe
     from kakeyaturbo.models.arch import facts
 
     r = serving_recipe(recipes.load(recipe), BLOCK)
     f = facts(config)
     ident = identity_for(model, config, r, BLOCK, cal.stats_id if r.needs_calibration else "")
-    codec = BlockCodec(build_plans(r, f.n_layers, f.n_kv_heads, f.head_dim, cal if r.needs_calibration else None),
-                       BLOCK, ident, r.sink_tokens, rope_factory(config) if r.pre_rope_keys else None)
+    codec = BlockCodec.for_recipe(r, config, BLOCK, ident, cal if r.needs_calibration else None)
     blocks = [(j * BLOCK, store.get(key)) for j, key in enumerate(prefix_keys(ids[:-1], BLOCK, ident))]
     blocks = [(start, blob) for start, blob in blocks if blob is not None]
     t0 = time.perf_counter()

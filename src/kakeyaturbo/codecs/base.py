@@ -302,7 +302,7 @@ class Codec(ABC):
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, enc in enumerate(encs):
             groups.setdefault(tuple(enc.shape[-2:]), []).append(i)
-        out: list[torch.Tensor] = [torch.empty(0)] * len(encs)
+        out: dict[int, torch.Tensor] = {}
         for (n, d), members in groups.items():
             part = [encs[i] for i in members]
             counts = [math.prod(e.shape[:-2]) for e in part]
@@ -313,7 +313,7 @@ class Codec(ABC):
                 decoded = list(decode(joined, sum(counts), n, d).split(counts))
             for i, y in zip(members, decoded):
                 out[i] = self._cast(y, encs[i])
-        return out
+        return [out[i] for i in range(len(encs))]
 
     def join_fields(self, encs: Sequence[Encoded]) -> dict[str, torch.Tensor] | None:
         """The fields of one payload holding the streams of ``encs`` (checked payloads of this codec and

@@ -182,6 +182,20 @@ class BlockCodec:
         self.ropes: list[Rope | None] = [None if p.exact or rope is None else rope(p.layer) for p in self.plans]
         self._exact = codecs.get("identity")
 
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, hf_config: Any, block_size: int, identity: BlockIdentity,
+                   calibration: Any = None) -> BlockCodec:
+        """The codec of a serving recipe (:func:`serving_recipe`) for a model of ``hf_config``: its plans
+        (with the calibration's fits, made beforehand) and, for pre-RoPE keys, the model's RoPE."""
+        from kakeyaturbo.cache import rope_factory
+        from kakeyaturbo.engine import build_plans
+        from kakeyaturbo.models.arch import facts
+
+        f = facts(hf_config)
+        plans = build_plans(recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration)
+        rope = rope_factory(hf_config) if recipe.pre_rope_keys else None
+        return cls(plans, block_size, identity, recipe.sink_tokens, rope)
+
     def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
         p = self.plans[0]
         want = (len(self.plans), p.n_kv_heads, self.block_size, p.head_dim)

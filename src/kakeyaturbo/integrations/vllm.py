@@ -179,18 +179,13 @@ class KakeyaConnector(KVConnectorBase_V1):
         return Path(directory) if directory else default_bundle_dir(DEFAULT_MODEL if packaged else self.model_name)
 
     def _codec(self) -> BlockCodec:
-        from kakeyaturbo.cache import rope_factory
-        from kakeyaturbo.engine import build_plans
-        f = facts(self.hf_config)
-        if SLIDING in f.layer_types:
+        if SLIDING in facts(self.hf_config).layer_types:
             raise ConfigError(f"KakeyaConnector: {self.model_name} has sliding-window layers, which this connector "
                               "does not serve yet")
         recipe = serving_recipe(self.recipe, self.block_size)
         if self.calibration is not None:
             self._prepare(recipe)
-        plans = build_plans(recipe, f.n_layers, f.n_kv_heads, f.head_dim, self.calibration)
-        rope = rope_factory(self.hf_config) if recipe.pre_rope_keys else None
-        return BlockCodec(plans, self.block_size, self.identity, recipe.sink_tokens, rope)
+        return BlockCodec.for_recipe(recipe, self.hf_config, self.block_size, self.identity, self.calibration)
 
     def _prepare(self, recipe: Any) -> None:
         """Fits and probes the recipe needs; the model (loaded here, on CPU) only if a probe must run."""
