@@ -199,7 +199,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=int, default=16, help="--recipe: chunks of chunk_tokens in one codec call")
     p.add_argument("--kv-heads", type=int, default=3, help="--recipe: KV heads of the synthetic layer")
     p.add_argument("--head-dim", type=int, default=64, help="--recipe: head dim of the synthetic layer")
-    p.add_argument("--threads", type=int, help="CPU threads of torch and of the compiled kernels (default: all cores)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda[:N]")
     p.add_argument("--json", type=Path, metavar="P", help="write the results as a JSON list here")
     p.add_argument("--markdown", type=Path, metavar="P", help="write a Markdown table here")
@@ -236,10 +236,7 @@ def _recipe_rows(args: argparse.Namespace, device: torch.device) -> list[dict[st
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print/write the table."""
     if args.threads:
-        import numba
-
         torch.set_num_threads(args.threads)
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     if args.generate:
         return bench_generate.run(args)
     device = torch.device(args.device)

@@ -22,9 +22,6 @@ from kakeyaturbo.errors import ShapeError
 from kakeyaturbo.ops.prefix_code import LONG, CanonicalTables
 from kakeyaturbo.packing import packed_nbytes
 
-BLOCK = 256
-"""Rows walked together by one thread: their chains are independent, so the CPU overlaps them."""
-
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _bits(msb: np.ndarray, at: int, width: int, mask: int) -> int:
@@ -34,45 +31,45 @@ def _bits(msb: np.ndarray, at: int, width: int, mask: int) -> int:
     return (word >> (24 - width - (at & 7))) & mask
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True)
 def _walk(msb: np.ndarray, cls: np.ndarray, extra: np.ndarray, short: np.ndarray, limit: np.ndarray,
           first: np.ndarray, offset: np.ndarray, order: np.ndarray, symbols: int, max_len: int, short_bits: int,
           rows: int, slot_bits: int, width: int, found: np.ndarray, raw: np.ndarray, end: np.ndarray) -> None:
     """Fill ``found [J, rows]`` (``class * A + symbol``), ``raw [J, rows]`` and ``end [rows]`` (bits
     each row used); ``cls`` and ``extra`` are ``[1 or rows, J]``; the tables those of
-    :class:`~kakeyaturbo.ops.prefix_code.CanonicalTables`. Blocks of :data:`BLOCK` rows run on numba's
-    threads, each walking its rows position by position."""
+    :class:`~kakeyaturbo.ops.prefix_code.CanonicalTables`. Rows are the inner loop: their chains are
+    independent, so the CPU overlaps them. Single-threaded on purpose: numba's threading layers either
+    touch the OpenMP state torch and vLLM's CPU attention rely on, or abort the process when two
+    threads launch kernels at once."""
     per_row = cls.shape[0] != 1
     mask = (1 << width) - 1
     peek = width - max_len
     lengths = max_len + 1
-    for b in numba.prange((rows + BLOCK - 1) // BLOCK):
-        start, stop = b * BLOCK, min(rows, (b + 1) * BLOCK)
-        at = np.arange(start, stop) * np.int64(slot_bits)
-        for j in range(cls.shape[1]):
-            for r in range(start, stop):
-                c = np.int64(cls[r if per_row else 0, j])
-                p = at[r - start]
-                w = _bits(msb, p, width, mask) >> peek
-                entry = short[(c << short_bits) + (w >> (max_len - short_bits))]
-                n = entry & 31
-                if n == LONG:
-                    n = short_bits + 1
-                    while w >= limit[c * lengths + n]:
-                        n += 1
-                    at_n = c * lengths + n
-                    symbol = order[c * symbols + offset[at_n] + (w >> (max_len - n)) - first[at_n]]
-                else:
-                    symbol = entry >> 5
-                found[j, r] = c * symbols + symbol
-                p += n
-                more = extra[r if per_row else 0, j]
-                if more:
-                    raw[j, r] = _bits(msb, p, width, mask) >> (width - more)
-                    p += more
-                at[r - start] = p
-        for r in range(start, stop):
-            end[r] = at[r - start] - r * np.int64(slot_bits)
+    at = np.arange(rows) * np.int64(slot_bits)
+    for j in range(cls.shape[1]):
+        for r in range(rows):
+            c = np.int64(cls[r if per_row else 0, j])
+            p = at[r]
+            w = _bits(msb, p, width, mask) >> peek
+            entry = short[(c << short_bits) + (w >> (max_len - short_bits))]
+            n = entry & 31
+            if n == LONG:
+                n = short_bits + 1
+                while w >= limit[c * lengths + n]:
+                    n += 1
+                at_n = c * lengths + n
+                symbol = order[c * symbols + offset[at_n] + (w >> (max_len - n)) - first[at_n]]
+            else:
+                symbol = entry >> 5
+            found[j, r] = c * symbols + symbol
+            p += n
+            more = extra[r if per_row else 0, j]
+            if more:
+                raw[j, r] = _bits(msb, p, width, mask) >> (width - more)
+                p += more
+            at[r] = p
+    for r in range(rows):
+        end[r] = at[r] - r * np.int64(slot_bits)
 
 
 def walk_slots(msb: torch.Tensor, cls: torch.Tensor, extra: torch.Tensor, tables: CanonicalTables, symbols: int,
