@@ -34,6 +34,6 @@ $K diagnose --recipe v1.3-l2-whiten --tokens 256 --json benchmarks/diagnose/v1.3
 $K bench --codec all --streams 4 --tokens 2048 --repeats 3 --json benchmarks/codecs.json --markdown benchmarks/codecs.md
 $K bench --codec kakeya-v2 --codec turboquant --codec kivi --codec rotated-int --data captured --tokens 2048 --repeats 1 --json benchmarks/codecs-captured.json --markdown benchmarks/codecs-captured.md
 $K bench --codec kakeya-v2 --data captured --layout joint --tokens 2048 --repeats 1 --json benchmarks/codecs-captured-joint.json --markdown benchmarks/codecs-captured-joint.md
-$K bench --recipe shipped --threads 2 --repeats 9 --json benchmarks/codec-speed.json --markdown benchmarks/codec-speed.md
-$K bench --generate --ctx 1024 4096 --steps 16 --repeats 2 --json benchmarks/generate.json --markdown benchmarks/generate.md
+$K bench --recipe shipped --threads 2 --repeats 15 --json benchmarks/codec-speed.json --markdown benchmarks/codec-speed.md
+$K bench --generate --ctx 1024 4096 --steps 16 --repeats 3 --json benchmarks/generate.json --markdown benchmarks/generate.md
 $K report --benchmarks benchmarks --out benchmarks/RESULTS.md

@@ -69,11 +69,11 @@ BENCHES = (
      "`kakeya bench --codec kakeya-v2 --data captured --layout joint`: one row per token holding the "
      "layer's three KV heads (192 features)."),
     ("codec-speed.md", "Codec speed at the engine's shapes",
-     "`kakeya bench --recipe shipped --threads 2 --repeats 9`: each recipe's K and V codec on one engine call, 16 "
+     "`kakeya bench --recipe shipped --threads 2 --repeats 15`: each recipe's K and V codec on one engine call, 16 "
      "chunks of its chunk_tokens tokens of 3 synthetic KV heads of D = 64 in its layout (the kakeya recipes: joint "
      "rows of D = 192 at their average budget). MB/s of bf16 input on both cores of the shared 2-core CPU."),
     ("generate.md", "Generation speed against DynamicCache",
-     "`kakeya bench --generate --ctx 1024 4096 --steps 16 --repeats 2`: SmolLM2 in bf16 prefills ctx tokens of "
+     "`kakeya bench --generate --ctx 1024 4096 --steps 16 --repeats 3`: SmolLM2 in bf16 prefills ctx tokens of "
      "the evaluation text and generates 16 greedily, once with DynamicCache and once per recipe, interleaved "
      "within each round; ratios are medians over rounds of runs made side by side on the 2-core CPU."),
     ("cross-layer/cross_layer.md", "Bases over several layers (idealised)",
