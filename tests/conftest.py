@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+if os.environ.get("KAKEYA_TEST_DEVICE", "cpu") == "cpu":  # before anything imports triton: its kernels then run
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # on CPU tensors through Triton's interpreter
+
 import pytest
 import torch
 from hypothesis import settings

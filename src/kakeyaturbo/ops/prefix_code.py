@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
+import importlib.util
 
 import torch
 
@@ -122,14 +123,15 @@ class PrefixCode:
         c, a = self.lengths.shape
         m = self.max_len
         p = min(SHORT_BITS, m)
+        dev = self.lengths.device
         count = torch.stack([(self.lengths == n).sum(1) for n in range(m + 1)], 1)  # [C, m + 1]
         first = torch.zeros_like(count)
         for n in range(2, m + 1):  # canonical codes: each length starts after the shorter ones, shifted
             first[:, n] = (first[:, n - 1] + count[:, n - 1]) << 1
-        limit = (first + count) << (m - torch.arange(m + 1))
+        limit = (first + count) << (m - torch.arange(m + 1, device=dev))
         offset = count.cumsum(1) - count
-        order = torch.argsort(self.lengths * a + torch.arange(a), dim=1)
-        at = torch.arange(1 << p) << (m - p)
+        order = torch.argsort(self.lengths * a + torch.arange(a, device=dev), dim=1)
+        at = torch.arange(1 << p, device=dev) << (m - p)
         length, symbol = self.lut_length[:, at], self.lut_symbol[:, at]
         short = torch.where(length <= p, symbol << 5 | length, LONG)
 
@@ -303,8 +305,8 @@ class SlotColumns:
 def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Tensor, raw_bits: torch.Tensor,
                       rows: int, slot_bits: int) -> SlotColumns:
     """:func:`read_slots`, position-major and stopping at the LUT entries (a decoder can look up what it
-    needs in one step); arguments and errors as there. On the CPU the chained walk is compiled
-    (:mod:`kakeyaturbo.kernels.prefix_slots`); elsewhere it is :func:`_walk_torch`."""
+    needs in one step); arguments and errors as there. The chained walk is compiled where
+    :func:`compiled_walk` says so, else :func:`_walk_torch`."""
     need = packed_nbytes(rows * slot_bits, 1)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
         raise CorruptDataError(f"prefix slots: expected {need} uint8 bytes, got {packed.dtype} "
@@ -315,7 +317,7 @@ def read_slot_columns(code: PrefixCode, packed: torch.Tensor, classes: torch.Ten
     if width > FIELD_BITS:
         raise ShapeError(f"prefix slots: codewords and raw fields must be at most {FIELD_BITS} bits")
     wide = (rb > 0).any(0).nonzero().squeeze(1)
-    walk = _walk_compiled if packed.device.type == "cpu" else _walk_torch
+    walk = _walk_compiled if compiled_walk(packed.device) else _walk_torch
     found, raw, end = walk(code, packed, cls, rb, rows, slot_bits, width, wide)
     if rows and int(end.max()) > slot_bits:
         raise CorruptDataError(f"prefix slots: row {int(end.argmax())} runs to bit {int(end.max())}, past its "
@@ -328,15 +330,28 @@ Walk = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 of the positions ``wide`` (those with raw bits in some row), bits each row used ``[rows]``."""
 
 
+def compiled_walk(device: torch.device) -> bool:
+    """Whether slots on ``device`` are walked by a compiled kernel: numba on the CPU, Triton on CUDA
+    (when it is installed); elsewhere :func:`_walk_torch`."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
 def _walk_compiled(code: PrefixCode, packed: torch.Tensor, cls: torch.Tensor, extra: torch.Tensor, rows: int,
                    slot_bits: int, width: int, wide: torch.Tensor) -> Walk:
-    """The walk as one compiled loop per row over the bit-reversed bytes and the code's
-    :attr:`~PrefixCode.canonical` tables (CPU); ``cls`` and ``extra`` int32 ``[rows or 1, J]``."""
-    from kakeyaturbo.kernels.prefix_slots import walk_slots
+    """The walk as one compiled kernel over the bit-reversed bytes and the code's
+    :attr:`~PrefixCode.canonical` tables (:mod:`kakeyaturbo.kernels.prefix_slots` on the CPU,
+    :mod:`kakeyaturbo.kernels.triton_slots` on CUDA); ``cls`` and ``extra`` int32 ``[rows or 1, J]``."""
+    if packed.device.type == "cpu":
+        from kakeyaturbo.kernels.prefix_slots import walk_slots
+    else:
+        from kakeyaturbo.kernels.triton_slots import walk_slots_triton as walk_slots
 
+    dev = packed.device
     reach = rows * slot_bits + cls.shape[1] * 2 * width
-    msb = torch.zeros(packed_nbytes(reach, 1) + 3, dtype=torch.uint8)
-    msb[: packed.numel()] = _REVERSED.index_select(0, packed.to(torch.int32))
+    msb = torch.zeros(packed_nbytes(reach, 1) + 3, dtype=torch.uint8, device=dev)
+    msb[: packed.numel()] = _REVERSED.to(dev).index_select(0, packed.to(torch.int32))
     found, raw, end = walk_slots(msb, cls, extra, code.canonical, code.lengths.shape[1], code.max_len, rows,
                                  slot_bits, width)
     return found, raw.index_select(0, wide), end
