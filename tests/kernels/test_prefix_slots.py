@@ -6,44 +6,30 @@ from hypothesis import strategies as st
 from kakeyaturbo.errors import ShapeError
 from kakeyaturbo.kernels.prefix_slots import walk_slots
 from kakeyaturbo.ops import prefix_code
-from kakeyaturbo.ops.prefix_code import PrefixCode, _positions, _walk_compiled, _walk_torch
+from kakeyaturbo.ops.prefix_code import _walk_compiled, _walk_torch
 from kakeyaturbo.packing import packed_nbytes
+from tests.kernels.slot_cases import random_code, walk_cases
 
 
-def _code(seed: int, max_len: int) -> PrefixCode:
-    g = torch.Generator().manual_seed(seed)
-    return PrefixCode.from_weights(torch.rand(4, 11, generator=g) ** 3 + 1e-3, max_len)
-
-
-@given(seed=st.integers(0, 2**31), rows=st.integers(1, 9), cols=st.integers(1, 12), slot=st.integers(1, 70),
-       per_row=st.booleans(), max_len=st.integers(4, 12), raw_max=st.integers(0, 16))
-def test_compiled_walk_equals_the_torch_walk_on_any_bytes(seed, rows, cols, slot, per_row, max_len, raw_max):
+@given(case=walk_cases())
+def test_compiled_walk_equals_the_torch_walk_on_any_bytes(case):
     """The two walks read any stream alike, valid or not: entries, raw values and where rows end."""
-    g = torch.Generator().manual_seed(seed)
-    code = _code(seed, max_len)
-    lead = rows if per_row else 1
-    classes = torch.randint(-1, 4, (lead, cols), generator=g)
-    raw_bits = torch.randint(0, raw_max + 1, (lead, cols), generator=g)
-    packed = torch.randint(0, 256, (packed_nbytes(rows * slot, 1),), generator=g, dtype=torch.uint8)
-    cls, rb = _positions(code, classes, raw_bits, rows)
-    width = max(max_len, int(rb.max()))
-    wide = (rb > 0).any(0).nonzero().squeeze(1)
-    for got, want in zip(_walk_compiled(code, packed, cls, rb, rows, slot, width, wide),
-                         _walk_torch(code, packed, cls, rb, rows, slot, width, wide)):
+    args = (case.code, case.packed, case.cls, case.raw_bits, case.rows, case.slot, case.width, case.wide)
+    for got, want in zip(_walk_compiled(*args), _walk_torch(*args)):
         assert torch.equal(got.to(want.dtype), want)
 
 
 def test_cpu_reads_take_the_compiled_walk(monkeypatch):
     seen = []
     monkeypatch.setattr(prefix_code, "_walk_compiled", lambda *a: seen.append("compiled") or _walk_torch(*a))
-    code = _code(0, 7)
+    code = random_code(0, 7)
     zeros = torch.zeros(1, 3, dtype=torch.long)
     prefix_code.read_slot_columns(code, torch.zeros(packed_nbytes(2 * 24, 1), dtype=torch.uint8), zeros, zeros, 2, 24)
     assert seen == ["compiled"]
 
 
 def test_a_short_stream_is_refused():
-    code = _code(0, 7)
+    code = random_code(0, 7)
     with pytest.raises(ShapeError, match="padded bytes"):
         walk_slots(torch.zeros(2, dtype=torch.uint8), torch.zeros(1, 4, dtype=torch.int32),
                    torch.zeros(1, 4, dtype=torch.int32), code.canonical, 11, 7, 3, 8, 7)
@@ -52,7 +38,7 @@ def test_a_short_stream_is_refused():
 @given(seed=st.integers(0, 2**31), max_len=st.integers(4, 14))
 def test_canonical_tables_decode_every_codeword(seed, max_len):
     """Every codeword, followed by any bits, decodes to its symbol and length from the small tables."""
-    code = _code(seed, max_len)
+    code = random_code(seed, max_len)
     t = code.canonical
     a, m = code.lengths.shape[1], max_len
     for c in range(code.lengths.shape[0]):
