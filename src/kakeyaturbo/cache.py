@@ -51,6 +51,7 @@ not supported.
 from __future__ import annotations
 
 import importlib
+import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -238,7 +239,7 @@ class KakeyaLayer(CacheLayerMixin):
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything held: ``(keys, values)`` each ``[B, n_kv, length - held_start, D]``, post-RoPE,
         model dtype (stored chunks decoded or taken from those kept, exact parts as they are)."""
-        starts = [self.chunks_start + sum(c.tokens for c in self.chunks[:i]) for i in range(len(self.chunks))]
+        starts = list(itertools.accumulate((c.tokens for c in self.chunks), initial=self.chunks_start))[:-1]
         todo = [i for i, kv in enumerate(self.kept) if kv is None]
         fresh = dict(zip(todo, self._decode([self.chunks[i] for i in todo], [starts[i] for i in todo])))
         room = self.decoded_budget - self.decoded_nbytes

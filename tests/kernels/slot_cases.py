@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from hypothesis import strategies as st
 
-from kakeyaturbo.ops.prefix_code import _REVERSED, PrefixCode, _positions
+from kakeyaturbo.ops.prefix_code import PrefixCode, _positions, reversed_stream
 from kakeyaturbo.packing import packed_nbytes
 
 
@@ -37,10 +37,7 @@ class WalkCase:
 
     def msb(self) -> torch.Tensor:
         """The bit-reversed, padded bytes the kernels read."""
-        out = torch.zeros(packed_nbytes(self.rows * self.slot + self.cls.shape[1] * 2 * self.width, 1) + 3,
-                          dtype=torch.uint8)
-        out[: self.packed.numel()] = _REVERSED.index_select(0, self.packed.to(torch.int32))
-        return out
+        return reversed_stream(self.packed, self.rows, self.slot, self.cls.shape[1], self.width)
 
 
 @st.composite

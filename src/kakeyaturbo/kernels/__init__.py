@@ -1,5 +1,6 @@
 """Kernels: decode attention straight from the compressed cache (torch reference), and the compiled
-CPU walk of prefix-code slots (:mod:`kakeyaturbo.kernels.prefix_slots`, numba)."""
+walks of prefix-code slots (:mod:`kakeyaturbo.kernels.prefix_slots`, numba on the CPU;
+:mod:`kakeyaturbo.kernels.triton_slots`, Triton on CUDA)."""
 
 from kakeyaturbo.kernels.attention import (
     CompressedSpan,

@@ -8,8 +8,8 @@ MB/s on a 2-core CPU. Here the same walk is one compiled loop per row, reading t
 directly (no per-bit window table) and the code's small canonical tables (an 8-bit first lookup,
 canonical decoding past it: the full ``2**max_len`` LUTs of the ECSQ family are 4 MB, which the
 model's weights evict from the cache between steps). It returns what the torch walk does: each
-codeword's ``class * A + symbol``, the raw bits after it, and where each row ended. The torch walk
-stays the path for other devices.
+codeword's ``class * A + symbol``, the raw bits after it, and where each row ended. CUDA tensors take
+the Triton walk (:mod:`kakeyaturbo.kernels.triton_slots`), other devices the torch one.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import numba
 import numpy as np
 import torch
 
-from kakeyaturbo.errors import ShapeError
-from kakeyaturbo.ops.prefix_code import LONG, CanonicalTables
-from kakeyaturbo.packing import packed_nbytes
+from kakeyaturbo.ops.prefix_code import LONG, CanonicalTables, check_reversed_stream
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -77,8 +75,7 @@ def walk_slots(msb: torch.Tensor, cls: torch.Tensor, extra: torch.Tensor, tables
     """The chained walk over ``rows`` slots of ``slot_bits`` bits (CPU tensors).
 
     Args:
-        msb: uint8 stream bytes, each bit-reversed (most significant bit first), zero-padded to cover
-            every position a walk can reach (``rows * slot_bits + J * (2 * width) + 24`` bits).
+        msb: :func:`~kakeyaturbo.ops.prefix_code.reversed_stream` of the slots (checked to be long enough).
         cls: int32 ``[1 or rows, J]``: each position's class (``C``, the last of ``tables``: not coded).
         extra: int32 ``[1 or rows, J]``: raw bits after each position's codeword.
         tables: the code's :attr:`~kakeyaturbo.ops.prefix_code.PrefixCode.canonical` tables.
@@ -90,9 +87,7 @@ def walk_slots(msb: torch.Tensor, cls: torch.Tensor, extra: torch.Tensor, tables
         ``[rows]`` bits each row used.
     """
     j = cls.shape[1]
-    need = packed_nbytes(rows * slot_bits + j * 2 * width, 1) + 3
-    if msb.numel() < need:
-        raise ShapeError(f"walk_slots: the stream needs {need} padded bytes, got {msb.numel()}")
+    check_reversed_stream(msb, rows, slot_bits, j, width)
     found = torch.empty(j, rows, dtype=torch.int32)
     raw = torch.zeros(j, rows, dtype=torch.int32)
     end = torch.empty(rows, dtype=torch.int64)

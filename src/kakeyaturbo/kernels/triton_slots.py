@@ -14,9 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kakeyaturbo.errors import ShapeError
-from kakeyaturbo.ops.prefix_code import LONG, CanonicalTables
-from kakeyaturbo.packing import packed_nbytes
+from kakeyaturbo.ops.prefix_code import LONG, CanonicalTables, check_reversed_stream
 
 BLOCK = 128
 """Rows per Triton program."""
@@ -69,9 +67,7 @@ def walk_slots_triton(msb: torch.Tensor, cls: torch.Tensor, extra: torch.Tensor,
     """:func:`kakeyaturbo.kernels.prefix_slots.walk_slots` in Triton (tensors on one device: a GPU, or
     the CPU under ``TRITON_INTERPRET=1``); same arguments and results."""
     j = cls.shape[1]
-    need = packed_nbytes(rows * slot_bits + j * 2 * width, 1) + 3
-    if msb.numel() < need:
-        raise ShapeError(f"walk_slots: the stream needs {need} padded bytes, got {msb.numel()}")
+    check_reversed_stream(msb, rows, slot_bits, j, width)
     dev = msb.device
     found = torch.empty(j, rows, dtype=torch.int32, device=dev)
     raw = torch.empty(j, rows, dtype=torch.int32, device=dev)

@@ -338,6 +338,33 @@ def compiled_walk(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
+def stream_reach(rows: int, slot_bits: int, positions: int, width: int) -> int:
+    """Bits a walk of ``rows`` slots of ``positions`` codewords may read: the slots, plus what a corrupt
+    last row can run past them (each position at most a codeword and raw bits, ``2 * width``)."""
+    return rows * slot_bits + positions * 2 * width
+
+
+def reversed_stream_nbytes(rows: int, slot_bits: int, positions: int, width: int) -> int:
+    """Bytes of :func:`reversed_stream`: :func:`stream_reach` and the 3 a 24-bit read past it touches."""
+    return packed_nbytes(stream_reach(rows, slot_bits, positions, width), 1) + 3
+
+
+def reversed_stream(packed: torch.Tensor, rows: int, slot_bits: int, positions: int, width: int) -> torch.Tensor:
+    """The compiled walks' input: ``packed`` with each byte bit-reversed (most significant bit first),
+    zero-padded to :func:`reversed_stream_nbytes`."""
+    dev = packed.device
+    msb = torch.zeros(reversed_stream_nbytes(rows, slot_bits, positions, width), dtype=torch.uint8, device=dev)
+    msb[: packed.numel()] = _REVERSED.to(dev).index_select(0, packed.to(torch.int32))
+    return msb
+
+
+def check_reversed_stream(msb: torch.Tensor, rows: int, slot_bits: int, positions: int, width: int) -> None:
+    """Raise :class:`ShapeError` unless ``msb`` holds every byte a walk may read."""
+    need = reversed_stream_nbytes(rows, slot_bits, positions, width)
+    if msb.numel() < need:
+        raise ShapeError(f"walk_slots: the stream needs {need} padded bytes, got {msb.numel()}")
+
+
 def _walk_compiled(code: PrefixCode, packed: torch.Tensor, cls: torch.Tensor, extra: torch.Tensor, rows: int,
                    slot_bits: int, width: int, wide: torch.Tensor) -> Walk:
     """The walk as one compiled kernel over the bit-reversed bytes and the code's
@@ -348,10 +375,7 @@ def _walk_compiled(code: PrefixCode, packed: torch.Tensor, cls: torch.Tensor, ex
     else:
         from kakeyaturbo.kernels.triton_slots import walk_slots_triton as walk_slots
 
-    dev = packed.device
-    reach = rows * slot_bits + cls.shape[1] * 2 * width
-    msb = torch.zeros(packed_nbytes(reach, 1) + 3, dtype=torch.uint8, device=dev)
-    msb[: packed.numel()] = _REVERSED.to(dev).index_select(0, packed.to(torch.int32))
+    msb = reversed_stream(packed, rows, slot_bits, cls.shape[1], width)
     found, raw, end = walk_slots(msb, cls, extra, code.canonical, code.lengths.shape[1], code.max_len, rows,
                                  slot_bits, width)
     return found, raw.index_select(0, wide), end
@@ -365,7 +389,7 @@ def _walk_torch(code: PrefixCode, packed: torch.Tensor, cls: torch.Tensor, extra
     dev = packed.device
     lut_symbol, lut_length = code.padded[2:]
     lut = 1 << code.max_len
-    window = _windows(packed, rows * slot_bits + j * 2 * width + 1, width)
+    window = _windows(packed, stream_reach(rows, slot_bits, j, width) + 1, width)
     peek = width - code.max_len  # window bits beyond a LUT index
     cls, extra = cls.t(), extra.t()  # [J, rows or 1]
     entry = cls * lut
