@@ -230,10 +230,11 @@ class KakeyaLayer(CacheLayerMixin):
         """Decode stored chunks whose first tokens are at ``starts`` (one codec call per stream for all
         of them where the codec joins payloads): post-RoPE K and V, model dtype."""
         out = []
-        for chunk, start, (k, v) in zip(chunks, starts, self.plan.decode_many(chunks)):
+        key_dtype = torch.float32 if self.rope is not None else self.dtype  # RoPE'd in float32, cast once
+        for chunk, start, (k, v) in zip(chunks, starts, self.plan.decode_many(chunks, key_dtype, self.dtype)):
             if self.rope is not None:
-                k = self.rope.apply(k, _positions(start, chunk.tokens))
-            out.append((k.to(self.dtype), v.to(self.dtype)))
+                k = self.rope.apply(k, _positions(start, chunk.tokens), self.dtype)
+            out.append((k, v))
         return out
 
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -166,20 +166,24 @@ class LayerPlan:
         """Decode to ``(k_pre_hat, v_hat)``, each ``[B, n_kv, T, D]`` in the chunk's dtype."""
         return self.decode_many([chunk])[0]
 
-    def decode_many(self, chunks: Sequence[StoredChunk]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def decode_many(self, chunks: Sequence[StoredChunk], key_dtype: torch.dtype | None = None,
+                    value_dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`decode` of each chunk: own chunks without the payload checks, chunks read from bytes
         checked and, where the codec joins payloads (:meth:`~kakeyaturbo.codecs.base.Codec.decode_many`),
-        each stream of all of them in one codec call."""
+        each stream of all of them in one codec call. Keys come in ``key_dtype`` and values in
+        ``value_dtype`` (default: the chunk's dtype), each cast once."""
         own = all(c.own for c in chunks)
-        ks = self.k_codec.decode_many([c.k for c in chunks], own=own)
-        vs = self.v_codec.decode_many([c.v for c in chunks], own=own)
+        k_out = torch.float32 if self.whitening is not None else key_dtype  # unwhitened in float32
+        ks = self.k_codec.decode_many([c.k for c in chunks], own=own, dtype=k_out)
+        vs = self.v_codec.decode_many([c.v for c in chunks], own=own, dtype=value_dtype)
         out = []
         for chunk, k_rows, v_rows in zip(chunks, ks, vs):
             batch = chunk.k.shape[0]
             k = self._from_rows(k_rows, batch, chunk.tokens)
             if self.whitening is not None:
                 k = self.whitening.inverse(k)
-            out.append((k.to(chunk.dtype), self._from_rows(v_rows, batch, chunk.tokens).to(chunk.dtype)))
+            out.append((k.to(key_dtype or chunk.dtype),
+                        self._from_rows(v_rows, batch, chunk.tokens).to(value_dtype or chunk.dtype)))
         return out
 
 

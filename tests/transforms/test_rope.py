@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kakeyaturbo.errors import ConfigError, ShapeError
-from kakeyaturbo.transforms.rope import Rope
+from kakeyaturbo.transforms.rope import _TABLES, Rope
 from tests.models.conftest import default_model  # noqa: F401  (fixture)
 from tests.models.tiny_models import FAMILIES, tiny_model
 
@@ -55,6 +55,39 @@ def test_gemma3_layer_types_use_their_own_tables() -> None:
     sliding, full = Rope.from_model(model, 0), Rope.from_model(model, 2)
     assert (sliding.layer_type, full.layer_type) == ("sliding_attention", "full_attention")
     assert _rel(sliding.apply(k, positions), full.apply(k, positions)) > 1e-3
+
+
+@given(first=st.lists(st.integers(0, 300), min_size=1, max_size=20),
+       then=st.lists(st.integers(0, 600), min_size=1, max_size=20))
+def test_shared_tables_equal_the_modules_rows(first: list[int], then: list[int]) -> None:
+    """Rows served from the shared, growing tables are the module's own rows for those positions, in any
+    order and after growth; every Rope of one module and layer type reads the same tables."""
+    model = _MODELS["llama"]
+    a, b = Rope.from_model(model, 0), Rope.from_model(model, 1)
+    for rope, positions in ((a, first), (b, then), (a, first + then)):
+        pos = torch.tensor(positions)
+        expected = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos[None])
+        for got, want in zip(rope.cos_sin(pos, torch.zeros(1)), expected):
+            assert torch.equal(got, want[0])
+    assert _TABLES[model.model.rotary_emb][None, "half", "cpu"][0].shape[0] >= max(first + then) + 1
+
+
+def test_sequence_dependent_rotary_is_not_shared() -> None:
+    """A dynamic-scaling rotary's tables depend on the longest sequence seen: computed per call, not kept."""
+    model = tiny_model("llama")
+    model.model.rotary_emb.rope_type = "dynamic"
+    rope = Rope.from_model(model, 0)
+    rope.cos_sin(torch.arange(5), torch.zeros(1))
+    assert model.model.rotary_emb not in _TABLES
+
+
+def test_apply_writes_the_requested_dtype() -> None:
+    rope = Rope.from_model(_MODELS["llama"], 0)
+    k = torch.randn(2, 9, _MODELS["llama"].config.head_dim)
+    positions = torch.arange(4, 13)
+    out = rope.apply(k, positions, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, rope.apply(k, positions).to(torch.bfloat16))
 
 
 def test_interleaved_round_trip_and_partial_rotary() -> None:

@@ -285,12 +285,15 @@ class Codec(ABC):
         """
         return self.decode_many([enc])[0]
 
-    def decode_many(self, encs: Sequence[Encoded], *, own: bool = False) -> list[torch.Tensor]:
+    def decode_many(self, encs: Sequence[Encoded], *, own: bool = False,
+                    dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """:meth:`decode` of each payload; those of one vector shape ``[n, D]`` that :meth:`join_fields`
         can concatenate (codecs whose streams are coded one after another, byte-aligned) in one call
         over all their streams: many small payloads (a serving engine's blocks, a cache's chunks) then
         cost what one large one does. With ``own``, the payloads are this process's own, as in
-        :meth:`decode_own`, and skip the checks.
+        :meth:`decode_own`, and skip the checks. ``dtype`` (default: each payload's input dtype) is
+        the output dtype; ``torch.float32`` returns the codec's own output uncast, for a caller that
+        computes on it before casting once (the cache re-applies RoPE to decoded keys).
 
         Raises:
             CorruptDataError: as :meth:`decode`, for any of them (not checked with ``own``).
@@ -312,7 +315,7 @@ class Codec(ABC):
             else:
                 decoded = list(decode(joined, sum(counts), n, d).split(counts))
             for i, y in zip(members, decoded):
-                out[i] = self._cast(y, encs[i])
+                out[i] = self._cast(y, encs[i], dtype)
         return [out[i] for i in range(len(encs))]
 
     def join_fields(self, encs: Sequence[Encoded]) -> dict[str, torch.Tensor] | None:
@@ -334,8 +337,8 @@ class Codec(ABC):
         return out
 
     @staticmethod
-    def _cast(out: torch.Tensor, enc: Encoded) -> torch.Tensor:
-        return output_cast(out.reshape(enc.shape), dtype_from_name(enc.dtype, OUTPUT_DTYPES, "input"))
+    def _cast(out: torch.Tensor, enc: Encoded, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return output_cast(out.reshape(enc.shape), dtype or dtype_from_name(enc.dtype, OUTPUT_DTYPES, "input"))
 
     def decode_own(self, enc: Encoded) -> torch.Tensor:
         """:meth:`decode` of a payload this codec's :meth:`encode` made in this process and nobody

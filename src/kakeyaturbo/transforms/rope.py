@@ -15,6 +15,7 @@ A scaled rotary (cos and sin multiplied by an attention factor ``s``) is a rotat
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Literal
 
 import torch
@@ -23,6 +24,11 @@ from torch import nn
 from kakeyaturbo.errors import ConfigError, ShapeError
 
 Style = Literal["half", "interleaved"]
+
+SEQUENCE_DEPENDENT = ("dynamic", "longrope")
+"""``rope_type`` of rotary modules whose tables change with the longest sequence seen (not shared)."""
+_TABLES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str | None, str, str], tuple[torch.Tensor, torch.Tensor]]]
+_TABLES = weakref.WeakKeyDictionary()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -71,13 +77,35 @@ class Rope:
     def cos_sin(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for ``positions [n]`` (int64): float32 ``(cos, sin)`` each ``[n, r]``, laid out for
         this style (the rotary module's tables repeat the ``r/2`` frequencies as two halves; the
-        interleaved style needs each frequency on two adjacent channels)."""
-        pos = positions.reshape(1, -1).to(like.device)
-        probe = like.new_zeros(1, 1, dtype=torch.float32)
+        interleaved style needs each frequency on two adjacent channels).
+
+        Rows are taken from tables of positions ``0..P-1`` made by the rotary module (rows past ``P``
+        added when a larger position comes), shared by every :class:`Rope` of the same module, layer type and
+        device (a cache re-applies RoPE to its whole context in every layer and step); the module computes
+        each position's row alone, so the rows equal those of a call on ``positions``. Rotary modules
+        whose tables depend on the longest sequence seen (``rope_type`` "dynamic", "longrope") are called
+        on ``positions`` every time instead."""
+        pos = positions.reshape(-1).to(like.device)
+        if (getattr(self.rotary_emb, "rope_type", "default") in SEQUENCE_DEPENDENT or pos.numel() == 0
+                or int(pos.min()) < 0):
+            return self._tables(pos)
+        shared = _TABLES.setdefault(self.rotary_emb, {})
+        key = (self.layer_type, self.style, str(like.device))
+        have = shared[key][0].shape[0] if key in shared else 0
+        needed = int(pos.max()) + 1
+        if have < needed:  # only the missing rows, as far as asked (a module's tables may end there)
+            more = self._tables(torch.arange(have, needed, device=like.device))
+            shared[key] = more if not have else tuple(torch.cat(p) for p in zip(shared[key], more))
+        cos, sin = shared[key]
+        return cos.index_select(0, pos), sin.index_select(0, pos)
+
+    def _tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(cos, sin)`` ``[n, r]`` of ``pos [n]`` from the rotary module, in this style's layout."""
+        probe = torch.zeros(1, 1, dtype=torch.float32, device=pos.device)
         if self._takes_layer_type:
-            cos, sin = self.rotary_emb(probe, pos, self.layer_type)
+            cos, sin = self.rotary_emb(probe, pos.reshape(1, -1), self.layer_type)
         else:
-            cos, sin = self.rotary_emb(probe, pos)
+            cos, sin = self.rotary_emb(probe, pos.reshape(1, -1))
         cos, sin = cos[0].float(), sin[0].float()
         if self.style == "interleaved":
             half = cos.shape[-1] // 2
@@ -92,14 +120,24 @@ class Rope:
     def _rot(self, x: torch.Tensor) -> torch.Tensor:
         return _rotate_half(x) if self.style == "half" else _rotate_interleaved(x)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [..., n, D]`` to ``positions [n]``; returns the dtype of ``x`` (math in float32)."""
+    def apply(self, x: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rotate ``x [..., n, D]`` to ``positions [n]``; returns ``dtype`` (default: that of ``x``),
+        the math in float32."""
         cos, sin = self.cos_sin(positions, x)
         if x.shape[-2] != cos.shape[0]:
             raise ShapeError(f"{x.shape[-2]} tokens but {cos.shape[0]} positions")
         rot, rest = self._split(x.float(), cos.shape[-1])
-        out = rot * cos + self._rot(rot) * sin
-        return torch.cat((out, rest), dim=-1).to(x.dtype)
+        out = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+        r = cos.shape[-1]
+        if self.style == "half":  # rot * cos + rotate_half(rot) * sin, one half at a time
+            h = r // 2
+            a, b = rot[..., :h], rot[..., h:]
+            torch.addcmul(a * cos[:, :h], b, sin[:, :h], value=-1, out=out[..., :h])
+            torch.addcmul(b * cos[:, h:], a, sin[:, h:], out=out[..., h:r])
+        else:
+            out[..., :r] = rot * cos + self._rot(rot) * sin
+        out[..., r:] = rest
+        return out
 
     def invert(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Undo :meth:`apply`: ``invert(apply(x, p), p) == x`` up to float32 rounding."""
