@@ -36,4 +36,7 @@ $K bench --codec kakeya-v2 --codec turboquant --codec kivi --codec rotated-int -
 $K bench --codec kakeya-v2 --data captured --layout joint --tokens 2048 --repeats 1 --json benchmarks/codecs-captured-joint.json --markdown benchmarks/codecs-captured-joint.md
 $K bench --recipe shipped --threads 2 --repeats 15 --json benchmarks/codec-speed.json --markdown benchmarks/codec-speed.md
 $K bench --generate --ctx 1024 4096 --steps 16 --repeats 3 --json benchmarks/generate.json --markdown benchmarks/generate.md
+.venv/bin/python benchmarks/entropy_coding.py --out benchmarks/entropy  # needs the research extra (constriction)
+.venv/bin/python benchmarks/cross_layer.py --out benchmarks/cross-layer
+.venv/bin/python benchmarks/cross_layer.py --kl --windows 8 --bits 1.5 2 2.5 --out benchmarks/cross-layer
 $K report --benchmarks benchmarks --out benchmarks/RESULTS.md

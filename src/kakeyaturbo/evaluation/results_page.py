@@ -80,6 +80,10 @@ BENCHES = (
      "`benchmarks/cross_layer.py`: eigenbases of groups of a token's features (one KV head, one layer, 2 / 4 / 10 "
      "adjacent layers) fitted on calibration text; the Gaussian rate-distortion error of each at equal bits on "
      "evaluation text, one water level over the model. Ranks transforms; not a codec's figure (see its NOTE.md)."),
+    ("cross-layer/kl.md", "Bases over several layers: model quality",
+     "`benchmarks/cross_layer.py --kl --windows 8 --bits 1.5 2 2.5`: the real kakeya-v2 codec of the shipped "
+     "recipes fitted per block of one layer, two or four adjacent layers, every block at the same bits, coding the "
+     "whole prefill cache; Δppl, KL and top-1 against the exact cache, snapshot mode, 8 windows of ctx 1,024."),
     ("entropy/kakeya-balanced.md", "Entropy coding against the fixed slots, kakeya-balanced",
      "`benchmarks/entropy_coding.py`: each stream's quantiser input coded with one step and calibrated "
      "per-component models (estimated and ANS-coded by constriction), at the slots' squared error; the "
