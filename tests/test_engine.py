@@ -294,3 +294,26 @@ def test_calibrated_codecs_are_what_build_plans_builds(pre_rope):
     assert [(layer, stream, space) for layer, stream, space, _, _ in listed] == [
         (0, "k", "sigma_q"), (0, "v", "none"), (1, "k", keys), (1, "v", "none"), (2, "k", "sigma_q"), (3, "v", "none")]
     assert listed[0][4] == 3.0 and listed[5][4] == 2.0  # sensitivity budgets on the shared layers only
+
+
+def test_plans_of_one_calibration_share_their_calibrated_codecs():
+    """A second build from the same calibration object (a new cache, a new request) reuses the codecs the
+    first built, warm; another calibration object gets its own, and the memo goes with its calibration."""
+    import gc
+
+    from kakeyaturbo.engine import _SHARED
+
+    v2 = StreamRecipe("kakeya-v2", {"bits": 2.0})
+    recipe = Recipe("s", v2, v2)
+    flat = {1.0: 1.0, 2.0: 0.5}
+    cal = FittingCalibration({(0, "k"): flat, (0, "v"): flat}, skip={})
+    first, again = build_plans(recipe, 2, N_KV, D, cal), build_plans(recipe, 2, N_KV, D, cal)
+    assert all(a.k_codec is b.k_codec and a.v_codec is b.v_codec for a, b in zip(first, again))
+    assert len(cal.asked) == 4  # fitted once per (layer, stream)
+    assert build_plans(Recipe("j", v2, v2, layout="joint"), 2, N_KV, D, cal)[0].k_codec is not first[0].k_codec
+    other = FittingCalibration({(0, "k"): flat, (0, "v"): flat}, skip={})
+    assert build_plans(recipe, 2, N_KV, D, other)[0].k_codec is not first[0].k_codec
+    key = id(other)
+    del other
+    gc.collect()
+    assert key not in _SHARED

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -207,19 +208,38 @@ def _boundary(recipe: Recipe, n_layers: int, calibration: CalibrationLike | None
     return layers
 
 
+_SHARED: dict[int, dict[str, Codec]] = {}
+"""Codecs built from each live calibration object (by ``id``; dropped with it), shared by every plan built
+from it: a calibrated codec decodes its stored transforms once and keeps what its first call prepares, so a
+second cache (a new request) starts warm."""
+
+
+def _shared_codecs(calibration: CalibrationLike) -> dict[str, Codec]:
+    """The codecs built so far from ``calibration`` (a new dict for an object that takes no weak references)."""
+    key = id(calibration)
+    if key not in _SHARED:
+        try:
+            weakref.finalize(calibration, _SHARED.pop, key, None)
+        except TypeError:
+            return {}
+        _SHARED[key] = {}
+    return _SHARED[key]
+
+
 class _CodecFactory:
-    """Builds (and shares) codec instances for stream recipes, substituting calibrated tables."""
+    """Builds codec instances for stream recipes, substituting calibrated tables; shares them between
+    the layers of a plan and, for one calibration, between plans (:data:`_SHARED`)."""
 
     def __init__(self, recipe: Recipe, calibration: CalibrationLike | None) -> None:
         self.recipe = recipe
         self.calibration = calibration
-        self._built: dict[str, Codec] = {}
+        self._built: dict[str, Codec] = {} if calibration is None else _shared_codecs(calibration)
 
     def get(self, sr: StreamRecipe, stream: str, layer: int, space: str) -> Codec:
         """The codec of ``sr`` for one (layer, stream); ``space`` names what the codec is fed
         ("none", a whitening mode or "post_rope"; calibrated codecs look their transforms up by it)."""
         cls = codecs.codec_class(sr.codec)
-        per_layer = [layer, space] if cls.needs_calibration else []
+        per_layer = [layer, space, self.recipe.layout] if cls.needs_calibration else []
         key = json.dumps([stream, sr.codec, sr.config, sr.calibrated_table, *per_layer], sort_keys=True, default=str)
         if key not in self._built:
             self._built[key] = self._build(cls, sr, stream, layer, space)
