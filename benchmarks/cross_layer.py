@@ -52,7 +52,8 @@ KL_GROUPS = ("layer", "pair", "quad")
 SINK_TOKENS = 2
 """Leading tokens ``--kl`` keeps exact, as the shipped recipes do."""
 SHIPPED = {"coding": "auto", "reflector_bits": 4}
-"""kakeya-v2 fields of the shipped recipes ``--kl`` codes with (head gains: ``HEAD_GAIN_BITS`` per KV head)."""
+"""kakeya-v2 fields of the shipped recipes ``--kl`` codes with (head gains: ``HEAD_GAIN_BITS`` per KV head;
+``--reflector-bits`` replaces the reflector precision)."""
 HEAD_GAIN_BITS = 4
 
 
@@ -148,14 +149,15 @@ def run_kl(args: argparse.Namespace) -> list[dict[str, Any]]:
     with torch.no_grad():
         cal = [_prefix_kv(model, w[None], ropes)[1:] for w in token_windows(
             tokenizer, corpus.calibration, args.cal_windows, args.tokens)]
-    arms = [(group, b) for group in KL_GROUPS for b in args.bits]
+    arms = [(group, b) for group in args.groups for b in args.bits]
+    fields = {**SHIPPED, "reflector_bits": args.reflector_bits or SHIPPED["reflector_bits"]}
     codecs = {}
     for group, b in tqdm(arms, desc="fit", unit="arm"):
         for i, stream in enumerate(("k", "v")):
             x = torch.cat([c[i] for c in cal], 1)[:, SINK_TOKENS:]
             codecs[group, b, stream] = [
                 KakeyaV2Codec.calibrate(block[None], bits=b, stream=stream, heads=block.shape[1] // head_dim,
-                                        head_gain_bits=HEAD_GAIN_BITS, **SHIPPED)
+                                        head_gain_bits=HEAD_GAIN_BITS, **fields)
                 for block in _blocks(x, group, head_dim)]
     windows = token_windows(tokenizer, corpus.evaluation, args.windows, args.tokens + args.n_eval)
     scores: dict[tuple[str, float], list[Any]] = {arm: [] for arm in [("exact", 0.0), *arms]}
@@ -198,7 +200,8 @@ def run_kl(args: argparse.Namespace) -> list[dict[str, Any]]:
                      "top1_ci95": summary.top1_ci95, "verdict": verdict(summary.delta_ppl_pct, summary.top1_pct),
                      "tokens_scored": summary.tokens_scored, "windows": summary.windows, "ctx": args.tokens,
                      "model_side_mb": side / 1e6, "model_side_share_of_weights": side / weights,
-                     "cal_tokens": args.cal_windows * (args.tokens - SINK_TOKENS)})
+                     "cal_tokens": args.cal_windows * (args.tokens - SINK_TOKENS),
+                     "reflector_bits": fields["reflector_bits"]})
     return rows
 
 
@@ -212,7 +215,8 @@ def markdown_kl(rows: list[dict[str, Any]]) -> str:
     r0 = rows[0]
     note = (f"\nSnapshot mode, SmolLM2-135M bf16, {r0['windows']} evaluation windows of ctx {r0['ctx']:,}, "
             f"{r0['tokens_scored']:,} scored predictions; transforms fitted on {r0['cal_tokens']:,} calibration "
-            f"tokens. Every block at the same bits (no per-layer sensitivity budgets), keys pre-RoPE and "
+            f"tokens; bases as {r0['reflector_bits']}-bit reflectors. Every block at the same bits (no per-layer "
+            "sensitivity budgets), keys pre-RoPE and "
             f"unwhitened, first {SINK_TOKENS} tokens exact; ratio over the whole cache held, exact tokens "
             "included; per-model bytes are the K and V transforms.\n")
     return head + "\n".join(lines) + "\n" + note
@@ -288,12 +292,16 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=1024, help="tokens per window (default: %(default)s)")
     p.add_argument("--n-eval", type=int, default=128, help="--kl: continuation tokens scored per window "
                    "(default: %(default)s)")
+    p.add_argument("--groups", nargs="+", choices=KL_GROUPS, default=list(KL_GROUPS),
+                   help="--kl: groupings to code with (default: all)")
+    p.add_argument("--reflector-bits", type=int, default=None,
+                   help=f"--kl: reflector precision of the bases (default: {SHIPPED['reflector_bits']}, as shipped)")
     p.add_argument("--kl", action="store_true", help="model quality of the real codec per grouping (see above) "
-                   "instead of squared errors; writes kl.json / kl.md")
+                   "instead of squared errors; writes kl.json / kl.md (kl-reflectorN.* with --reflector-bits)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/cross-layer"), help="output folder")
     args = p.parse_args()
     rows = run_kl(args) if args.kl else run(args)
-    name = "kl" if args.kl else "cross_layer"
+    name = ("kl" + (f"-reflector{args.reflector_bits}" if args.reflector_bits else "")) if args.kl else "cross_layer"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     table = markdown_kl(rows) if args.kl else markdown(rows, args.bits)
