@@ -39,5 +39,6 @@ $K bench --generate --ctx 1024 4096 --steps 16 --repeats 3 --json benchmarks/gen
 .venv/bin/python benchmarks/entropy_coding.py --out benchmarks/entropy  # needs the research extra (constriction)
 .venv/bin/python benchmarks/cross_layer.py --out benchmarks/cross-layer
 .venv/bin/python benchmarks/cross_layer.py --kl --windows 8 --bits 1.5 2 2.5 --out benchmarks/cross-layer
+.venv/bin/python benchmarks/cross_layer.py --kl --windows 8 --groups pair quad --reflector-bits 3 --bits 1.5 2 2.5 --out benchmarks/cross-layer
 .venv/bin/python benchmarks/allocation.py --out benchmarks/allocation
 $K report --benchmarks benchmarks --out benchmarks/RESULTS.md

@@ -84,6 +84,9 @@ BENCHES = (
      "`benchmarks/cross_layer.py --kl --windows 8 --bits 1.5 2 2.5`: the real kakeya-v2 codec of the shipped "
      "recipes fitted per block of one layer, two or four adjacent layers, every block at the same bits, coding the "
      "whole prefill cache; Δppl, KL and top-1 against the exact cache, snapshot mode, 8 windows of ctx 1,024."),
+    ("cross-layer/kl-reflector3.md", "Bases over several layers: model quality with 3-bit reflectors",
+     "`benchmarks/cross_layer.py --kl --windows 8 --groups pair quad --reflector-bits 3 --bits 1.5 2 2.5`: as "
+     "above, the bases stored as 3-bit reflectors (quads within the 1 % bound up to 2.5 bits)."),
     ("allocation/allocation.md", "Which components to code: water-filling against a search",
      "`benchmarks/allocation.py`: per layer and stream, the components kakeya-v2's entropy-coded slots code, "
      "moved by a few from water-filling's choice (the slot unchanged); relative squared error on evaluation text."),
