@@ -99,6 +99,17 @@ def test_decode_many_equals_decode_and_joins_byte_exactly(codec, device):
     if joined is not None:
         whole = codec.encode(torch.cat(xs[:3])).fields
         assert joined.keys() == whole.keys() and all(torch.equal(joined[f], whole[f]) for f in whole)
+    mixed = [encs[0], codec.encode(_x(device, shape=(1, 37, 64))), encs[1], encs[3]]  # a partial payload amid
+    calls = []
+    inner = codec._decode
+    codec._decode = lambda *a: calls.append(a[1:]) or inner(*a)
+    try:
+        many = codec.decode_many(mixed, own=True)
+    finally:
+        del codec._decode
+    assert all(torch.equal(a, codec.decode(e)) for a, e in zip(many, mixed))
+    if joined is not None:  # one call over every vector, the partial payload last
+        assert calls == [(1, 64 + 37 + 3 * 64 + 2 * 40, 64)]
     broken = kt.Encoded(encs[1].codec, encs[1].config, encs[1].shape, encs[1].dtype,
                         {f: t[: t.shape[0] // 2] for f, t in encs[1].fields.items()})
     with pytest.raises(kt.errors.CorruptDataError):

@@ -287,13 +287,14 @@ class Codec(ABC):
 
     def decode_many(self, encs: Sequence[Encoded], *, own: bool = False,
                     dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        """:meth:`decode` of each payload; those of one vector shape ``[n, D]`` that :meth:`join_fields`
-        can concatenate (codecs whose streams are coded one after another, byte-aligned) in one call
-        over all their streams: many small payloads (a serving engine's blocks, a cache's chunks) then
-        cost what one large one does. With ``own``, the payloads are this process's own, as in
-        :meth:`decode_own`, and skip the checks. ``dtype`` (default: each payload's input dtype) is
-        the output dtype; ``torch.float32`` returns the codec's own output uncast, for a caller that
-        computes on it before casting once (the cache re-applies RoPE to decoded keys).
+        """:meth:`decode` of each payload; those of one vector size ``D`` that :meth:`join_fields` can
+        concatenate (codecs that code every vector alike at a fixed number of bits) in one call over all
+        their vectors: many small payloads (a serving engine's blocks, a cache's chunks, a prefill's
+        partial last chunk among them) then cost what one large one does. With ``own``, the payloads
+        are this process's own, as in :meth:`decode_own`, and skip the checks. ``dtype`` (default: each
+        payload's input dtype) is the output dtype; ``torch.float32`` returns the codec's own output
+        uncast, for a caller that computes on it before casting once (the cache re-applies RoPE to
+        decoded keys).
 
         Raises:
             CorruptDataError: as :meth:`decode`, for any of them (not checked with ``own``).
@@ -302,26 +303,29 @@ class Codec(ABC):
             for enc in encs:
                 self.check_encoded(enc)
         decode = self._decode if own else self._decode_checked
-        groups: dict[tuple[int, ...], list[int]] = {}
+        groups: dict[int, list[int]] = {}
         for i, enc in enumerate(encs):
-            groups.setdefault(tuple(enc.shape[-2:]), []).append(i)
+            groups.setdefault(enc.shape[-1], []).append(i)
         out: dict[int, torch.Tensor] = {}
-        for (n, d), members in groups.items():
+        for d, members in groups.items():
+            # a whole number of 8-vector groups ends on a byte at any fixed rate: those first, so at most
+            # the last payload of a join has a partial byte
+            members.sort(key=lambda i: math.prod(encs[i].shape[:-1]) % 8 != 0)
             part = [encs[i] for i in members]
-            counts = [math.prod(e.shape[:-2]) for e in part]
             joined = self.join_fields(part) if len(part) > 1 else None
             if joined is None:
-                decoded = [decode(e.fields, c, n, d) for e, c in zip(part, counts)]
+                decoded = [decode(e.fields, math.prod(e.shape[:-2]), e.shape[-2], d) for e in part]
             else:
-                decoded = list(decode(joined, sum(counts), n, d).split(counts))
+                sizes = [math.prod(e.shape[:-1]) for e in part]
+                decoded = list(decode(joined, 1, sum(sizes), d)[0].split(sizes))
             for i, y in zip(members, decoded):
                 out[i] = self._cast(y, encs[i], dtype)
         return [out[i] for i in range(len(encs))]
 
     def join_fields(self, encs: Sequence[Encoded]) -> dict[str, torch.Tensor] | None:
-        """The fields of one payload holding the streams of ``encs`` (checked payloads of this codec and
-        config, of one vector shape ``[n, D]``) one after another, or None where this codec cannot join
-        them (the default)."""
+        """The fields of one payload holding the vectors of ``encs`` (checked payloads of this codec and
+        config, of one vector size ``D``) one after another as one stream ``[1, sum of vectors, D]``, or
+        None where this codec cannot join them (the default)."""
         return None
 
     def _decode_checked(self, fields: dict[str, torch.Tensor], s: int, n: int, d: int) -> torch.Tensor:

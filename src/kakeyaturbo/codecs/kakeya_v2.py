@@ -724,9 +724,9 @@ class KakeyaV2Codec(Codec):
 
     def join_fields(self, encs: Sequence[Encoded]) -> dict[str, torch.Tensor] | None:
         """With one transform (the joint layout) every field codes the vectors in order at a fixed number
-        of bits each, so payloads of a multiple of 8 vectors per stream (each then ends on a byte)
-        concatenate field by field."""
-        if self.transforms.streams != 1 or encs[0].shape[-2] % 8:
+        of bits each, so payloads of a multiple of 8 vectors (each then ends on a byte), and one more of
+        any size last, concatenate field by field."""
+        if self.transforms.streams != 1 or any(math.prod(e.shape[:-1]) % 8 for e in encs[:-1]):
             return None
         return {key: torch.cat([e.fields[key] for e in encs]) for key in encs[0].fields}
 
