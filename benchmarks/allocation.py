@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import research  # noqa: E402
 from benchmarks.cross_layer import HEAD_GAIN_BITS, SINK_TOKENS, _prefix_kv  # noqa: E402
 
 
@@ -119,21 +119,13 @@ def markdown(rows: list[dict[str, Any]], offsets: list[int]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = research.parser(__doc__, "benchmarks/allocation", cal_windows=4)
     p.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.0], help="bits per element (default: %(default)s)")
     p.add_argument("--offsets", type=int, nargs="+", default=[-16, -8, -4, 0, 4, 8, 16],
                    help="changes to the number of coded components (default: %(default)s)")
-    p.add_argument("--cal-windows", type=int, default=4, help="calibration windows (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=1024, help="tokens per window (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/allocation"), help="output folder")
     args = p.parse_args()
     rows = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "allocation.json").write_text(json.dumps(rows, indent=1))
-    table = markdown(rows, args.offsets)
-    (args.out / "allocation.md").write_text(table)
-    print(table)
-    return 0
+    return research.write(args.out, "allocation", rows, markdown(rows, args.offsets))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ bootstrap intervals over windows.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -42,6 +41,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import research  # noqa: E402
 
 GROUPS = {"head": 0, "layer": 1, "pair": 2, "quad": 4, "third": 10}
 """Layers per group (``head``: one KV head of one layer)."""
@@ -285,11 +286,9 @@ def markdown(rows: list[dict[str, Any]], bits: list[float]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = research.parser(__doc__, "benchmarks/cross-layer", cal_windows=8)
     p.add_argument("--bits", type=float, nargs="+", default=[1.5, 2.5], help="bits per element (default: 1.5 2.5)")
-    p.add_argument("--cal-windows", type=int, default=8, help="calibration windows (default: %(default)s)")
     p.add_argument("--windows", type=int, default=2, help="evaluation windows (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=1024, help="tokens per window (default: %(default)s)")
     p.add_argument("--n-eval", type=int, default=128, help="--kl: continuation tokens scored per window "
                    "(default: %(default)s)")
     p.add_argument("--groups", nargs="+", choices=KL_GROUPS, default=list(KL_GROUPS),
@@ -298,16 +297,12 @@ def main() -> int:
                    help=f"--kl: reflector precision of the bases (default: {SHIPPED['reflector_bits']}, as shipped)")
     p.add_argument("--kl", action="store_true", help="model quality of the real codec per grouping (see above) "
                    "instead of squared errors; writes kl.json / kl.md (kl-reflectorN.* with --reflector-bits)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/cross-layer"), help="output folder")
     args = p.parse_args()
     rows = run_kl(args) if args.kl else run(args)
-    name = ("kl" + (f"-reflector{args.reflector_bits}" if args.reflector_bits else "")) if args.kl else "cross_layer"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))
-    table = markdown_kl(rows) if args.kl else markdown(rows, args.bits)
-    (args.out / f"{name}.md").write_text(table)
-    print(table)
-    return 0
+    if args.kl:
+        return research.write(args.out, "kl" + (f"-reflector{args.reflector_bits}" if args.reflector_bits else ""),
+                              rows, markdown_kl(rows))
+    return research.write(args.out, "cross_layer", rows, markdown(rows, args.bits))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ per layer and K/V). Head gains, step codes of the slots and headers are outside 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import research  # noqa: E402
 
 STEPS = torch.logspace(-3.0, 1.0, 81)
 """Steps tried, in units of each stream's coefficient rms."""
@@ -239,19 +240,12 @@ def markdown(rows: list[dict[str, Any]], recipe: str, tokens: int) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = research.parser(__doc__, "benchmarks/entropy")
     p.add_argument("--recipe", default="kakeya-balanced", help="a kakeya recipe (default: %(default)s)")
     p.add_argument("--windows", type=int, default=2, help="windows of text per split (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=1024, help="tokens per window (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/entropy"), help="output folder")
     args = p.parse_args()
     rows = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.recipe}.json").write_text(json.dumps(rows, indent=1))
-    table = markdown(rows, args.recipe, args.windows * args.tokens)
-    (args.out / f"{args.recipe}.md").write_text(table)
-    print(table)
-    return 0
+    return research.write(args.out, args.recipe, rows, markdown(rows, args.recipe, args.windows * args.tokens))
 
 
 if __name__ == "__main__":
