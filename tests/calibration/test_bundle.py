@@ -267,3 +267,12 @@ def test_prepare_refuses_a_recipe_before_any_forward(tiny_bundle, monkeypatch):
     monkeypatch.setattr(model, "forward", no_forward)
     with pytest.raises(ConfigError, match=r"cannot serve layer\(s\) \[0\].*V stream, codec 'rotated-int'"):
         prepare(recipe, Calibration(cal.manifest, cal.statistics), model)
+
+
+@pytest.mark.model
+def test_a_batched_fit_error_names_the_layers_and_streams(tiny_bundle):
+    _, stats = tiny_bundle
+    cal = Calibration(stats.manifest, stats.statistics)
+    whitened = KakeyaV2Config.for_calibration({"bits": 2.5, "reflector_bits": 4}, "k")  # reflectors cannot whiten
+    with pytest.raises(ConfigError, match=r"kakeya-v2 fit of layer 0 K, layer 1 K: fit_transforms: reflector_bits"):
+        fits.v2_transforms_batch(cal, [(layer, "k", "sigma_q", "head", whitened) for layer in (1, 0)])

@@ -196,7 +196,12 @@ def v2_transforms_batch(cal: Calibration, requests: Sequence[V2Request | tuple[i
         ordered = sorted(group.items(), key=lambda item: (item[1].layer, item[1].stream, item[1].space))
         for start in range(0, len(ordered), size):
             batch = ordered[start : start + size]
-            for (key, r), tensors in zip(batch, _fit_v2(cal, [r for _, r in batch])):
+            try:
+                fitted = _fit_v2(cal, [r for _, r in batch])
+            except ConfigError as exc:
+                names = ", ".join(sorted({f"layer {r.layer} {r.stream.upper()}" for _, r in batch}))
+                raise ConfigError(f"kakeya-v2 fit of {names}: {exc}") from None
+            for (key, r), tensors in zip(batch, fitted):
                 found[key] = cal.made(key, tensors, f"layer {r.layer} {r.stream.upper()} at {r.config.bits:g} bits")
     return [V2Transforms.from_tensors(found[key]) for key in keys]
 
