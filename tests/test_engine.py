@@ -317,3 +317,18 @@ def test_plans_of_one_calibration_share_their_calibrated_codecs():
     del other
     gc.collect()
     assert key not in _SHARED
+
+
+def test_shared_codecs_keep_only_the_last_used(monkeypatch):
+    from kakeyaturbo import engine
+
+    monkeypatch.setattr(engine, "SHARED_CODECS", 3)
+    a, b = StreamRecipe("kakeya-v2", {"bits": 2.0}), StreamRecipe("kakeya-v2", {"bits": 3.0})
+    flat = {1.0: 1.0, 2.0: 0.5}
+    cal = FittingCalibration({(0, "k"): flat, (0, "v"): flat}, skip={})
+    first = build_plans(Recipe("a", a, a), 1, N_KV, D, cal)[0]
+    second = build_plans(Recipe("b", b, b), 1, N_KV, D, cal)[0]  # a's K codec, the least recent, is let go
+    assert len(engine._SHARED[id(cal)]) == 3 and len(cal.asked) == 4
+    again = build_plans(Recipe("b", b, b), 1, N_KV, D, cal)[0]
+    assert again.k_codec is second.k_codec and again.v_codec is second.v_codec and len(cal.asked) == 4
+    assert build_plans(Recipe("a", a, a), 1, N_KV, D, cal)[0].k_codec is not first.k_codec  # built again

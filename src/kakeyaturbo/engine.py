@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import weakref
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -208,21 +209,25 @@ def _boundary(recipe: Recipe, n_layers: int, calibration: CalibrationLike | None
     return layers
 
 
-_SHARED: dict[int, dict[str, Codec]] = {}
+_SHARED: dict[int, OrderedDict[str, Codec]] = {}
 """Codecs built from each live calibration object (by ``id``; dropped with it), shared by every plan built
 from it: a calibrated codec decodes its stored transforms once and keeps what its first call prepares, so a
-second cache (a new request) starts warm."""
+second cache (a new request) starts warm. The :data:`SHARED_CODECS` used last are kept per calibration."""
+SHARED_CODECS = 512
+"""Codecs kept per calibration (a kakeya recipe of SmolLM2 builds 60, each about 0.5 MB): a sweep over many
+recipes in one process keeps only the last few."""
 
 
-def _shared_codecs(calibration: CalibrationLike) -> dict[str, Codec]:
-    """The codecs built so far from ``calibration`` (a new dict for an object that takes no weak references)."""
+def _shared_codecs(calibration: CalibrationLike) -> OrderedDict[str, Codec]:
+    """The codecs built so far from ``calibration``, least recently used first (a new dict for an object
+    that takes no weak references)."""
     key = id(calibration)
     if key not in _SHARED:
         try:
             weakref.finalize(calibration, _SHARED.pop, key, None)
         except TypeError:
-            return {}
-        _SHARED[key] = {}
+            return OrderedDict()
+        _SHARED[key] = OrderedDict()
     return _SHARED[key]
 
 
@@ -233,7 +238,7 @@ class _CodecFactory:
     def __init__(self, recipe: Recipe, calibration: CalibrationLike | None) -> None:
         self.recipe = recipe
         self.calibration = calibration
-        self._built: dict[str, Codec] = {} if calibration is None else _shared_codecs(calibration)
+        self._built: OrderedDict[str, Codec] = OrderedDict() if calibration is None else _shared_codecs(calibration)
 
     def get(self, sr: StreamRecipe, stream: str, layer: int, space: str) -> Codec:
         """The codec of ``sr`` for one (layer, stream); ``space`` names what the codec is fed
@@ -241,8 +246,12 @@ class _CodecFactory:
         cls = codecs.codec_class(sr.codec)
         per_layer = [layer, space, self.recipe.layout] if cls.needs_calibration else []
         key = json.dumps([stream, sr.codec, sr.config, sr.calibrated_table, *per_layer], sort_keys=True, default=str)
-        if key not in self._built:
+        if key in self._built:
+            self._built.move_to_end(key)
+        else:
             self._built[key] = self._build(cls, sr, stream, layer, space)
+            while len(self._built) > SHARED_CODECS:
+                self._built.popitem(last=False)
         return self._built[key]
 
     def _build(self, cls: type[Codec], sr: StreamRecipe, stream: str, layer: int, space: str) -> Codec:
