@@ -88,6 +88,9 @@ def test_apply_writes_the_requested_dtype() -> None:
     out = rope.apply(k, positions, torch.bfloat16)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, rope.apply(k, positions).to(torch.bfloat16))
+    cos, sin = rope.cos_sin(positions, k)  # the same float32 rounding as the textbook formula
+    h = k.shape[-1] // 2
+    assert torch.equal(rope.apply(k, positions), k * cos + torch.cat((-k[..., h:], k[..., :h]), -1) * sin)
 
 
 def test_interleaved_round_trip_and_partial_rotary() -> None:

@@ -129,11 +129,11 @@ class Rope:
         rot, rest = self._split(x.float(), cos.shape[-1])
         out = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
         r = cos.shape[-1]
-        if self.style == "half":  # rot * cos + rotate_half(rot) * sin, one half at a time
+        if self.style == "half":  # rot * cos + rotate_half(rot) * sin one half at a time, rounded alike
             h = r // 2
             a, b = rot[..., :h], rot[..., h:]
-            torch.addcmul(a * cos[:, :h], b, sin[:, :h], value=-1, out=out[..., :h])
-            torch.addcmul(b * cos[:, h:], a, sin[:, h:], out=out[..., h:r])
+            torch.sub(a * cos[:, :h], b * sin[:, :h], out=out[..., :h])
+            torch.add(b * cos[:, h:], a * sin[:, h:], out=out[..., h:r])
         else:
             out[..., :r] = rot * cos + self._rot(rot) * sin
         out[..., r:] = rest
