@@ -127,16 +127,9 @@ class Rope:
         if x.shape[-2] != cos.shape[0]:
             raise ShapeError(f"{x.shape[-2]} tokens but {cos.shape[0]} positions")
         rot, rest = self._split(x.float(), cos.shape[-1])
-        out = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
-        r = cos.shape[-1]
-        if self.style == "half":  # rot * cos + rotate_half(rot) * sin one half at a time, rounded alike
-            h = r // 2
-            a, b = rot[..., :h], rot[..., h:]
-            torch.sub(a * cos[:, :h], b * sin[:, :h], out=out[..., :h])
-            torch.add(b * cos[:, h:], a * sin[:, h:], out=out[..., h:r])
-        else:
-            out[..., :r] = rot * cos + self._rot(rot) * sin
-        out[..., r:] = rest
+        out = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)  # cast once, on the write
+        out[..., : cos.shape[-1]] = rot * cos + self._rot(rot) * sin
+        out[..., cos.shape[-1] :] = rest
         return out
 
     def invert(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
