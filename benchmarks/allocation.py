@@ -58,14 +58,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Codec
+    from kakeyaturbo.models.arch import facts
     from kakeyaturbo.models.loading import load_model
     from kakeyaturbo.models.text import load_corpus, token_windows
     from kakeyaturbo.transforms.rope import Rope
 
     model, tokenizer = load_model("smollm2-135m", dtype=torch.bfloat16)
     corpus = load_corpus("austen")
-    n_layers = model.config.num_hidden_layers
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    f = facts(model)
+    n_layers, head_dim = f.n_layers, f.head_dim
     ropes = [Rope.from_model(model, i) for i in range(n_layers)]
     with torch.no_grad():
         cal = [_prefix_kv(model, w[None], ropes)[1:] for w in token_windows(
@@ -84,8 +85,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for offset in args.offsets:
                 moved = _with_active(codec, k0 + offset)
                 if moved is not None:
+                    err = _error(moved, x_ev)
                     rows.append({"bits": b, "stream": stream, "layer": layer, "coded": k0, "offset": offset,
-                                 "rel_err": _error(moved, x_ev), "vs_waterfill": _error(moved, x_ev) / base})
+                                 "rel_err": err, "vs_waterfill": err / base})
     return rows
 
 

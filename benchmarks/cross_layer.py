@@ -136,6 +136,7 @@ def run_kl(args: argparse.Namespace) -> list[dict[str, Any]]:
     from kakeyaturbo.cache import exact_cache
     from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Codec
     from kakeyaturbo.evaluation.metrics import summarize, token_metrics, verdict
+    from kakeyaturbo.models.arch import facts
     from kakeyaturbo.models.forward import logits
     from kakeyaturbo.models.loading import load_model
     from kakeyaturbo.models.text import load_corpus, token_windows
@@ -143,8 +144,8 @@ def run_kl(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     model, tokenizer = load_model("smollm2-135m", dtype=torch.bfloat16)
     corpus = load_corpus("austen")
-    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    f = facts(model)
+    n_layers, n_kv, head_dim = f.n_layers, f.n_kv_heads, f.head_dim
     ropes = [Rope.from_model(model, i) for i in range(n_layers)]
     weights = 2 * sum(p.numel() for p in model.parameters())
     with torch.no_grad():
@@ -155,7 +156,7 @@ def run_kl(args: argparse.Namespace) -> list[dict[str, Any]]:
     codecs = {}
     for group, b in tqdm(arms, desc="fit", unit="arm"):
         for i, stream in enumerate(("k", "v")):
-            x = torch.cat([c[i] for c in cal], 1)[:, SINK_TOKENS:]
+            x = torch.cat([c[i][:, SINK_TOKENS:] for c in cal], 1)  # each window's sink tokens stay exact
             codecs[group, b, stream] = [
                 KakeyaV2Codec.calibrate(block[None], bits=b, stream=stream, heads=block.shape[1] // head_dim,
                                         head_gain_bits=HEAD_GAIN_BITS, **fields)
