@@ -353,3 +353,72 @@ def test_decoded_budget_on_sliding_layers_drops_what_the_window_drops():
     for layer in kept.layers:
         assert len(layer.kept) == len(layer.chunks) and all(kv is not None for kv in layer.kept)
         assert layer.decoded_nbytes == sum(2 * 2 * 2 * c.tokens * 16 for c in layer.chunks)  # K+V, 2 heads, bf16
+
+
+# --- cross-layer groups (kakeya-v2 over two layers of the tiny calibrated Llama, conftest.tiny_bundle) ---
+
+def _grouped(tiny_bundle, **fields):
+    from kakeyaturbo.recipes import KakeyaConfig
+
+    model, cal = tiny_bundle
+    recipe = KakeyaConfig(bits=2.5, layer_group=2, layer_bits="uniform", chunk_tokens=16, **fields).to_recipe()
+    return model, cal, recipe
+
+
+def test_a_group_is_coded_once_by_its_last_layer_and_decoded_once_per_step(tiny_bundle, monkeypatch):
+    model, cal, recipe = _grouped(tiny_bundle)
+    cache = kt.compress(model, recipe, calibration=cal)
+    group = cache.layers[0].group
+    assert group is cache.layers[1].group and [la.plan.layer for la in group.layers] == [0, 1]
+    assert cache.layers[2].group is None  # the third layer is a group of one
+    ids = prompt(1, 40)
+    with torch.no_grad():
+        model(ids[:, :36], cache=cache)
+    first, second = cache.layers[0], cache.layers[1]
+    assert [c.tokens for c in first.chunks] == [32, 2] and all(a is b for a, b in zip(first.chunks, second.chunks))
+    report = cache.memory_report()
+    assert report["packed"] == sum(c.nbytes for c in first.chunks + cache.layers[2].chunks)
+    assert report["model_side"] == sum(p.side_nbytes for p in {id(p.group or p): p.group or p
+                                                               for p in cache.plans}.values())
+    calls = []
+    decode = group.plan.decode_many
+    monkeypatch.setattr(group.plan, "decode_many", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    with torch.no_grad():
+        model(ids[:, 36:37], cache=cache)
+    assert len(calls) == 1 and not group._handed  # decoded for both layers, the second took its part
+    # what each layer hands attention is its part of the group's decode, RoPE re-applied
+    k_pre, v_hat = group.plan.decode_many(first.chunks)[0]
+    keys, values = second.full()
+    want = second.rope.apply(k_pre[:, 2:].float(), torch.arange(2, 34), keys.dtype)
+    assert torch.equal(keys[..., 2:34, :], want) and torch.equal(values[..., 2:34, :], v_hat[:, 2:])
+
+
+def test_grouped_cache_streams_token_by_token_like_in_steps(tiny_bundle):
+    model, cal, recipe = _grouped(tiny_bundle)
+    ids = prompt(1, 40 + 32)
+    outs = []
+    for spans in ([(40 + i, 41 + i) for i in range(32)], [(40, 56), (56, 72)]):
+        cache = kt.compress(model, recipe, calibration=cal)
+        with torch.no_grad():
+            model(ids[:, :40], cache=cache)
+            outs.append(torch.cat([model(ids[:, a:b], cache=cache).logits[0] for a, b in spans]))
+        assert [c.tokens for c in cache.layers[1].chunks] == [32, 6, 16, 16]
+    assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_grouped_cache_generates_crops_and_refuses_layers_out_of_step(tiny_bundle):
+    model, cal, recipe = _grouped(tiny_bundle)
+    cache = kt.compress(model, recipe, calibration=cal)
+    out = generate(model, prompt(2, 30), cache, do_sample=False, max_new_tokens=20)
+    assert out.shape == (2, 50) and cache.memory_report()["ratio"] > 1
+    cache.crop(-12)
+    assert {la.get_seq_length() for la in cache.layers} == {37}
+    assert all(a is b for a, b in zip(cache.layers[0].chunks, cache.layers[1].chunks))
+    assert not cache.layers[0].group._handed
+    with torch.no_grad():
+        model(prompt(2, 12, seed=4), cache=cache)  # the crop's decoded tokens are coded again, by the group
+    assert all(a is b for a, b in zip(cache.layers[0].chunks, cache.layers[1].chunks))
+    k = torch.randn(2, 2, 16, 16)
+    cache.layers[0].update(k, k)  # the first layer alone: the second holds fewer tokens
+    with pytest.raises(kt.ShapeError, match="layers 0-1 share a cross-layer code but hold different tokens"):
+        cache.layers[1].update(k[..., :8, :], k[..., :8, :])

@@ -332,3 +332,58 @@ def test_shared_codecs_keep_only_the_last_used(monkeypatch):
     again = build_plans(Recipe("b", b, b), 1, N_KV, D, cal)[0]
     assert again.k_codec is second.k_codec and again.v_codec is second.v_codec and len(cal.asked) == 4
     assert build_plans(Recipe("a", a, a), 1, N_KV, D, cal)[0].k_codec is not first.k_codec  # built again
+
+
+class JointFitting(FittingCalibration):
+    """Fits joint-layout ``kakeya-v2`` transforms on random rows of a layer or of a cross-layer group."""
+
+    def v2_transforms(self, layer, stream, space, layout, config):
+        members = layer if isinstance(layer, tuple) else (layer,)
+        self.asked.append((layer, stream, space, layout, config.bits))
+        g = torch.Generator().manual_seed(members[0])
+        rows = torch.randn(1, 256, len(members) * N_KV * D, generator=g)
+        return fit_transforms(rows, config, heads=len(members) * N_KV)
+
+
+GROUPED = Recipe("g", StreamRecipe("kakeya-v2", {"bits": 2.0}), StreamRecipe("kakeya-v2", {"bits": 2.0}),
+                 layout="joint", layer_group=2, boundary_layers=(5,), chunk_tokens=8)
+
+
+def test_group_plans_code_their_layers_side_by_side():
+    cal = JointFitting({}, skip={})
+    types = ["full_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention",
+             "full_attention"]
+    plans = build_plans(GROUPED, 6, N_KV, D, cal, types)
+    assert [p.group.members if p.group else () for p in plans] == [(0, 1), (0, 1), (2, 4), (), (2, 4), ()]
+    assert plans[0].group is plans[1].group and plans[0].k_codec is plans[0].group.k_codec
+    assert plans[3].group is None and not plans[3].exact and plans[5].exact  # a group of one layer; a boundary
+    assert [c.layer for c in calibrated_codecs(GROUPED, 6, N_KV, D, cal, types)] == [
+        (0, 1), (0, 1), (2, 4), (2, 4), 3, 3]
+    assert [a[0] for a in cal.asked] == [(0, 1), (0, 1), (2, 4), (2, 4), 3, 3]
+    side = plans[0].group.side_nbytes
+    assert side > 0 and plans[0].side_nbytes == side and plans[1].side_nbytes == 0
+    group = plans[0].group
+    assert (group.n_kv_heads, group.where) == (2 * N_KV, "layers 0-1")
+    k, v = torch.randn(1, 2 * N_KV, 16, D), torch.randn(1, 2 * N_KV, 16, D)
+    k_hat, v_hat = group.decode(group.encode(k, v))
+    assert k_hat.shape == k.shape and v_hat.shape == v.shape
+    with pytest.raises(ConfigError, match="layer 1 is coded with layers 0-1"):
+        plans[1].encode(k[:, :N_KV], v[:, :N_KV])
+    with pytest.raises(ConfigError, match="layer 0 is coded with layers 0-1"):
+        plans[0].decode(group.encode(k, v))
+    with pytest.raises(ConfigError, match="layer_types names 2 layers"):
+        build_plans(GROUPED, 6, N_KV, D, cal, types[:2])
+
+
+def test_group_budgets_are_shared_by_their_layers():
+    v2 = StreamRecipe("kakeya-v2", {"bits": 2.0})
+    probe = SensitivityProbe(grid=(1.0, 2.0, 3.0))
+    steep, flat = {1.0: 100.0, 2.0: 10.0, 3.0: 1.0}, {1.0: 1.0, 2.0: 0.5, 3.0: 0.25}
+    cal = CostCalibration({(0, "k"): steep, (0, "v"): flat, (1, "k"): flat, (1, "v"): flat,
+                           (2, "k"): flat, (2, "v"): flat})
+    recipe = Recipe("s", v2, v2, layer_bits="sensitivity", probe=probe)
+    alone = sensitivity_budgets(recipe, [0, 1, 2], cal)
+    assert sensitivity_budgets(recipe, [(0,), (1,), (2,)], cal) == alone  # groups of one: each layer alone
+    shared = sensitivity_budgets(recipe, [(0, 1), 2], cal)
+    assert shared[0, "k"] == shared[1, "k"] > shared[2, "k"]  # the group pays for its steep member together
+    assert sum(shared.values()) <= 6 * 2.0

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kakeyaturbo import recipes
+from kakeyaturbo import groups, recipes
 from kakeyaturbo.engine import CalibrationLike, LayerPlan, StoredChunk, build_plans
 from kakeyaturbo.errors import ConfigError, ShapeError
 from kakeyaturbo.models.arch import SLIDING, facts
@@ -106,6 +106,7 @@ class KakeyaLayer(CacheLayerMixin):
                               f"got {sliding_window!r}")
         _check_budget(decoded_budget)
         self.decoded_budget = decoded_budget
+        self.group: _Group | None = None  # set by KakeyaCache for a layer of a cross-layer group
         self.plan = plan
         self.sink_tokens = sink_tokens
         self.rope = rope
@@ -206,32 +207,50 @@ class KakeyaLayer(CacheLayerMixin):
 
     def _flush(self, everything: bool) -> None:
         """Encode the hot window's whole chunks (one :class:`StoredChunk`, each chunk its own codec
-        stream); with ``everything`` (a prefill) also the partial chunk left over."""
+        stream); with ``everything`` (a prefill) also the partial chunk left over. In a cross-layer group
+        only the group's last layer codes, the hot windows of all its layers side by side (the earlier
+        layers, updated first in the same forward, hold theirs exact until then)."""
         c = self.plan.chunk_tokens
         held = self.hot_k.shape[-2]
         n = held // c * c
         spans = [(0, n)] if n else []
         if everything and held > n:
             spans.append((n, held))
+        if self.group is not None and self is not self.group.layers[-1]:
+            return
+        members = [self] if self.group is None else self.group.aligned()
         if self.plan.exact or not spans:
             return
-        start = self.chunks_start + self.stored_tokens
-        k_all = self.hot_k.float()
+        plan = self.plan if self.group is None else self.plan.group
+        k_all = groups.join([m._keys_to_code() for m in members])
+        v_all = groups.join([m.hot_v for m in members])
+        coded = [plan.encode(k_all[..., a:b, :], v_all[..., a:b, :]) for a, b in spans]
+        for m in members:
+            m._take(coded, spans[-1][1])
+
+    def _keys_to_code(self) -> torch.Tensor:
+        """The hot window's keys as the plan codes them: float32, RoPE inverted if keys are stored pre-RoPE."""
+        k = self.hot_k.float()
         if self.rope is not None:
-            k_all = self.rope.invert(k_all, _positions(start, held))
-        for a, b in spans:
-            self.chunks.append(self.plan.encode(k_all[..., a:b, :], self.hot_v[..., a:b, :]))
-            self.kept.append(None)
-        done = spans[-1][1]
+            k = self.rope.invert(k, _positions(self.chunks_start + self.stored_tokens, k.shape[-2]))
+        return k
+
+    def _take(self, coded: list[StoredChunk], done: int) -> None:
+        """Hold ``coded``, the encoded first ``done`` tokens of the hot window, in their place."""
+        self.chunks.extend(coded)
+        self.kept.extend([None] * len(coded))
         self.hot_k = self.hot_k[..., done:, :].clone()
         self.hot_v = self.hot_v[..., done:, :].clone()
 
     def _decode(self, chunks: list[StoredChunk], starts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Decode stored chunks whose first tokens are at ``starts`` (one codec call per stream for all
-        of them where the codec joins payloads): post-RoPE K and V, model dtype."""
+        of them where the codec joins payloads; in a cross-layer group, one for all its layers):
+        post-RoPE K and V, model dtype."""
         out = []
         key_dtype = torch.float32 if self.rope is not None else self.dtype  # RoPE'd in float32, cast once
-        for chunk, start, (k, v) in zip(chunks, starts, self.plan.decode_many(chunks, key_dtype, self.dtype)):
+        decoded = (self.plan.decode_many(chunks, key_dtype, self.dtype) if self.group is None
+                   else self.group.decode(self, chunks, key_dtype, self.dtype))
+        for chunk, start, (k, v) in zip(chunks, starts, decoded):
             if self.rope is not None:
                 k = self.rope.apply(k, _positions(start, chunk.tokens), self.dtype)
             out.append((k, v))
@@ -284,6 +303,8 @@ class KakeyaLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Drop everything held."""
         self._clear()
+        if self.group is not None:
+            self.group.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens (a negative count, as ``DynamicLayer``).
@@ -343,7 +364,7 @@ class KakeyaLayer(CacheLayerMixin):
         bf16_equivalent (what an exact transformers cache holds for this layer in bf16: every token, or
         a sliding layer's last ``W - 1``) and counts (``tokens`` seen, ``held_tokens``)."""
         exact_parts = _nbytes(self.sink_k) + _nbytes(self.sink_v) + _nbytes(self.hot_k) + _nbytes(self.hot_v)
-        packed = sum(c.nbytes for c in self.chunks)
+        packed = sum(c.nbytes if self.group is None else self.group.share(self, c.nbytes) for c in self.chunks)
         decoded = self.decoded_nbytes
         batch = self.sink_k.shape[0] if self.is_initialized else 0
         out = {
@@ -362,6 +383,59 @@ class KakeyaLayer(CacheLayerMixin):
             "bf16_equivalent": 2 * 2 * batch * self.plan.n_kv_heads * self.reference_tokens() * self.plan.head_dim,
         }
         return out
+
+
+class _Group:
+    """The layers of one cross-layer group in a cache (:mod:`kakeyaturbo.groups`), in model order.
+
+    They see the same tokens, so they hold chunks over the same spans: the group's last layer encodes
+    their hot windows side by side (:meth:`KakeyaLayer._flush`), every layer holds the same
+    :class:`StoredChunk` objects, and the first layer to decode a list of them decodes every layer's part
+    in one codec call per stream and hands the others theirs (kept until they ask, within the forward).
+
+    Args:
+        plan: the group's plan (:attr:`~kakeyaturbo.engine.LayerPlan.members`).
+    """
+
+    def __init__(self, plan: LayerPlan) -> None:
+        self.plan = plan
+        self.layers: list[KakeyaLayer] = []
+        self._handed: dict[int, tuple[tuple[StoredChunk, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    def aligned(self) -> list[KakeyaLayer]:
+        """The layers, checked to hold the same tokens in the same places."""
+        first = self.layers[0]
+        for layer in self.layers[1:]:
+            if (layer.length, layer.chunks_start, len(layer.chunks), layer.hot_k.shape) != (
+                    first.length, first.chunks_start, len(first.chunks), first.hot_k.shape):
+                raise ShapeError(f"{self.plan.where} share a cross-layer code but hold different tokens (layer "
+                                 f"{layer.plan.layer}: {layer.length}, layer {first.plan.layer}: {first.length}): "
+                                 "update every layer of the model once per forward, in order")
+        return self.layers
+
+    def decode(self, layer: KakeyaLayer, chunks: list[StoredChunk], key_dtype: torch.dtype,
+               value_dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``layer``'s part of each chunk, ``(k_pre, v)`` each ``[B, n_kv, T, D]`` (as
+        :meth:`~kakeyaturbo.engine.LayerPlan.decode_many`), handed on if another layer decoded them."""
+        index = self.layers.index(layer)
+        handed = self._handed.pop(index, None)
+        if handed is not None and len(handed[0]) == len(chunks) and all(a is b for a, b in zip(handed[0], chunks)):
+            return handed[1]
+        parts = [(groups.split(k, len(self.layers)), groups.split(v, len(self.layers)))
+                 for k, v in self.plan.decode_many(chunks, key_dtype, value_dtype)]
+        for j in range(len(self.layers)):
+            if j != index:
+                self._handed[j] = (tuple(chunks), [(ks[j], vs[j]) for ks, vs in parts])
+        return [(ks[index], vs[index]) for ks, vs in parts]
+
+    def share(self, layer: KakeyaLayer, nbytes: int) -> int:
+        """``layer``'s share of a group chunk's ``nbytes`` (split evenly, the remainder to the first layers)."""
+        index, n = self.layers.index(layer), len(self.layers)
+        return nbytes // n + (index < nbytes % n)
+
+    def reset(self) -> None:
+        """Drop parts handed on and not taken."""
+        self._handed.clear()
 
 
 def exact_cache(model_config: Any, states: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -430,7 +504,7 @@ class KakeyaCache(Cache):
         self.recipe = recipe if isinstance(recipe, recipes.Recipe) else recipes.load(recipe)
         f = facts(config)
         self.model_config = config
-        self.plans = build_plans(self.recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration)
+        self.plans = build_plans(self.recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration, f.layer_types)
         needs_rope = self.recipe.pre_rope_keys and not all(p.exact for p in self.plans)
         rope_for = (rope or rope_factory(config)) if needs_rope else None
         share = decoded_budget // max(sum(not p.exact for p in self.plans), 1)
@@ -439,6 +513,11 @@ class KakeyaCache(Cache):
                         f.sliding_window if f.layer_types[p.layer] == SLIDING else None, 0 if p.exact else share)
             for p in self.plans
         ])
+        made: dict[int, _Group] = {}
+        for p, layer in zip(self.plans, self.layers):
+            if p.group is not None:
+                layer.group = made.setdefault(id(p.group), _Group(p.group))
+                layer.group.layers.append(layer)
 
     @classmethod
     def from_model(cls, model: nn.Module, recipe: recipes.Recipe | str | Path,

@@ -23,10 +23,11 @@ from typing import Any, Protocol
 
 import torch
 
-from kakeyaturbo import codecs, layouts
+from kakeyaturbo import codecs, groups, layouts
 from kakeyaturbo.codecs.base import Codec
 from kakeyaturbo.container import Encoded
 from kakeyaturbo.errors import ConfigError, ShapeError
+from kakeyaturbo.groups import LayerGroup
 from kakeyaturbo.ops.bitalloc import allocate_budgets, interpolate_costs
 from kakeyaturbo.recipes.recipe import Recipe, StreamRecipe
 from kakeyaturbo.transforms.whitening import Whitening
@@ -51,9 +52,10 @@ class CalibrationLike(Protocol):
         """``(L, L_inv)`` each ``[n_kv, D, D]`` for ``layer`` and mode ("sigma_q" or "lag"), or None
         when the layer is not whitened."""
 
-    def v2_transforms(self, layer: int, stream: str, space: str, layout: str, config: Any) -> Any:
+    def v2_transforms(self, layer: int | LayerGroup, stream: str, space: str, layout: str, config: Any) -> Any:
         """The ``kakeya-v2`` transforms serving ``config`` on one (layer, stream), for input in key space
-        ``space`` ("none", "post_rope", "sigma_q", "lag") and engine ``layout``."""
+        ``space`` ("none", "post_rope", "sigma_q", "lag") and engine ``layout``; ``layer`` a tuple: those of
+        a cross-layer group (:mod:`kakeyaturbo.groups`)."""
 
     def table(self, stream: str, bits: int) -> tuple[float, ...]:
         """The calibrated Lloyd–Max table (``2**bits`` increasing floats) of stream ``"k"``/``"v"``."""
@@ -103,6 +105,11 @@ class LayerPlan:
         whitening_skipped: why the calibration skipped this layer's whitening, if it did.
         k_space: the space K is coded in: ``"none"`` (pre-RoPE or post-RoPE keys as the recipe
             stores them), ``"sigma_q"`` or ``"lag"`` (whitened, by the plan or inside the codec).
+        members: on the plan of a cross-layer group (:mod:`kakeyaturbo.groups`), the layers it codes: its
+            input is theirs side by side (``n_kv_heads`` counts the heads of all of them; ``layer`` is the
+            first); ``()`` on a plan of one layer.
+        group: on the plan of a layer coded by a cross-layer group, that group's plan (this plan's codecs are
+            the group's; :meth:`encode` and :meth:`decode_many` go through the group).
     """
 
     layer: int
@@ -116,23 +123,39 @@ class LayerPlan:
     chunk_tokens: int
     whitening_skipped: str | None = None
     k_space: str = "none"
+    members: LayerGroup = ()
+    group: LayerPlan | None = None
 
     @property
     def side_nbytes(self) -> int:
-        """Per-model bytes this layer needs besides its chunks (whitening, codec side data)."""
+        """Per-model bytes this layer needs besides its chunks (whitening, codec side data; a group's are
+        counted at its first layer)."""
+        if self.group is not None:
+            return self.group.side_nbytes if self.layer == self.group.layer else 0
         w = self.whitening.nbytes if self.whitening is not None else 0
         return w + self.k_codec.side_nbytes + self.v_codec.side_nbytes
+
+    @property
+    def where(self) -> str:
+        """``"layer 4"``, or the layers of a group plan (``"layers 4-7"``)."""
+        return groups.name(self.members or self.layer)
+
+    def _direct(self) -> None:
+        """Refuse coding a layer that a cross-layer group codes."""
+        if self.group is not None:
+            raise ConfigError(f"layer {self.layer} is coded with {self.group.where}: code their K and V side by "
+                              f"side through its group's plan (plan.group)")
 
     def _check(self, name: str, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.n_kv_heads or x.shape[3] != self.head_dim:
             raise ShapeError(
-                f"layer {self.layer}: {name} must be [B, n_kv={self.n_kv_heads}, T, D={self.head_dim}], "
+                f"{self.where}: {name} must be [B, n_kv={self.n_kv_heads}, T, D={self.head_dim}], "
                 f"got {tuple(x.shape)}"
             )
         t = x.shape[2]
         if t == 0 or (t % self.chunk_tokens and t > self.chunk_tokens):
             raise ShapeError(
-                f"layer {self.layer}: {name} has {t} tokens: encode a positive multiple of "
+                f"{self.where}: {name} has {t} tokens: encode a positive multiple of "
                 f"chunk_tokens={self.chunk_tokens} or one partial chunk of fewer tokens"
             )
 
@@ -156,10 +179,11 @@ class LayerPlan:
         Returns:
             A :class:`StoredChunk` decoding to the input dtype.
         """
+        self._direct()
         self._check("k_pre", k_pre)
         self._check("v", v)
         if k_pre.shape != v.shape:
-            raise ShapeError(f"layer {self.layer}: K {tuple(k_pre.shape)} and V {tuple(v.shape)} differ")
+            raise ShapeError(f"{self.where}: K {tuple(k_pre.shape)} and V {tuple(v.shape)} differ")
         k_in = self.whitening.forward(k_pre) if self.whitening is not None else k_pre
         return StoredChunk(self.k_codec.encode(self._to_rows(k_in)), self.v_codec.encode(self._to_rows(v)),
                            k_pre.shape[2], k_pre.dtype, own=True)
@@ -174,6 +198,7 @@ class LayerPlan:
         checked and, where the codec joins payloads (:meth:`~kakeyaturbo.codecs.base.Codec.decode_many`),
         each stream of all of them in one codec call. Keys come in ``key_dtype`` and values in
         ``value_dtype`` (default: the chunk's dtype), each cast once."""
+        self._direct()
         own = all(c.own for c in chunks)
         k_out = torch.float32 if self.whitening is not None else key_dtype  # unwhitened in float32
         ks = self.k_codec.decode_many([c.k for c in chunks], own=own, dtype=k_out)
@@ -240,9 +265,10 @@ class _CodecFactory:
         self.calibration = calibration
         self._built: OrderedDict[str, Codec] = OrderedDict() if calibration is None else _shared_codecs(calibration)
 
-    def get(self, sr: StreamRecipe, stream: str, layer: int, space: str) -> Codec:
-        """The codec of ``sr`` for one (layer, stream); ``space`` names what the codec is fed
-        ("none", a whitening mode or "post_rope"; calibrated codecs look their transforms up by it)."""
+    def get(self, sr: StreamRecipe, stream: str, layer: int | LayerGroup, space: str) -> Codec:
+        """The codec of ``sr`` for one (layer, stream) (``layer`` a tuple: a cross-layer group's); ``space``
+        names what the codec is fed ("none", a whitening mode or "post_rope"; calibrated codecs look their
+        transforms up by it)."""
         cls = codecs.codec_class(sr.codec)
         per_layer = [layer, space, self.recipe.layout] if cls.needs_calibration else []
         key = json.dumps([stream, sr.codec, sr.config, sr.calibrated_table, *per_layer], sort_keys=True, default=str)
@@ -254,7 +280,7 @@ class _CodecFactory:
                 self._built.popitem(last=False)
         return self._built[key]
 
-    def _build(self, cls: type[Codec], sr: StreamRecipe, stream: str, layer: int, space: str) -> Codec:
+    def _build(self, cls: type[Codec], sr: StreamRecipe, stream: str, layer: int | LayerGroup, space: str) -> Codec:
         if cls.needs_calibration:
             if self.calibration is None:
                 raise ConfigError(f"recipe {self.recipe.name!r}: codec {sr.codec!r} is built from calibrated "
@@ -262,7 +288,7 @@ class _CodecFactory:
             try:
                 return cls.from_calibration(sr.config, self.calibration, layer, stream, space, self.recipe.layout)
             except ConfigError as exc:
-                raise ConfigError(f"layer {layer} {stream.upper()} stream, codec {sr.codec!r}: {exc}") from None
+                raise ConfigError(f"{groups.name(layer)} {stream.upper()} stream, codec {sr.codec!r}: {exc}") from None
         try:
             codec = cls(cls.config_class.from_dict(sr.config))
         except ConfigError as exc:
@@ -294,36 +320,41 @@ def _whitening(layer: int, n_kv: int, d: int, calibration: CalibrationLike | Non
     return w, None
 
 
-def sensitivity_budgets(recipe: Recipe, layers: list[int],
+def sensitivity_budgets(recipe: Recipe, layers: Sequence[int | LayerGroup],
                         calibration: CalibrationLike | None) -> dict[tuple[int, str], float]:
     """The ``layer_bits="sensitivity"`` budgets: ``{(layer, "k"|"v"): bits}`` for ``layers``.
 
     The total is what uniform budgets would spend (``len(layers) * (k bits + v bits)``; K and V
     rows have the same size); it is spread over the budgets of ``recipe.probe.grid`` to minimise the
     sum of the KL the calibration's sensitivity probe measured (:meth:`CalibrationLike.sensitivity`,
-    interpolated between probed budgets).
+    interpolated between probed budgets). An item of ``layers`` that is a tuple is a cross-layer group:
+    its members share one budget per stream, costing the sum of their measured KL (each measured coded
+    alone) and spending their number of layers' bits.
     """
     if calibration is None:
         raise ConfigError(f"recipe {recipe.name!r} has layer_bits='sensitivity'; {CALIBRATE_HINT}")
-    items = [(layer, stream) for layer in layers for stream in ("k", "v")]
+    units = [(x,) if isinstance(x, int) else tuple(x) for x in layers]
+    items = [(unit, stream) for unit in units for stream in ("k", "v")]
     if not items:
         return {}
     measured = calibration.sensitivity(recipe.sensitivity_setup())
-    missing = [f"{layer}{stream}" for layer, stream in items if layer not in measured[stream]]
+    missing = [f"{layer}{stream}" for unit, stream in items for layer in unit if layer not in measured[stream]]
     if missing:
         raise ConfigError(f"recipe {recipe.name!r}: the sensitivity probe did not measure layer/stream "
                           f"{', '.join(missing)} (a probe memoised by an older version, which skipped "
                           f"sliding-window layers: delete the bundle's fits/sensitivity-*.safetensors, or "
                           f"run `kakeya calibrate --force` with the same --model and --text)")
     options = list(recipe.probe.grid)
-    tables = [interpolate_costs(measured[stream][layer], recipe.probe.grid) for layer, stream in items]
-    costs = torch.tensor([[t[b] for b in options] for t in tables], dtype=torch.float64)
-    total = len(layers) * (float(recipe.k.config["bits"]) + float(recipe.v.config["bits"]))
+    tables = [[interpolate_costs(measured[stream][layer], recipe.probe.grid) for layer in unit]
+              for unit, stream in items]
+    costs = torch.tensor([[sum(t[b] for t in ts) for b in options] for ts in tables], dtype=torch.float64)
+    total = sum(map(len, units)) * (float(recipe.k.config["bits"]) + float(recipe.v.config["bits"]))
     try:
-        choice = allocate_budgets(costs, torch.tensor(options, dtype=torch.float64), total)
+        choice = allocate_budgets(costs, torch.tensor(options, dtype=torch.float64), total,
+                                  weights=[len(unit) for unit, _ in items])
     except ConfigError as exc:
         raise ConfigError(f"recipe {recipe.name!r}: {exc} (budgets: {options})") from None
-    return {item: options[int(i)] for item, i in zip(items, choice)}
+    return {(layer, stream): options[int(i)] for (unit, stream), i in zip(items, choice) for layer in unit}
 
 
 def plan_bits(plans: list[LayerPlan]) -> list[list[float | None]]:
@@ -398,6 +429,7 @@ class LayerStreams:
         whitening_skipped: why the calibration skipped this layer's whitening, if it did.
         k_space: what the K codec is fed: the whitening mode, ``"none"`` (pre-RoPE keys) or
             ``"post_rope"``.
+        group: the layers coded together with this one, itself included (``(layer,)``: alone).
     """
 
     layer: int
@@ -406,6 +438,7 @@ class LayerStreams:
     whitening: Whitening | None
     whitening_skipped: str | None
     k_space: str
+    group: LayerGroup
 
     def coded(self) -> tuple[tuple[str, StreamRecipe, str], tuple[str, StreamRecipe, str]]:
         """``(stream, stream recipe, space its codec is fed)`` of K and of V."""
@@ -413,12 +446,15 @@ class LayerStreams:
 
 
 def layer_streams(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
-                  calibration: CalibrationLike | None = None) -> list[LayerStreams]:
+                  calibration: CalibrationLike | None = None,
+                  layer_types: Sequence[str] | None = None) -> list[LayerStreams]:
     """What ``recipe`` gives each decoder layer (:class:`LayerStreams`), as :func:`build_plans` builds it.
 
     Boundary layers (``boundary_layers`` plus the calibration's top ``boundary_top``) use
-    ``boundary_k``/``boundary_v``; ``layer_overrides`` then replace streams per layer. With
-    ``layer_bits="sensitivity"`` the remaining layers get the budgets of :func:`sensitivity_budgets`.
+    ``boundary_k``/``boundary_v``; ``layer_overrides`` then replace streams per layer. The remaining
+    layers are cut into cross-layer groups of ``recipe.layer_group`` per type of ``layer_types`` (None:
+    one type; :func:`kakeyaturbo.groups.form`). With ``layer_bits="sensitivity"`` they get the budgets of
+    :func:`sensitivity_budgets`, one per group and stream.
 
     Raises:
         ConfigError: bad sizes, out-of-range layers, or a recipe that needs calibration (whitening,
@@ -426,7 +462,12 @@ def layer_streams(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
     """
     _check_geometry(n_layers, n_kv_heads, head_dim)
     streams, shared = _layer_streams(recipe, n_layers, _boundary(recipe, n_layers, calibration))
-    budgets = sensitivity_budgets(recipe, shared, calibration) if recipe.layer_bits == "sensitivity" else {}
+    types = ["full"] * n_layers if layer_types is None else list(layer_types)
+    if len(types) != n_layers:
+        raise ConfigError(f"layer_types names {len(types)} layers, the model has {n_layers}")
+    units = groups.form(shared, types, recipe.layer_group)
+    group_of = {layer: unit for unit in units for layer in unit}
+    budgets = sensitivity_budgets(recipe, units, calibration) if recipe.layer_bits == "sensitivity" else {}
     out = []
     for layer, (k_sr, v_sr) in enumerate(streams):
         if (layer, "k") in budgets:
@@ -435,7 +476,7 @@ def layer_streams(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
         whitening, skipped = (None, None) if k_sr.whiten == "none" else _whitening(
             layer, n_kv_heads, head_dim, calibration, recipe, k_sr.whiten)
         space = k_sr.whiten if whitening is not None else "none" if recipe.pre_rope_keys else "post_rope"
-        out.append(LayerStreams(layer, k_sr, v_sr, whitening, skipped, space))
+        out.append(LayerStreams(layer, k_sr, v_sr, whitening, skipped, space, group_of.get(layer, (layer,))))
     return out
 
 
@@ -446,33 +487,45 @@ class CalibratedCodec:
     Attributes:
         codec: the codec name (its class has ``needs_calibration``).
         config: its config fields from the recipe (budget filled in).
-        layer, stream: the (layer, K/V stream) it codes.
+        layer, stream: the (layer, K/V stream) it codes (``layer`` a tuple: a cross-layer group's layers).
         space: what it is fed (:attr:`LayerStreams.k_space`; ``"none"`` for V).
         layout: the recipe's engine layout.
     """
 
     codec: str
     config: Mapping[str, Any]
-    layer: int
+    layer: int | LayerGroup
     stream: str
     space: str
     layout: str
 
 
+def _coder(ls: LayerStreams) -> int | LayerGroup | None:
+    """What codes layer ``ls``: itself (its index), its cross-layer group (at the group's first layer), or
+    None (a later member of a group)."""
+    if len(ls.group) == 1:
+        return ls.layer
+    return ls.group if ls.layer == ls.group[0] else None
+
+
 def calibrated_codecs(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
-                      calibration: CalibrationLike | None = None) -> list[CalibratedCodec]:
+                      calibration: CalibrationLike | None = None,
+                      layer_types: Sequence[str] | None = None) -> list[CalibratedCodec]:
     """Every calibrated codec :func:`build_plans` of ``recipe`` builds, so their transforms can be fitted
     beforehand (in batches); raises as :func:`layer_streams` does."""
-    return [CalibratedCodec(sr.codec, sr.config, ls.layer, stream, space, recipe.layout)
-            for ls in layer_streams(recipe, n_layers, n_kv_heads, head_dim, calibration)
+    return [CalibratedCodec(sr.codec, sr.config, coder, stream, space, recipe.layout)
+            for ls in layer_streams(recipe, n_layers, n_kv_heads, head_dim, calibration, layer_types)
+            if (coder := _coder(ls)) is not None
             for stream, sr, space in ls.coded() if codecs.codec_class(sr.codec).needs_calibration]
 
 
 def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
-                calibration: CalibrationLike | None = None) -> list[LayerPlan]:
+                calibration: CalibrationLike | None = None,
+                layer_types: Sequence[str] | None = None) -> list[LayerPlan]:
     """One :class:`LayerPlan` per decoder layer, from :func:`layer_streams`.
 
-    A layer is exact when both of its streams are ``identity`` without whitening.
+    A layer is exact when both of its streams are ``identity`` without whitening. The layers of a
+    cross-layer group share one group plan (their :attr:`LayerPlan.group`) over their heads side by side.
 
     Raises:
         ConfigError: bad sizes, out-of-range layers, a codec config its codec rejects, or a recipe
@@ -480,7 +533,18 @@ def build_plans(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
     """
     factory = _CodecFactory(recipe, calibration)
     plans = []
-    for ls in layer_streams(recipe, n_layers, n_kv_heads, head_dim, calibration):
+    group_plans: dict[LayerGroup, LayerPlan] = {}
+    for ls in layer_streams(recipe, n_layers, n_kv_heads, head_dim, calibration, layer_types):
+        if len(ls.group) > 1:
+            if ls.group not in group_plans:
+                group_plans[ls.group] = LayerPlan(
+                    ls.group[0], factory.get(ls.k, "k", ls.group, ls.k_space), factory.get(ls.v, "v", ls.group, "none"),
+                    None, False, recipe.layout, len(ls.group) * n_kv_heads, head_dim, recipe.chunk_tokens,
+                    members=ls.group)
+            gp = group_plans[ls.group]
+            plans.append(LayerPlan(ls.layer, gp.k_codec, gp.v_codec, None, False, recipe.layout, n_kv_heads, head_dim,
+                                   recipe.chunk_tokens, group=gp))
+            continue
         k_codec = factory.get(ls.k, "k", ls.layer, ls.k_space)
         whitening = None if k_codec.folds_whitening else ls.whitening  # else the codec's basis already contains it
         plans.append(LayerPlan(ls.layer, k_codec, factory.get(ls.v, "v", ls.layer, "none"), whitening,

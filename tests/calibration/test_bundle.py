@@ -53,6 +53,28 @@ def test_bundle_holds_statistics_and_fits_on_demand(tmp_path, tiny_bundle):
 
 
 @pytest.mark.model
+def test_a_cross_layer_group_is_fitted_on_its_layers_rows_side_by_side(tiny_bundle):
+    _, stats = tiny_bundle
+    cal = Calibration(stats.manifest, stats.statistics)
+    cfg = KakeyaV2Config.for_calibration({"bits": 2.0, "head_gain_bits": 4, "reflector_bits": 3}, "v")
+    fitted = cal.v2_transforms((0, 2), "v", "none", "joint", cfg)
+    assert fitted.basis.matrix().shape == (1, 64, 64) and fitted.heads == 4
+    sinkless = [stats.statistics[f"v/{i}"].float().reshape(2, 2, 96, 16)[:, :, 1:].reshape(2, -1, 16) for i in (0, 2)]
+    direct = fit_transforms(join_heads(torch.cat(sinkless)).unsqueeze(0), KakeyaV2Config(
+        stream="v", bits=2.0, head_gain_bits=4, reflector_bits=3, fitted_tables=True, seed=0), heads=4)
+    assert direct.fingerprint() == fitted.fingerprint()  # seeded by its first layer
+    assert cal.v2_transforms(0, "v", "none", "joint", cfg).fingerprint() != fitted.fingerprint()  # its own key
+    k_cfg = KakeyaV2Config.for_calibration({"bits": 2.0}, "k")
+    for layer, space, layout, match in [((0,), "none", "joint", "two or more increasing layers"),
+                                        ((1, 0), "none", "joint", "two or more increasing layers"),
+                                        ((0, 3), "none", "joint", "out of range"),
+                                        ((0, 1), "none", "head", "joint layout with keys in 'none' or 'post_rope'"),
+                                        ((0, 1), "sigma_q", "joint", "joint layout with keys in")]:
+        with pytest.raises(ConfigError, match=match):
+            cal.v2_transforms(layer, "k", space, layout, k_cfg)
+
+
+@pytest.mark.model
 def test_fits_in_batches_are_the_fits_one_by_one_under_the_same_keys(tmp_path, tiny_bundle, monkeypatch):
     _, stats = tiny_bundle
     joint = {"head_gain_bits": 4, "reflector_bits": 4, "coding": "auto"}
@@ -61,6 +83,8 @@ def test_fits_in_batches_are_the_fits_one_by_one_under_the_same_keys(tmp_path, t
                 for stream, space in (("k", "none"), ("k", "post_rope"), ("k", "sigma_q"), ("k", "lag"), ("v", "none"))
                 for layout, extra in (("head", {}), ("joint", joint))
                 if layout == "head" or space in ("none", "post_rope")]  # joint rows are not whitened
+    requests += [(layers, stream, "none", "joint", KakeyaV2Config.for_calibration({"bits": bits, **joint}, stream))
+                 for layers in ((0, 1), (1, 2), (0, 1, 2)) for bits in (1.5, 2.5) for stream in ("k", "v")]
     one, many = Calibration(stats.manifest, stats.statistics), Calibration(stats.manifest, stats.statistics)
     one.save(tmp_path / "one")
     many.save(tmp_path / "many")

@@ -10,9 +10,9 @@ from transformers import DynamicCache
 
 from kakeyaturbo.cache import rope_factory
 from kakeyaturbo.engine import build_plans
-from kakeyaturbo.errors import CorruptDataError, ShapeError
-from kakeyaturbo.integrations.blocks import BlockCodec, BlockIdentity, prefix_keys, read_header
-from kakeyaturbo.recipes import Recipe, StreamRecipe
+from kakeyaturbo.errors import ConfigError, CorruptDataError, ShapeError
+from kakeyaturbo.integrations.blocks import BlockCodec, BlockIdentity, identity_for, prefix_keys, read_header
+from kakeyaturbo.recipes import KakeyaConfig, Recipe, StreamRecipe
 from tests.test_cache import prompt, tiny
 
 ID = BlockIdentity("tiny", "cafe", "r", "")
@@ -116,3 +116,12 @@ def test_keys_name_whole_prefixes(tokens, block, change):
         j = change // block
         assert other[:j] == keys[:j] and all(a != b for a, b in zip(other[j:], keys[j:]))
     assert not set(prefix_keys(tokens, block, BlockIdentity("tiny", "cafe", "r2", ""))) & set(keys)
+
+
+def test_cross_layer_recipes_are_refused_with_what_to_do_instead(kv):
+    model, _, _ = kv
+    grouped = KakeyaConfig(bits=2, layer_group=4).to_recipe()
+    with pytest.raises(ConfigError, match="codes groups of 4 layers together.*serve it with KakeyaCache"):
+        identity_for("tiny", model.config, grouped, 32)
+    with pytest.raises(ConfigError, match="codes groups of 4 layers together"):
+        BlockCodec.for_recipe(grouped, model.config, 32, ID)

@@ -74,14 +74,17 @@ def _cost(costs: list[list[float]], pick: list[int]) -> float:
 
 
 @given(costs=st.lists(st.lists(st.floats(0, 10, allow_nan=False), min_size=4, max_size=4), min_size=1, max_size=4),
-       spare=st.integers(0, 12))
-def test_allocate_budgets_is_the_optimum(costs, spare):
+       spare=st.integers(0, 12), weighted=st.booleans())
+def test_allocate_budgets_is_the_optimum(costs, spare, weighted):
     options = [1.0, 1.5, 2.0, 3.0]
-    total = len(costs) * 1.0 + spare * 0.5
-    pick = allocate_budgets(torch.tensor(costs, dtype=torch.float64), torch.tensor(options), total).tolist()
-    assert sum(options[i] for i in pick) <= total + 1e-9
+    weights = [1 + i % 3 if weighted else 1 for i in range(len(costs))]
+    total = sum(weights) * 1.0 + spare * 0.5
+    pick = allocate_budgets(torch.tensor(costs, dtype=torch.float64), torch.tensor(options), total,
+                            weights=weights if weighted else None).tolist()
+    assert sum(w * options[i] for w, i in zip(weights, pick)) <= total + 1e-9
     monotone = [[min(row[: j + 1]) for j in range(4)] for row in costs]
-    feasible = [p for p in itertools.product(range(4), repeat=len(costs)) if sum(options[i] for i in p) <= total]
+    feasible = [p for p in itertools.product(range(4), repeat=len(costs))
+                if sum(w * options[i] for w, i in zip(weights, p)) <= total]
     assert _cost(monotone, pick) == pytest.approx(min(_cost(monotone, p) for p in feasible), abs=1e-9)
 
 
@@ -104,9 +107,15 @@ def test_allocate_budgets_gives_bits_where_they_pay():
         (torch.tensor([[1.0, -1.0]]), torch.tensor([1.0, 2.0]), 4.0, ConfigError, ">= 0"),
         (torch.ones(1, 2), torch.tensor([2.0, 1.0]), 4.0, ConfigError, "increasing"),
         (torch.ones(1, 2), torch.tensor([1.0, 1.3]), 4.0, ConfigError, "multiples of 0.015625"),
-        (torch.ones(3, 2), torch.tensor([1.0, 2.0]), 2.0, ConfigError, "below 3 items"),
+        (torch.ones(3, 2), torch.tensor([1.0, 2.0]), 2.0, ConfigError, "below 3 weighted items"),
     ],
 )
 def test_allocate_budgets_errors(costs, options, total, error, match):
     with pytest.raises(error, match=match):
         allocate_budgets(costs, options, total)
+
+
+@pytest.mark.parametrize("weights", [[1], [1, 0], [1, True], [1, 2.0]])
+def test_allocate_budgets_refuses_bad_weights(weights):
+    with pytest.raises(ConfigError, match="weights must be 2 positive integers"):
+        allocate_budgets(torch.ones(2, 2), torch.tensor([1.0, 2.0]), 8.0, weights=weights)

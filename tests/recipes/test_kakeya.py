@@ -92,6 +92,7 @@ def test_defaults_are_the_shipped_design():
         (KakeyaConfig(sink_tokens=1, probe=dataclasses.replace(HEAD_PROBE, sink_tokens=2)),
          "kakeya-2.5b-sink1-probe-head-sink2"),
         (KakeyaConfig(bits=2.1234567), "kakeya-2.1234567b"),
+        (KakeyaConfig(bits=2, layer_group=4, reflector_bits=3, probe=HEAD_PROBE), "kakeya-2b-group4-refl3-probe-head"),
     ],
 )
 def test_names(config, name):
@@ -136,6 +137,9 @@ def test_equal_budgets_and_gains_collapse():
         ({"key_space": "sigma_q"}, "reflector_bits must be 0 with key_space='sigma_q'"),
         ({"coding": "entropy", "scale_bits": 0}, "coding='entropy' needs scale_bits >= 1"),
         ({"probe": {}}, "probe must be a SensitivityProbe"),
+        ({"layer_group": 0}, r"layer_group must be an integer in 1\.\."),
+        ({"layer_group": 2, "layout": "head"}, "layer_group=2 needs layout 'joint'"),
+        ({"layer_group": 2, "key_space": "lag", "reflector_bits": 0}, "and key_space 'pre_rope' or 'post_rope'"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, match):
@@ -194,6 +198,7 @@ def configs(draw: st.DrawFn) -> KakeyaConfig:
         "center": draw(st.booleans()), "value_center": draw(st.booleans()), "scale_bits": draw(st.integers(0, 8)),
         "rotate_groups": draw(st.booleans()), "allocation": draw(st.sampled_from(["waterfill", "uniform"])),
         "fitted_tables": draw(st.sampled_from([None, True, False])), "probe": draw(_probes),
+        "layer_group": draw(st.integers(1, 6)),
     }
     try:
         return KakeyaConfig(**kw)

@@ -72,6 +72,13 @@ def test_seed_recipes_match_the_spec():
         ({"layer_bits": "sensitivity", "k": StreamRecipe("fp8")}, "layer_bits='sensitivity'.*k is 'fp8'"),
         ({"layer_bits": "sensitivity", "k": StreamRecipe("kakeya-v2", {"bits": 2}),
           "v": StreamRecipe("kakeya-v2")}, "v is 'kakeya-v2' with bits=None"),
+        ({"layer_group": 0}, "layer_group must be an integer >= 1"),
+        ({"layer_group": 2.0}, "layer_group must be an integer >= 1"),
+        ({"layer_group": 2, "k": StreamRecipe("kakeya-v2"), "v": StreamRecipe("kakeya-v2")}, "needs layout 'joint'"),
+        ({"layer_group": 2, "layout": "joint", "k": StreamRecipe("kakeya-v2"), "v": StreamRecipe("fp8")},
+         "v is 'fp8'"),
+        ({"layer_group": 2, "layout": "joint", "k": StreamRecipe("kakeya-v2", whiten="sigma_q"),
+          "v": StreamRecipe("kakeya-v2")}, "k is 'kakeya-v2' \\(whiten 'sigma_q'\\)"),
     ],
 )
 def test_bad_recipe_names_the_field(kwargs, field):

@@ -88,9 +88,9 @@ class Calibration:
 
         return table(self, stream, bits)
 
-    def v2_transforms(self, layer: int, stream: str, space: str, layout: str, config: Any) -> Any:
+    def v2_transforms(self, layer: int | tuple[int, ...], stream: str, space: str, layout: str, config: Any) -> Any:
         """The ``kakeya-v2`` transforms serving ``config`` (a ``KakeyaV2Config``) on one (layer, stream)
-        in key space ``space`` and engine ``layout``."""
+        in key space ``space`` and engine ``layout`` (``layer`` a tuple: a cross-layer group's)."""
         from kakeyaturbo.calibration.fits import v2_transforms
 
         return v2_transforms(self, layer, stream, space, layout, config)

@@ -18,11 +18,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from kakeyaturbo import codecs
+from kakeyaturbo import codecs, groups
 from kakeyaturbo.calibration.bundle import Calibration, fit_key
 from kakeyaturbo.calibration.metric import cholesky_pair, lag_metric, regularise, rope_matrices, whitening_hazard
 from kakeyaturbo.calibration.statistics import CalibrationSettings, StoredRotary
 from kakeyaturbo.errors import ConfigError
+from kakeyaturbo.groups import LayerGroup
 from kakeyaturbo.layouts import join_heads
 from kakeyaturbo.ops import lloyd_max
 from kakeyaturbo.transforms.rope import Rope
@@ -151,7 +152,8 @@ def table(cal: Calibration, stream: str, bits: int) -> tuple[float, ...]:
 class V2Request(NamedTuple):
     """One ``kakeya-v2`` fit asked of a calibration: the arguments of :func:`v2_transforms`."""
 
-    layer: int
+    layer: int | LayerGroup
+    """A layer, or the layers of a cross-layer group (:mod:`kakeyaturbo.groups`)."""
     stream: str
     space: str
     layout: str
@@ -159,11 +161,14 @@ class V2Request(NamedTuple):
     """A resolved ``KakeyaV2Config``."""
 
 
-def v2_transforms(cal: Calibration, layer: int, stream: str, space: str, layout: str, config: Any) -> Any:
+def v2_transforms(cal: Calibration, layer: int | LayerGroup, stream: str, space: str, layout: str,
+                  config: Any) -> Any:
     """The :class:`~kakeyaturbo.codecs.kakeya_v2.V2Transforms` serving ``config`` (a resolved
     ``KakeyaV2Config``) on one (layer, stream), fitted on the calibration sample (keys in ``space``;
     ``layout="joint"``: one row per token, its KV heads side by side) with the layer index as the
-    rotation seed; memoised under the fit's fields (a batch of one :func:`v2_transforms_batch`)."""
+    rotation seed; memoised under the fit's fields (a batch of one :func:`v2_transforms_batch`).
+    ``layer`` a tuple of layers: the transforms of that cross-layer group (joint layout, keys in "none"
+    or "post_rope"), fitted on the members' joint rows side by side, seeded by its first layer."""
     return v2_transforms_batch(cal, [V2Request(layer, stream, space, layout, config)])[0]
 
 
@@ -193,38 +198,62 @@ def v2_transforms_batch(cal: Calibration, requests: Sequence[V2Request | tuple[i
             todo.setdefault(_v2_batch_group(r), {}).setdefault(key, r)
     size = _v2_batch_size(cal)
     for group in todo.values():
-        ordered = sorted(group.items(), key=lambda item: (item[1].layer, item[1].stream, item[1].space))
-        for start in range(0, len(ordered), size):
-            batch = ordered[start : start + size]
+        ordered = sorted(group.items(), key=lambda item: (_members(cal, item[1].layer), item[1].stream,
+                                                          item[1].space))
+        per_batch = max(1, size // len(_members(cal, ordered[0][1].layer)))
+        for start in range(0, len(ordered), per_batch):
+            batch = ordered[start : start + per_batch]
             try:
                 fitted = _fit_v2(cal, [r for _, r in batch])
             except ConfigError as exc:
-                names = ", ".join(sorted({f"layer {r.layer} {r.stream.upper()}" for _, r in batch}))
+                names = ", ".join(sorted({f"{groups.name(r.layer)} {r.stream.upper()}" for _, r in batch}))
                 raise ConfigError(f"kakeya-v2 fit of {names}: {exc}") from None
             for (key, r), tensors in zip(batch, fitted):
-                found[key] = cal.made(key, tensors, f"layer {r.layer} {r.stream.upper()} at {r.config.bits:g} bits")
+                found[key] = cal.made(key, tensors, f"{groups.name(r.layer)} {r.stream.upper()} at "
+                                                    f"{r.config.bits:g} bits")
     return [V2Transforms.from_tensors(found[key]) for key in keys]
+
+
+def _members(cal: Calibration, layer: int | LayerGroup) -> LayerGroup:
+    """The layers of a request's ``layer`` (one layer, or a group of two or more distinct ones), checked."""
+    if isinstance(layer, tuple):
+        members = tuple(_layer(cal, i) for i in layer)
+        if len(members) < 2 or list(members) != sorted(set(members)):
+            raise ConfigError(f"a cross-layer group must name two or more increasing layers, got {layer!r}")
+        return members
+    return (_layer(cal, layer),)
 
 
 def _v2_key(cal: Calibration, r: V2Request) -> str:
     """The memo key of request ``r``, checked."""
     from kakeyaturbo.codecs.kakeya_v2 import LAYOUTS
 
-    layer = _layer(cal, r.layer)
+    members = _members(cal, r.layer)
     if r.layout not in LAYOUTS:
         raise ConfigError(f"kakeya-v2 transforms exist for layouts {list(LAYOUTS)}, not {r.layout!r}")
     if r.space not in KEY_SPACES or (r.stream == "v" and r.space != "none"):
         raise ConfigError(f"key space must be one of {list(KEY_SPACES)} (values: 'none'), got {r.space!r}")
+    if len(members) > 1 and (r.layout != "joint" or r.space in WHITEN_MODES):
+        raise ConfigError(f"a cross-layer group is coded in the joint layout with keys in 'none' or 'post_rope', "
+                          f"got layout {r.layout!r}, key space {r.space!r}")
+    layer = members[0] if len(members) == 1 else list(members)
     return fit_key("v2", stats=cal.stats_id, layer=layer, stream=r.stream, space=r.space, layout=r.layout,
-                   fit=r.config.fit_fields(seed=layer))
+                   fit=r.config.fit_fields(seed=members[0]))
+
+
+def _seed(r: V2Request) -> int:
+    """The rotation seed of a request: its (first) layer."""
+    return r.layer[0] if isinstance(r.layer, tuple) else r.layer
 
 
 def _v2_batch_group(r: V2Request) -> str:
-    """What the requests fitted in one batch share: layout, whitened or not, the fit fields but the batch's."""
+    """What the requests fitted in one batch share: layout, whitened or not, the group size, the fit fields
+    but the batch's."""
     from kakeyaturbo.codecs.kakeya_v2 import BATCH_FIELDS
 
-    fit = {k: v for k, v in r.config.fit_fields(seed=r.layer).items() if k not in BATCH_FIELDS}
-    return json.dumps([r.layout, r.space in WHITEN_MODES, fit], sort_keys=True)
+    fit = {k: v for k, v in r.config.fit_fields(seed=_seed(r)).items() if k not in BATCH_FIELDS}
+    size = len(r.layer) if isinstance(r.layer, tuple) else 1
+    return json.dumps([r.layout, r.space in WHITEN_MODES, size, fit], sort_keys=True)
 
 
 def _v2_batch_size(cal: Calibration) -> int:
@@ -242,18 +271,22 @@ def _fit_v2(cal: Calibration, requests: list[V2Request]) -> list[dict[str, torch
     where = list(dict.fromkeys((r.layer, r.stream, r.space) for r in requests))
     samples = [_v2_sample(cal, layer, stream, space, requests[0].layout) for layer, stream, space in where]
     whiten = None if samples[0][1] is None else torch.stack([white for _, white, _ in samples])
-    configs = [type(r.config)(stream=r.stream, **r.config.fit_fields(seed=r.layer)) for r in requests]
+    configs = [type(r.config)(stream=r.stream, **r.config.fit_fields(seed=_seed(r))) for r in requests]
     picks = [where.index((r.layer, r.stream, r.space)) for r in requests]
     fitted = fit_transforms_batch(torch.stack([x for x, _, _ in samples]), configs, whiten=whiten,
                                   heads=samples[0][2], samples=picks)
     return [t.to_tensors() for t in fitted]
 
 
-def _v2_sample(cal: Calibration, layer: int, stream: str, space: str, layout: str
+def _v2_sample(cal: Calibration, layer: int | LayerGroup, stream: str, space: str, layout: str
                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """What one (layer, stream) is fitted on: ``(x, L, heads)``: the sinkless calibration sample ``x``
-    (``[n_kv, N, D]``, or ``[1, N, n_kv * D]`` in the joint layout: the engine's joint rows), the
-    whitening ``L`` of ``space`` (``[n_kv, D, D]``, None unless whitened) and the heads a row holds."""
+    (``[n_kv, N, D]``, or ``[1, N, n_kv * D]`` in the joint layout: the engine's joint rows; a group's
+    ``[1, N, G * n_kv * D]``), the whitening ``L`` of ``space`` (``[n_kv, D, D]``, None unless whitened)
+    and the heads a row holds."""
+    if isinstance(layer, tuple):
+        x = torch.cat([_without_sinks(cal, keys_and_values(cal, i, stream, space)) for i in layer])
+        return join_heads(x).unsqueeze(0), None, x.shape[0]
     x = _without_sinks(cal, keys_and_values(cal, layer, stream, space))
     heads = 1
     if layout == "joint":  # [n_kv, N, D] -> [1, N, n_kv * D]

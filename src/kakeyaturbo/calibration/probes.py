@@ -206,7 +206,8 @@ def prefit(cal: Calibration, recipes: Iterable[Any], f: Any) -> None:
     v2_transforms_batch(cal, [V2Request(c.layer, c.stream, c.space, c.layout,
                                         KakeyaV2Config.for_calibration(c.config, c.stream))
                               for recipe in recipes
-                              for c in calibrated_codecs(recipe, f.n_layers, f.n_kv_heads, f.head_dim, cal)
+                              for c in calibrated_codecs(recipe, f.n_layers, f.n_kv_heads, f.head_dim, cal,
+                                                         f.layer_types)
                               if c.codec == KakeyaV2Codec.name])
 
 
@@ -249,4 +250,4 @@ def prepare(recipe: Any, calibration: Calibration | None, model: Any) -> None:
         for key, measure, label in _probes(recipe, calibration):
             calibration.memoised(key, lambda measure=measure: measure(model), label)
         prefit(calibration, [recipe], f)
-        build_plans(recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration)
+        build_plans(recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration, f.layer_types)

@@ -33,7 +33,7 @@ def _layers(args: argparse.Namespace) -> int:
     recipe = recipes.load(args.name)
     cal = load_calibration(args.calibration, args.model, None, required=True)
     m = cal.manifest
-    bits = plan_bits(build_plans(recipe, m["n_layers"], m["n_kv_heads"], m["head_dim"], cal))
+    bits = plan_bits(build_plans(recipe, m["n_layers"], m["n_kv_heads"], m["head_dim"], cal, m["layer_types"]))
     print(f"{recipe.name} on {m['model']}:")
     print("layer  K bits  V bits   ('-': a codec without a bits setting, e.g. exact storage)")
     for layer, (k, v) in enumerate(bits):

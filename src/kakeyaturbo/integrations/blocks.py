@@ -73,7 +73,15 @@ class BlockIdentity:
 
 def serving_recipe(recipe: Recipe, block_size: int) -> Recipe:
     """``recipe`` as it codes blocks of ``block_size`` tokens: its own chunks where they divide the
-    block (e.g. two chunks of 64 per vLLM CPU block of 128), else one chunk per block."""
+    block (e.g. two chunks of 64 per vLLM CPU block of 128), else one chunk per block.
+
+    Raises:
+        ConfigError: a recipe with cross-layer groups (blocks are coded layer by layer).
+    """
+    if recipe.layer_group > 1:
+        raise ConfigError(f"recipe {recipe.name!r} codes groups of {recipe.layer_group} layers together; the block "
+                          "store and the vLLM connector code each layer's blocks alone: serve it with KakeyaCache "
+                          "(kt.compress), or store a recipe with layer_group 1")
     return recipe if block_size % recipe.chunk_tokens == 0 else dataclasses.replace(recipe, chunk_tokens=block_size)
 
 
@@ -192,7 +200,7 @@ class BlockCodec:
         from kakeyaturbo.models.arch import facts
 
         f = facts(hf_config)
-        plans = build_plans(recipe, f.n_layers, f.n_kv_heads, f.head_dim, calibration)
+        plans = build_plans(serving_recipe(recipe, block_size), f.n_layers, f.n_kv_heads, f.head_dim, calibration)
         rope = rope_factory(hf_config) if recipe.pre_rope_keys else None
         return cls(plans, block_size, identity, recipe.sink_tokens, rope)
 

@@ -17,6 +17,7 @@ marginal gains ``v_j * (gaussian_mse(b) - gaussian_mse(b+1))``", which is what
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -76,7 +77,8 @@ BUDGET_UNIT = 1 / 64
 ``b`` of a ``D = 64`` vector spends ``64 * b`` whole bits)."""
 
 
-def allocate_budgets(costs: torch.Tensor, options: torch.Tensor, total: float) -> torch.Tensor:
+def allocate_budgets(costs: torch.Tensor, options: torch.Tensor, total: float,
+                     weights: Sequence[int] | None = None) -> torch.Tensor:
     """Choose one option per item to minimise the summed cost under a total (exactly).
 
     Each item's costs are first made non-increasing in bits (a budget is never charged more than
@@ -88,7 +90,10 @@ def allocate_budgets(costs: torch.Tensor, options: torch.Tensor, total: float) -
         costs: float tensor ``[N, M]``, finite and ``>= 0``: cost of item ``n`` at option ``m``.
         options: float tensor ``[M]``, strictly increasing multiples of :data:`BUDGET_UNIT`: the
             bits of each option.
-        total: most bits the ``N`` chosen options may sum to, ``>= N * options[0]``.
+        total: most bits the ``N`` chosen options, each times its item's weight, may sum to, ``>= sum(weights)
+            * options[0]``.
+        weights: positive integers ``[N]``: how many units of the total one bit of each item's option spends
+            (the layers of a cross-layer group share one budget); None: 1 each.
 
     Returns:
         int64 tensor ``[N]`` (CPU): the chosen option index of each item.
@@ -115,9 +120,12 @@ def allocate_budgets(costs: torch.Tensor, options: torch.Tensor, total: float) -
     if not torch.allclose(units.double() * BUDGET_UNIT, opts, rtol=0, atol=1e-9):
         raise ConfigError(f"allocate_budgets: options must be multiples of {BUDGET_UNIT:g} bits, got {opts.tolist()}")
     n = costs.shape[0]
-    if float(total) < n * float(opts[0]) - 1e-9:
-        raise ConfigError(f"allocate_budgets: a total of {total:g} bits is below {n} items x {float(opts[0]):g} "
-                          "bits, the cheapest choice")
+    weights = [1] * n if weights is None else list(weights)
+    if len(weights) != n or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in weights):
+        raise ConfigError(f"allocate_budgets: weights must be {n} positive integers, got {weights}")
+    if float(total) < sum(weights) * float(opts[0]) - 1e-9:
+        raise ConfigError(f"allocate_budgets: a total of {total:g} bits is below {sum(weights)} weighted items x "
+                          f"{float(opts[0]):g} bits, the cheapest choice")
     capacity = int(math.floor(float(total) / BUDGET_UNIT + 1e-9))
     monotone = torch.cummin(costs.detach().to("cpu", torch.float64), dim=1).values
     best = torch.full((capacity + 1,), math.inf, dtype=torch.float64)  # best[c]: least cost spending c units
@@ -125,7 +133,7 @@ def allocate_budgets(costs: torch.Tensor, options: torch.Tensor, total: float) -
     picks = torch.zeros(n, capacity + 1, dtype=torch.int64)
     for item in range(n):
         shifted = torch.full((len(units), capacity + 1), math.inf, dtype=torch.float64)
-        for m, w in enumerate(units.tolist()):
+        for m, w in enumerate((units * weights[item]).tolist()):
             if w <= capacity:
                 shifted[m, w:] = best[: capacity + 1 - w] + monotone[item, m]
         best, picks[item] = shifted.min(dim=0)
@@ -133,7 +141,7 @@ def allocate_budgets(costs: torch.Tensor, options: torch.Tensor, total: float) -
     choice = torch.zeros(n, dtype=torch.int64)
     for item in range(n - 1, -1, -1):
         choice[item] = picks[item, spent]
-        spent -= int(units[choice[item]])
+        spent -= int(units[choice[item]]) * weights[item]
     return choice
 
 

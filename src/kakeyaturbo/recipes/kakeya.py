@@ -16,6 +16,7 @@ Tokens, in their order (each only when its field departs from the default):
 ============================  ==========================================================
 ``{b}b`` / ``k{b}-v{vb}b``    ``bits`` (and ``v_bits``)
 ``head``                      ``layout="head"``
+``group{n}``                  ``layer_group`` (cross-layer transforms over ``n`` layers)
 ``gain{n}`` / ``vgain{n}``    ``head_gain_bits`` / ``v_head_gain_bits``
 ``refl{n}``                   ``reflector_bits``
 ``fixed`` / ``entropy``       ``coding``
@@ -66,7 +67,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 }
 _RANGES: dict[str, tuple[int, int | None]] = {
     "head_gain_bits": (0, 8), "v_head_gain_bits": (0, 8), "reflector_bits": (0, 8), "scale_bits": (0, 8),
-    "sink_tokens": (0, None), "chunk_tokens": (1, None),
+    "sink_tokens": (0, None), "chunk_tokens": (1, None), "layer_group": (1, None),
 }
 
 
@@ -86,6 +87,8 @@ class KakeyaConfig:
         v_bits: V's budget when it differs from ``bits`` (None: the same; equal to ``bits``: None).
         layout: ``"joint"`` (the KV heads of a token of a layer coded as one vector, one transform
             per layer) or ``"head"`` (one transform per KV head).
+        layer_group: layers one joint transform spans (:mod:`kakeyaturbo.groups`; > 1 needs the joint
+            layout and keys not whitened).
         head_gain_bits: bits of each KV head's log-gain code before a joint transform, 0..8 (0: none).
         v_head_gain_bits: V's ``head_gain_bits`` when it differs (None: the same; equal: None).
         reflector_bits: 0 stores the basis int8; 2..8 stores it as Householder reflectors of at
@@ -111,6 +114,7 @@ class KakeyaConfig:
     bits: float = 2.5
     v_bits: float | None = None
     layout: Literal["head", "joint"] = "joint"
+    layer_group: int = 1
     head_gain_bits: int = 4
     v_head_gain_bits: int | None = None
     reflector_bits: int = 4
@@ -159,6 +163,9 @@ class KakeyaConfig:
                               f"orthogonal, reflectors store orthogonal bases only; got {self.reflector_bits}")
         if not isinstance(self.probe, SensitivityProbe):
             raise ConfigError(f"probe must be a SensitivityProbe, got {self.probe!r}")
+        if self.layer_group > 1 and (self.layout != "joint" or KEY_SPACES[self.key_space][1] != "none"):
+            raise ConfigError(f"layer_group={self.layer_group} needs layout 'joint' and key_space 'pre_rope' or "
+                              f"'post_rope', got {self.layout!r}, {self.key_space!r}")
         for stream in ("k", "v"):
             KakeyaV2Config(stream=stream, **self.codec_config(stream))
 
@@ -204,6 +211,7 @@ class KakeyaConfig:
             layout=self.layout,
             layer_bits=self.layer_bits,
             probe=self.probe,
+            layer_group=self.layer_group,
         )
 
     def _tokens(self) -> list[tuple[str, str]]:
@@ -212,6 +220,8 @@ class KakeyaConfig:
         out: list[tuple[str, str]] = []
         if self.layout != d.layout:
             out.append(("head", "one transform per KV head"))
+        if self.layer_group != d.layer_group:
+            out.append((f"group{self.layer_group}", f"one transform per {self.layer_group} layers"))
         if self.head_gain_bits != d.head_gain_bits:
             out.append((f"gain{self.head_gain_bits}", _gains(self.head_gain_bits)))
         if self.v_head_gain_bits is not None:
@@ -294,7 +304,8 @@ class KakeyaConfig:
         else:
             kw["bits"], kw["v_bits"] = float(g["kbits"]), float(g["vbits"])
         for key, field in (("gain", "head_gain_bits"), ("vgain", "v_head_gain_bits"), ("refl", "reflector_bits"),
-                           ("sink", "sink_tokens"), ("chunk", "chunk_tokens"), ("scale", "scale_bits")):
+                           ("sink", "sink_tokens"), ("chunk", "chunk_tokens"), ("scale", "scale_bits"),
+                           ("group", "layer_group")):
             if g[key] is not None:
                 kw[field] = int(g[key])
         if g["layout"]:
@@ -336,15 +347,16 @@ _N = r"[0-9]+(?:\.[0-9]+)?"
 _I = r"[0-9]+"
 _NAME = re.compile(
     rf"kakeya-(?:(?P<bits>{_N})b|k(?P<kbits>{_N})-v(?P<vbits>{_N})b)"
-    rf"(?:-(?P<layout>head))?(?:-gain(?P<gain>{_I}))?(?:-vgain(?P<vgain>{_I}))?(?:-refl(?P<refl>{_I}))?"
+    rf"(?:-(?P<layout>head))?(?:-group(?P<group>{_I}))?(?:-gain(?P<gain>{_I}))?(?:-vgain(?P<vgain>{_I}))?(?:-refl(?P<refl>{_I}))?"
     rf"(?:-(?P<coding>fixed|entropy))?(?:-(?P<layer_bits>uniform))?(?:-sink(?P<sink>{_I}))?"
     rf"(?:-chunk(?P<chunk>{_I}))?(?:-(?P<key_space>post-rope|sigma-q|lag))?(?:-(?P<no_kmean>no-kmean))?"
     rf"(?:-(?P<vmean>vmean))?(?:-scale(?P<scale>{_I}))?(?:-(?P<no_rotation>no-rotation))?"
     rf"(?:-(?P<alloc>alloc-uniform))?(?:-tables-(?P<tables>fitted|gaussian))?"
     rf"(?:-(?P<probe>probe-head)(?:-sink(?P<probe_sink>{_I}))?)?"
 )
-_TOKEN_HELP = ("head, gain<n>, vgain<n>, refl<n>, fixed|entropy, uniform, sink<n>, chunk<n>, post-rope|sigma-q|lag, "
-               "no-kmean, vmean, scale<n>, no-rotation, alloc-uniform, tables-fitted|gaussian, probe-head[-sink<n>]")
+_TOKEN_HELP = ("head, group<n>, gain<n>, vgain<n>, refl<n>, fixed|entropy, uniform, sink<n>, chunk<n>, "
+               "post-rope|sigma-q|lag, no-kmean, vmean, scale<n>, no-rotation, alloc-uniform, tables-fitted|gaussian, "
+               "probe-head[-sink<n>]")
 
 
 class Preset(NamedTuple):

@@ -212,6 +212,9 @@ class Recipe:
             defaults share the same total bits, spread over (layer, stream) by the calibration's
             measured KL of each one at each budget (the K/V split is chosen too).
         probe: how ``layer_bits="sensitivity"`` measures those costs (:class:`SensitivityProbe`).
+        layer_group: layers coded together by one cross-layer transform (:mod:`kakeyaturbo.groups`): 1
+            codes each layer alone; ``G > 1`` (``kakeya-v2`` K and V in the joint layout, keys not whitened)
+            cuts the layers the shared streams serve into groups of ``G`` per layer type.
         description: free text.
     """
 
@@ -229,6 +232,7 @@ class Recipe:
     layer_overrides: Mapping[int, Mapping[str, StreamRecipe]] = dataclasses.field(default_factory=dict)
     layer_bits: LayerBits = "uniform"
     probe: SensitivityProbe = dataclasses.field(default_factory=lambda: SensitivityProbe())
+    layer_group: int = 1
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -261,9 +265,24 @@ class Recipe:
                                       f"{list(CALIBRATED_CODECS)}; {name} is {sr.codec!r} with bits={bits!r}")
         if not isinstance(self.probe, SensitivityProbe):
             raise ConfigError(f"probe must be a SensitivityProbe, got {self.probe!r}")
+        self._check_layer_group()
         if not isinstance(self.description, str):
             raise ConfigError(f"description must be a string, got {self.description!r}")
         object.__setattr__(self, "layer_overrides", self._normalise_overrides(self.layer_overrides))
+
+    def _check_layer_group(self) -> None:
+        g = self.layer_group
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ConfigError(f"layer_group must be an integer >= 1, got {g!r}")
+        if g == 1:
+            return
+        if self.layout != "joint":
+            raise ConfigError(f"layer_group={g} codes the joint rows of several layers: it needs layout 'joint', "
+                              f"got {self.layout!r}")
+        for name, sr in (("k", self.k), ("v", self.v)):
+            if sr.codec not in CALIBRATED_CODECS or sr.whiten != "none":
+                raise ConfigError(f"layer_group={g} is built for calibrated {list(CALIBRATED_CODECS)} streams with "
+                                  f"keys not whitened; {name} is {sr.codec!r} (whiten {sr.whiten!r})")
 
     @staticmethod
     def _normalise_overrides(raw: Any) -> dict[int, dict[str, StreamRecipe]]:
@@ -333,6 +352,7 @@ class Recipe:
                                 for layer, streams in sorted(self.layer_overrides.items())},
             "layer_bits": self.layer_bits,
             "probe": self.probe.to_dict(),
+            "layer_group": self.layer_group,
         }
 
     @classmethod
