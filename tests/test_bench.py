@@ -56,3 +56,12 @@ def test_bench_recipes_measure_k_and_v_on_the_engine_input(tmp_path):
     assert v2["codec"] == "kakeya-v2" and v2["shape"] == [1, 2, 64, 32]  # joint rows: 2 chunks of 64 tokens
     assert v2["config"]["head_gain_bits"] == 4 and v2["config"]["reflector_bits"] == 4
     assert rows[2]["shape"] == [1, 2, 2, 32, 16] and all(r["rel_mse"] < 1.0 and r["decode_mb_s"] > 0 for r in rows)
+
+
+def test_bench_of_a_cross_layer_recipe_codes_the_groups_rows(tmp_path):
+    out = tmp_path / "speed.json"
+    assert main(["bench", "--recipe", "kakeya-1.5b-group2-uniform", "--chunks", "1", "--kv-heads", "2",
+                 "--head-dim", "16", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["shape"] for r in rows] == [[1, 1, 64, 64]] * 2  # 2 layers x 2 KV heads x D 16 per row
+    assert all(r["rel_mse"] < 1.0 for r in rows)

@@ -130,21 +130,23 @@ SPEED_RECIPES = ("kakeya-quality", "kakeya-balanced", "kakeya-max", "fp8", "rota
 def recipe_codecs(name: str, kv_heads: int, head_dim: int, chunks: int, seed: int = 0
                   ) -> Iterator[tuple[str, codecs.Codec, torch.Tensor]]:
     """``(stream, codec, x)`` for K and V of recipe ``name``: ``x`` the codec input of one span of ``chunks``
-    chunks of synthetic KV ``[1, kv_heads, T, head_dim]`` in the recipe's layout; calibrated codecs fitted
-    on another draw, in that layout, with the recipe's default (average) budget."""
+    chunks of synthetic KV ``[1, kv_heads, T, head_dim]`` in the recipe's layout (a cross-layer group's:
+    ``layer_group * kv_heads`` heads side by side); calibrated codecs fitted on another draw, in that layout,
+    with the recipe's default (average) budget."""
     from kakeyaturbo import recipes
     from kakeyaturbo.codecs.kakeya_v2 import KakeyaV2Codec, KakeyaV2Config, fit_transforms
 
     recipe = recipes.load(name)
     layout = layouts.LAYOUTS[recipe.layout]
     tokens = chunks * recipe.chunk_tokens
-    heads = kv_heads if recipe.layout == "joint" else 1
+    n_heads = kv_heads * recipe.layer_group
+    heads = n_heads if recipe.layout == "joint" else 1
     for i, (stream, sr) in enumerate((("k", recipe.k), ("v", recipe.v))):
-        kv = synthetic_kv(kv_heads, tokens, head_dim, seed=seed + i).unsqueeze(0)
+        kv = synthetic_kv(n_heads, tokens, head_dim, seed=seed + i).unsqueeze(0)
         x = layout.to_rows(kv, recipe.chunk_tokens)
         cls = codecs.codec_class(sr.codec)
         if cls.needs_calibration:
-            fit_kv = synthetic_kv(kv_heads, 2048, head_dim, seed=seed + i, sample_seed=seed + 7).unsqueeze(0)
+            fit_kv = synthetic_kv(n_heads, 2048, head_dim, seed=seed + i, sample_seed=seed + 7).unsqueeze(0)
             fit = layout.to_rows(fit_kv, 2048)
             cfg = KakeyaV2Config.for_calibration(sr.config, stream)
             t = fit_transforms(fit.reshape(-1, *fit.shape[-2:]), cfg, heads=heads)
