@@ -21,6 +21,7 @@ $K sweep --grid benchmarks/sweeps/v2jh-ctx1024.json --out benchmarks/results/ctx
 $K sweep --grid benchmarks/sweeps/v2jv-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/v2jo-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/v2jo4-ctx1024.json --out benchmarks/results/ctx1024
+$K sweep --grid benchmarks/sweeps/v2g-ctx1024.json --out benchmarks/results/ctx1024
 $K sweep --grid benchmarks/sweeps/ablation-ctx1024.json --out benchmarks/results/ablation \
   --ablation-reference kakeya-3b-head-gain0-refl0-fixed-uniform-sink1
 $K sweep --grid benchmarks/sweeps/v2-ctx1024.json --out benchmarks/results/ctx1024
