@@ -333,7 +333,7 @@ def sensitivity_budgets(recipe: Recipe, layers: Sequence[int | LayerGroup],
     """
     if calibration is None:
         raise ConfigError(f"recipe {recipe.name!r} has layer_bits='sensitivity'; {CALIBRATE_HINT}")
-    units = [(x,) if isinstance(x, int) else tuple(x) for x in layers]
+    units = [groups.members(x) for x in layers]
     items = [(unit, stream) for unit in units for stream in ("k", "v")]
     if not items:
         return {}

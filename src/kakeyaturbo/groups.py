@@ -42,9 +42,14 @@ def form(layers: Sequence[int], layer_types: Sequence[str], size: int) -> list[L
     return sorted(groups, key=lambda g: g[-1])
 
 
+def members(layer: int | LayerGroup) -> LayerGroup:
+    """The layers of ``layer``: a layer index (itself alone) or a group."""
+    return (layer,) if isinstance(layer, int) else tuple(layer)
+
+
 def name(group: int | LayerGroup) -> str:
     """``"layer 4"``, ``"layers 4-7"`` (consecutive) or ``"layers 5,11,17"``."""
-    layers = (group,) if isinstance(group, int) else tuple(group)
+    layers = members(group)
     if len(layers) == 1:
         return f"layer {layers[0]}"
     if list(layers) == list(range(layers[0], layers[-1] + 1)):

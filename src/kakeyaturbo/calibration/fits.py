@@ -216,12 +216,10 @@ def v2_transforms_batch(cal: Calibration, requests: Sequence[V2Request | tuple[i
 
 def _members(cal: Calibration, layer: int | LayerGroup) -> LayerGroup:
     """The layers of a request's ``layer`` (one layer, or a group of two or more distinct ones), checked."""
-    if isinstance(layer, tuple):
-        members = tuple(_layer(cal, i) for i in layer)
-        if len(members) < 2 or list(members) != sorted(set(members)):
-            raise ConfigError(f"a cross-layer group must name two or more increasing layers, got {layer!r}")
-        return members
-    return (_layer(cal, layer),)
+    members = tuple(_layer(cal, i) for i in groups.members(layer))
+    if isinstance(layer, tuple) and (len(members) < 2 or list(members) != sorted(set(members))):
+        raise ConfigError(f"a cross-layer group must name two or more increasing layers, got {layer!r}")
+    return members
 
 
 def _v2_key(cal: Calibration, r: V2Request) -> str:
@@ -243,7 +241,7 @@ def _v2_key(cal: Calibration, r: V2Request) -> str:
 
 def _seed(r: V2Request) -> int:
     """The rotation seed of a request: its (first) layer."""
-    return r.layer[0] if isinstance(r.layer, tuple) else r.layer
+    return groups.members(r.layer)[0]
 
 
 def _v2_batch_group(r: V2Request) -> str:
@@ -252,8 +250,7 @@ def _v2_batch_group(r: V2Request) -> str:
     from kakeyaturbo.codecs.kakeya_v2 import BATCH_FIELDS
 
     fit = {k: v for k, v in r.config.fit_fields(seed=_seed(r)).items() if k not in BATCH_FIELDS}
-    size = len(r.layer) if isinstance(r.layer, tuple) else 1
-    return json.dumps([r.layout, r.space in WHITEN_MODES, size, fit], sort_keys=True)
+    return json.dumps([r.layout, r.space in WHITEN_MODES, len(groups.members(r.layer)), fit], sort_keys=True)
 
 
 def _v2_batch_size(cal: Calibration) -> int:
@@ -284,10 +281,7 @@ def _v2_sample(cal: Calibration, layer: int | LayerGroup, stream: str, space: st
     (``[n_kv, N, D]``, or ``[1, N, n_kv * D]`` in the joint layout: the engine's joint rows; a group's
     ``[1, N, G * n_kv * D]``), the whitening ``L`` of ``space`` (``[n_kv, D, D]``, None unless whitened)
     and the heads a row holds."""
-    if isinstance(layer, tuple):
-        x = torch.cat([_without_sinks(cal, keys_and_values(cal, i, stream, space)) for i in layer])
-        return join_heads(x).unsqueeze(0), None, x.shape[0]
-    x = _without_sinks(cal, keys_and_values(cal, layer, stream, space))
+    x = torch.cat([_without_sinks(cal, keys_and_values(cal, i, stream, space)) for i in groups.members(layer)])
     heads = 1
     if layout == "joint":  # [n_kv, N, D] -> [1, N, n_kv * D]
         x, heads = join_heads(x).unsqueeze(0), x.shape[0]
