@@ -37,7 +37,7 @@ setup-vllm: $(VLLM_STAMP)
 run: setup
 	$(KAKEYA) calibrate
 	$(KAKEYA) eval --recipe fp8 --recipe rotated-int4 --recipe kivi-4 --recipe turboquant-3 \
-		--recipe kakeya-quality --recipe kakeya-balanced --recipe kakeya-max \
+		--recipe kakeya-quality --recipe kakeya-balanced --recipe kakeya-max --recipe kakeya-extreme \
 		--json results/main.json --markdown results/main.md
 
 test: setup setup-vllm

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 K=.venv/bin/kakeya
 $K calibrate
-for r in kakeya-quality kakeya-balanced kakeya-max; do
+for r in kakeya-quality kakeya-balanced kakeya-max kakeya-extreme; do
   $K recipes $r --layers --plot benchmarks/results/layer-bits/$r.png --json benchmarks/results/layer-bits/$r.json
 done
 $K sweep --grid benchmarks/sweeps/ablation-layer-bits-ctx1024.json --out benchmarks/results/ablation-layer-bits \

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from kakeyaturbo import bench_generate, codecs, layouts
 from kakeyaturbo.commands.common import device_arg
 from kakeyaturbo.layouts import CALIBRATED
+from kakeyaturbo.recipes.kakeya import PRESETS
 
 # the usual settings of every codec (issue: "every codec at its usual settings")
 USUAL: dict[str, list[dict[str, Any]]] = {
@@ -121,7 +122,7 @@ def measure(codec: codecs.Codec, x: torch.Tensor, repeats: int = 3, seed: int = 
     }
 
 
-SPEED_RECIPES = ("kakeya-quality", "kakeya-balanced", "kakeya-max", "fp8", "rotated-int2", "rotated-int3",
+SPEED_RECIPES = (*PRESETS, "fp8", "rotated-int2", "rotated-int3",
                  "rotated-int4", "rotated-int8", "kivi-2", "kivi-4", "turboquant-2", "turboquant-3", "turboquant-4",
                  "turboquant-prod-3", "turboquant-prod-4")
 """``--recipe shipped``: the shipped kakeya recipes and the baseline recipes."""

@@ -11,10 +11,11 @@ import json
 
 import pytest
 
+from kakeyaturbo.recipes.kakeya import PRESETS
 from tests.conftest import TEXT
 from tests.models.tiny_models import FAMILIES, SLIDING_FAMILIES
 
-SHIPPED = ("kakeya-quality", "kakeya-balanced", "kakeya-max")
+SHIPPED = tuple(PRESETS)
 WINDOW = 96
 
 

@@ -171,6 +171,15 @@ def test_other_probes_have_no_name():
     assert c.to_recipe("mine").probe.windows == 3
 
 
+def test_cross_layer_preset_is_its_generated_config():
+    r = kt.recipes.load("kakeya-extreme")
+    assert PRESETS["kakeya-extreme"].config.name == "kakeya-0.875b-group4-refl3-uniform"
+    assert r.to_dict() | {"name": "", "description": ""} == (
+        kt.recipes.load("kakeya-0.875b-group4-refl3-uniform").to_dict() | {"name": "", "description": ""})
+    assert (r.layer_group, r.layer_bits, r.k.config["reflector_bits"]) == (4, "uniform", 3)
+    assert "MARGINAL" in r.description and "1.48 MB per model" in r.description
+
+
 def test_config_for_reads_presets_and_generated_names():
     assert config_for("kakeya-max") == KakeyaConfig(bits=1.5, probe=HEAD_PROBE)
     assert config_for("kakeya-3b-head") == KakeyaConfig(bits=3, layout="head")

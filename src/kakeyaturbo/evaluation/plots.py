@@ -16,9 +16,10 @@ import numpy as np
 from kakeyaturbo.errors import ConfigError
 from kakeyaturbo.evaluation.metrics import THRESHOLDS
 from kakeyaturbo.evaluation.report import check_record
+from kakeyaturbo.recipes.kakeya import PRESETS
 
 KAKEYA_PREFIXES = ("kakeya", "v1.")
-SHIPPED = ("kakeya-quality", "kakeya-balanced", "kakeya-max")
+SHIPPED = tuple(PRESETS)
 _BUDGET_SUFFIXES = ((r"^kakeya-k[\d.]+-v[\d.]+b(?=-|$)", "kakeya-kv*b"), (r"^kakeya-[\d.]+b(?=-|$)", "kakeya-*b"),
                     (r"-\d+(-v)$", r"\1"), (r"-\d+$", ""),
                     (r"(int)\d+$", r"\1"))

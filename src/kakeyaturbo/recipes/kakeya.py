@@ -37,8 +37,8 @@ the shipped presets' figures were measured with) and that probe with its own sin
 with any other probe has no name (:attr:`KakeyaConfig.name` raises, :meth:`KakeyaConfig.to_recipe`
 needs an explicit name).
 
-:data:`PRESETS` are the shipped recipes (``kakeya-quality``, ``kakeya-balanced``, ``kakeya-max``):
-a config and the description their recipe carries.
+:data:`PRESETS` are the shipped recipes (``kakeya-quality``, ``kakeya-balanced``, ``kakeya-max``,
+``kakeya-extreme``): a config and the description their recipe carries.
 """
 
 from __future__ import annotations
@@ -392,6 +392,14 @@ PRESETS: dict[str, Preset] = {
         "ctx 1024 and at ctx 2048): " + _DESIGN.format(mb="0.76", coding=(
             "fixed-width codes with fitted Lloyd-Max tables and an 8-bit log gain (entropy coding from 2.125 bits, "
             "which this budget's layers mostly stay below)")))),
+    "kakeya-extreme": Preset(KakeyaConfig(bits=0.875, layer_group=4, reflector_bits=3, layer_bits="uniform"), (
+        "KakeyaTurbo v2 across layers, 0.875 bits/elem (~17.5x; MARGINAL in snapshot and streaming on 8 and 32 "
+        "windows at ctx 1024 and at ctx 2048): the layers of each type cut in order into groups of four, all KV heads "
+        "of a token of a group coded as one vector with one calibrated orthogonal basis per (group, stream), stored "
+        "as quantised Householder reflectors of 3 bits (1.48 MB per model); a 4-bit log gain per KV head before the "
+        "basis; the same budget for every layer; pre-RoPE keys with a static mean, values without; water-filled "
+        "bits; fixed-width codes with fitted Lloyd-Max tables and an 8-bit log gain; first two tokens exact. Served "
+        "by KakeyaCache (the block store and the vLLM connector code one layer at a time and refuse it).")),
 }
 """The shipped recipes by name."""
 
