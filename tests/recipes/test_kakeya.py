@@ -180,6 +180,15 @@ def test_cross_layer_preset_is_its_generated_config():
     assert "MARGINAL" in r.description and "1.48 MB per model" in r.description
 
 
+def test_sensitivity_budgets_below_the_probe_grid_are_refused_up_front():
+    with pytest.raises(ConfigError, match="smallest of which is 1: use layer_bits='uniform'"):
+        KakeyaConfig.from_name("kakeya-0.875b-group4-refl3-probe-head")
+    with pytest.raises(ConfigError, match="spreads 0.875 bits"):
+        KakeyaConfig(bits=1.25, v_bits=0.5)
+    assert KakeyaConfig(bits=1.5, v_bits=0.5).to_recipe().layer_bits == "sensitivity"  # the mean is 1 bit
+    assert KakeyaConfig(bits=0.5, layer_bits="uniform").name == "kakeya-0.5b-uniform"
+
+
 def test_config_for_reads_presets_and_generated_names():
     assert config_for("kakeya-max") == KakeyaConfig(bits=1.5, probe=HEAD_PROBE)
     assert config_for("kakeya-3b-head") == KakeyaConfig(bits=3, layout="head")

@@ -72,6 +72,8 @@ def test_seed_recipes_match_the_spec():
         ({"layer_bits": "sensitivity", "k": StreamRecipe("fp8")}, "layer_bits='sensitivity'.*k is 'fp8'"),
         ({"layer_bits": "sensitivity", "k": StreamRecipe("kakeya-v2", {"bits": 2}),
           "v": StreamRecipe("kakeya-v2")}, "v is 'kakeya-v2' with bits=None"),
+        ({"layer_bits": "sensitivity", "k": StreamRecipe("kakeya-v2", {"bits": 1}),
+          "v": StreamRecipe("kakeya-v2", {"bits": 0.5})}, "spreads 0.75 bits .* smallest of which is 1"),
         ({"layer_group": 0}, "layer_group must be an integer >= 1"),
         ({"layer_group": 2.0}, "layer_group must be an integer >= 1"),
         ({"layer_group": 2, "k": StreamRecipe("kakeya-v2"), "v": StreamRecipe("kakeya-v2")}, "needs layout 'joint'"),

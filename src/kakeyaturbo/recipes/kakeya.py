@@ -163,6 +163,8 @@ class KakeyaConfig:
                               f"orthogonal, reflectors store orthogonal bases only; got {self.reflector_bits}")
         if not isinstance(self.probe, SensitivityProbe):
             raise ConfigError(f"probe must be a SensitivityProbe, got {self.probe!r}")
+        if self.layer_bits == "sensitivity":
+            self.probe.check_mean((self.bits + (self.bits if self.v_bits is None else self.v_bits)) / 2)
         if self.layer_group > 1 and (self.layout != "joint" or KEY_SPACES[self.key_space][1] != "none"):
             raise ConfigError(f"layer_group={self.layer_group} needs layout 'joint' and key_space 'pre_rope' or "
                               f"'post_rope', got {self.layout!r}, {self.key_space!r}")

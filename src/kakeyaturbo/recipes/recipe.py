@@ -161,6 +161,19 @@ class SensitivityProbe:
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "n_eval" else 1):
                 raise ConfigError(f"probe.{name} must be an integer >= {2 if name == 'n_eval' else 1}, got {value!r}")
 
+    def check_mean(self, mean: float) -> None:
+        """Refuse spreading ``mean`` bits per element on average over :attr:`grid` when every budget
+        of the grid is dearer (no allocation could spend so little).
+
+        Raises:
+            ConfigError: ``mean`` is below the smallest budget of the grid.
+        """
+        if mean < min(self.grid):
+            raise ConfigError(f"layer_bits='sensitivity' spreads {mean:g} bits per element on average over "
+                              f"the probe's budgets, the smallest of which is {min(self.grid):g}: use "
+                              f"layer_bits='uniform' (name token 'uniform') or a probe grid reaching down to "
+                              f"{mean:g}")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible dict."""
         return {"config": None if self.config is None else dict(self.config), "layout": self.layout,
@@ -265,6 +278,8 @@ class Recipe:
                                       f"{list(CALIBRATED_CODECS)}; {name} is {sr.codec!r} with bits={bits!r}")
         if not isinstance(self.probe, SensitivityProbe):
             raise ConfigError(f"probe must be a SensitivityProbe, got {self.probe!r}")
+        if self.layer_bits == "sensitivity":
+            self.probe.check_mean((float(self.k.config["bits"]) + float(self.v.config["bits"])) / 2)
         self._check_layer_group()
         if not isinstance(self.description, str):
             raise ConfigError(f"description must be a string, got {self.description!r}")
