@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kakeyaturbo import codecs
-from kakeyaturbo.bench import kakeya_grid, synthetic_kv
+from kakeyaturbo.bench import kakeya_grid, measure, measure_many, synthetic_kv
 from kakeyaturbo.cli import main
 
 
@@ -65,3 +65,39 @@ def test_bench_of_a_cross_layer_recipe_codes_the_groups_rows(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["shape"] for r in rows] == [[1, 1, 64, 64]] * 2  # 2 layers x 2 KV heads x D 16 per row
     assert all(r["rel_mse"] < 1.0 for r in rows)
+
+
+class _Counting:
+    """A codec wrapper that logs which codec each encode/decode call reached, in order."""
+
+    def __init__(self, codec, tag, log):
+        self.codec, self.tag, self.log = codec, tag, log
+        self.name, self.config = codec.name, codec.config
+
+    def encode(self, x):
+        self.log.append((self.tag, "encode"))
+        return self.codec.encode(x)
+
+    def decode(self, enc):
+        self.log.append((self.tag, "decode"))
+        return self.codec.decode(enc)
+
+
+def test_measure_many_times_the_rows_round_robin():
+    log: list[tuple[str, str]] = []
+    x = synthetic_kv(2, 64, 16)
+    jobs = [(_Counting(codecs.get("fp8"), "a", log), x), (_Counting(codecs.get("kivi", bits=4), "b", log), x)]
+    rows = measure_many(jobs, repeats=3)
+    timed = log[4:]  # after each job's quality encode/decode
+    assert timed == [(t, op) for _ in range(3) for t in ("a", "b") for op in ("encode", "encode", "decode", "decode")]
+    single = measure(jobs[1][0], x, repeats=1)
+    assert rows[1]["ratio"] == single["ratio"] and rows[1]["rel_mse"] == single["rel_mse"]
+    assert all(r["encode_mb_s"] > 0 and r["decode_mb_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("arg", ["--repeats", "--chunks", "--kv-heads", "--head-dim", "--threads", "--tokens",
+                                 "--streams", "--dims"])
+def test_bench_refuses_sizes_below_one(arg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--recipe", "fp8", arg, "0"])
+    assert e.value.code != 0 and f"{arg}: must be at least 1" in capsys.readouterr().err

@@ -1,8 +1,10 @@
 """``kakeya bench``: ratio from real bytes, error and speed of codecs on synthetic or captured KV.
 
 Speed is reported as MB/s of bf16-equivalent input (``n·D·2`` bytes per stream), median of
-a few timed repeats after a warm-up. This is a benchmark, not a test: it writes JSON and a
-Markdown table and asserts nothing.
+``--repeats`` warm timed calls (each after an untimed one); with ``--recipe`` the rows are timed
+round-robin (every row once per round), so that the rows of one run compare as ratios on a shared
+machine. This is a
+benchmark, not a test: it writes JSON and a Markdown table and asserts nothing.
 
 With ``--recipe`` it measures what a recipe's K and V codecs do in the engine: one codec call
 on a span of ``--chunks`` chunks of the recipe's ``chunk_tokens`` tokens of ``--kv-heads`` heads,
@@ -15,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from kakeyaturbo import bench_generate, codecs, layouts
-from kakeyaturbo.commands.common import device_arg
+from kakeyaturbo.commands.common import device_arg, positive_int
 from kakeyaturbo.layouts import CALIBRATED
 from kakeyaturbo.recipes.kakeya import PRESETS
 
@@ -76,50 +79,54 @@ def synthetic_kv(streams: int, n: int, d: int, seed: int = 0, sample_seed: int |
     return x
 
 
-def _median_time(fn: Any, repeats: int) -> float:
-    fn()
-    times = []
+def measure_many(jobs: Sequence[tuple[codecs.Codec, torch.Tensor]], repeats: int = 3, seed: int = 1
+                 ) -> list[dict[str, Any]]:
+    """:func:`measure` of each ``(codec, x [S, n, D])``, the timings interleaved: each of ``repeats``
+    rounds times every job's encode and decode in order, each call made twice and the second timed
+    (the first warms what the previous row's calls evicted), and a row's speed is its median over the
+    rounds, so that a slow spell of a shared machine falls on every row alike and the rows of one run
+    compare as ratios."""
+    rows, timed = [], []
+    for codec, x in jobs:
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        enc = codec.encode(x)
+        x_hat = codec.decode(enc).float()
+        err = x_hat - x.float()
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(x.shape[0], 64, x.shape[-1], generator=g).to(x.device)
+        ip = (q @ err.transpose(-1, -2)).abs() / (q.norm(dim=-1, keepdim=True) * x.float().norm(dim=-1).unsqueeze(-2))
+        rows.append({
+            "codec": codec.name,
+            "config": codec.config.to_dict(),
+            "device": str(x.device) if not x.is_cuda else torch.cuda.get_device_name(x.device),
+            "shape": list(x.shape),
+            "nbytes": enc.nbytes,
+            "ratio": x.numel() * 2 / enc.nbytes,
+            "bits_per_element": 8 * enc.nbytes / x.numel(),
+            "rel_mse": float((err**2).sum() / (x.float() ** 2).sum()),
+            "ip_err": float(ip.mean()),
+        })
+        timed.append((functools.partial(codec.encode, x), functools.partial(codec.decode, enc), sync))
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in jobs]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for (enc_fn, dec_fn, sync), (t_enc, t_dec) in zip(timed, times):
+            for fn, out in ((enc_fn, t_enc), (dec_fn, t_dec)):
+                fn()  # warm: what the previous row's calls evicted
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                out.append(time.perf_counter() - t0)
+    for row, (_, x), (t_enc, t_dec) in zip(rows, jobs, times):
+        row["encode_mb_s"] = x.numel() * 2 / statistics.median(t_enc) / 1e6
+        row["decode_mb_s"] = x.numel() * 2 / statistics.median(t_dec) / 1e6
+    return rows
 
 
 def measure(codec: codecs.Codec, x: torch.Tensor, repeats: int = 3, seed: int = 1) -> dict[str, Any]:
-    """Ratio, relative MSE, inner-product error and speed of one codec on ``x [S, n, D]``."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    enc = codec.encode(x)
-    x_hat = codec.decode(enc).float()
-    err = x_hat - x.float()
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(x.shape[0], 64, x.shape[-1], generator=g).to(x.device)
-    ip = (q @ err.transpose(-1, -2)).abs() / (q.norm(dim=-1, keepdim=True) * x.float().norm(dim=-1).unsqueeze(-2))
-    bf16_bytes = x.numel() * 2
-
-    def run_encode() -> None:
-        codec.encode(x)
-        sync()
-
-    def run_decode() -> None:
-        codec.decode(enc)
-        sync()
-
-    t_enc = _median_time(run_encode, repeats)
-    t_dec = _median_time(run_decode, repeats)
-    return {
-        "codec": codec.name,
-        "config": codec.config.to_dict(),
-        "device": str(x.device) if not x.is_cuda else torch.cuda.get_device_name(x.device),
-        "shape": list(x.shape),
-        "nbytes": enc.nbytes,
-        "ratio": bf16_bytes / enc.nbytes,
-        "bits_per_element": 8 * enc.nbytes / x.numel(),
-        "rel_mse": float((err**2).sum() / (x.float() ** 2).sum()),
-        "ip_err": float(ip.mean()),
-        "encode_mb_s": bf16_bytes / t_enc / 1e6,
-        "decode_mb_s": bf16_bytes / t_dec / 1e6,
-    }
+    """Ratio, relative MSE, inner-product error and speed (median of ``repeats`` warm timed calls;
+    MB/s of bf16 input) of one codec on ``x [S, n, D]``."""
+    return measure_many([(codec, x)], repeats, seed)[0]
 
 
 SPEED_RECIPES = (*PRESETS, "fp8", "rotated-int2", "rotated-int3",
@@ -192,17 +199,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=list(CALIBRATED), default="head",
                    help="captured data: one vector per (layer, KV head, token), or per (layer, token) with the "
                    "layer's KV heads side by side (the engine's joint layout; calibrated codecs fitted so too)")
-    p.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="head dims to test (synthetic data)")
-    p.add_argument("--streams", type=int, default=8, help="independent streams (layers x heads) per tensor")
-    p.add_argument("--tokens", type=int, default=2048, help="tokens per stream")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--dims", type=positive_int, nargs="+", default=[64, 128], help="head dims to test (synthetic data)")
+    p.add_argument("--streams", type=positive_int, default=8, help="independent streams (layers x heads) per tensor")
+    p.add_argument("--tokens", type=positive_int, default=2048, help="tokens per stream")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (median reported)")
     p.add_argument("--recipe", action="append", metavar="NAME",
                    help="measure a recipe's K and V codecs on the engine's codec input (repeatable; 'shipped': the "
                    "shipped kakeya recipes and the baselines); replaces --codec. With --generate: the caches to time")
-    p.add_argument("--chunks", type=int, default=16, help="--recipe: chunks of chunk_tokens in one codec call")
-    p.add_argument("--kv-heads", type=int, default=3, help="--recipe: KV heads of the synthetic layer")
-    p.add_argument("--head-dim", type=int, default=64, help="--recipe: head dim of the synthetic layer")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--chunks", type=positive_int, default=16, help="--recipe: chunks of chunk_tokens in one codec call")
+    p.add_argument("--kv-heads", type=positive_int, default=3, help="--recipe: KV heads of the synthetic layer")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="--recipe: head dim of the synthetic layer")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda[:N]")
     p.add_argument("--json", type=Path, metavar="P", help="write the results as a JSON list here")
     p.add_argument("--markdown", type=Path, metavar="P", help="write a Markdown table here")
@@ -227,12 +234,11 @@ def _inputs(args: argparse.Namespace, fits: bool) -> list[tuple[str | None, torc
 def _recipe_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """One row per (recipe, K/V stream) of ``--recipe``."""
     names = [n for name in args.recipe for n in (SPEED_RECIPES if name == "shipped" else (name,))]
-    rows = []
-    for name in tqdm(names, desc="bench", unit="recipe"):
-        for stream, codec, x in recipe_codecs(name, args.kv_heads, args.head_dim, args.chunks):
-            row = measure(codec, x.to(device), repeats=args.repeats)
-            row["settings"] = {"recipe": name, "stream": stream}
-            rows.append(row)
+    jobs = [(name, stream, codec, x.to(device)) for name in tqdm(names, desc="bench: codecs", unit="recipe")
+            for stream, codec, x in recipe_codecs(name, args.kv_heads, args.head_dim, args.chunks)]
+    rows = measure_many([(codec, x) for _, _, codec, x in jobs], repeats=args.repeats)
+    for row, (name, stream, _, _) in zip(rows, jobs):
+        row["settings"] = {"recipe": name, "stream": stream}
     return rows
 
 
