@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-DEFAULT_RECIPES = ("exact", "fp8", "kivi-4", "rotated-int4", "turboquant-3", "kakeya-balanced")
+DEFAULT_RECIPES = ("exact", "fp8", "kivi-4", "rotated-int4", "turboquant-3", "kakeya-balanced", "kakeya-extreme")
 DYNAMIC = "DynamicCache"
 
 
