@@ -3,8 +3,7 @@
 Speed is reported as MB/s of bf16-equivalent input (``n·D·2`` bytes per stream), median of
 ``--repeats`` warm timed calls (each after an untimed one); with ``--recipe`` the rows are timed
 round-robin (every row once per round), so that the rows of one run compare as ratios on a shared
-machine. This is a
-benchmark, not a test: it writes JSON and a Markdown table and asserts nothing.
+machine. This is a benchmark, not a test: it writes JSON and a Markdown table and asserts nothing.
 
 With ``--recipe`` it measures what a recipe's K and V codecs do in the engine: one codec call
 on a span of ``--chunks`` chunks of the recipe's ``chunk_tokens`` tokens of ``--kv-heads`` heads,

@@ -272,7 +272,7 @@ def layer_bits_plot(bits: list[list[float | None]], title: str, path: str | Path
     arr = np.array([[np.nan if b is None else float(b) for b in layer] for layer in bits], dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] != 2 or not len(arr):
         raise ConfigError(f"layer_bits_plot: need [[k_bits, v_bits], ...] per layer, got {bits!r}")
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    fig, ax = plt.subplots(figsize=(11.5, 3.6))
     x = np.arange(len(arr))
     for col, (name, colour) in enumerate((("K", "tab:blue"), ("V", "tab:orange"))):
         ax.bar(x + (col - 0.5) * 0.4, arr[:, col], width=0.4, label=f"{name} (mean {np.nanmean(arr[:, col]):.2f})",
@@ -283,5 +283,6 @@ def layer_bits_plot(bits: list[list[float | None]], title: str, path: str | Path
     ax.set_xlabel("layer")
     ax.set_ylabel("bits per element")
     ax.set_title(title)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the bars, never over them
+    fig.tight_layout()
     return save_figure(fig, path)
