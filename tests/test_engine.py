@@ -11,7 +11,7 @@ from kakeyaturbo import codecs
 from kakeyaturbo.codecs.base import Codec, CodecConfig, check_codebook, check_int, expect_field
 from kakeyaturbo.codecs.kakeya_v2 import fit_transforms
 from kakeyaturbo.container import Encoded
-from kakeyaturbo.engine import build_plans, calibrated_codecs, check_recipe, sensitivity_budgets
+from kakeyaturbo.engine import build_plans, calibrated_codecs, check_recipe, member_weights, sensitivity_budgets
 from kakeyaturbo.errors import ConfigError, CorruptDataError, ShapeError
 from kakeyaturbo.recipes import Recipe, SensitivityProbe, StreamRecipe
 from tests.transforms.test_whitening import spd_whitening
@@ -387,3 +387,28 @@ def test_group_budgets_are_shared_by_their_layers():
     shared = sensitivity_budgets(recipe, [(0, 1), 2], cal)
     assert shared[0, "k"] == shared[1, "k"] > shared[2, "k"]  # the group pays for its steep member together
     assert sum(shared.values()) <= 6 * 2.0
+
+
+def test_member_weights_follow_each_members_measured_kl_at_the_groups_budget():
+    v2 = StreamRecipe("kakeya-v2", {"bits": 2.0})
+    probe = SensitivityProbe(grid=(1.0, 2.0, 3.0))
+    steep, flat = {1.0: 100.0, 2.0: 16.0, 3.0: 1.0}, {1.0: 1.0, 2.0: 1.0, 3.0: 1.0}
+    costs = {(layer, s): steep if (layer, s) == (0, "k") else flat for layer in range(3) for s in ("k", "v")}
+    cal = JointFitting(costs, skip={})
+    recipe = Recipe("w", v2, v2, layout="joint", layer_group=2, member_weights="sensitivity", probe=probe)
+    weights = member_weights(recipe, [(0, 1), (2,)], {}, N_KV, cal)
+    assert weights[0, "k"] == weights[1, "k"] == [2.0] * N_KV + [0.5] * N_KV  # sqrt(16 / 4), sqrt(1 / 4)
+    assert weights[0, "v"] == [1.0] * (2 * N_KV) and (2, "k") not in weights  # a layer alone: no weights
+    at_three = member_weights(recipe, [(0, 1)], {(0, "k"): 3.0, (1, "k"): 3.0}, N_KV, cal)
+    assert at_three[0, "k"] == [1.0] * (2 * N_KV)  # at the group's budget the members cost the same
+    plans = build_plans(recipe, 3, N_KV, D, cal)
+    assert plans[0].group.k_codec.config.head_weights == tuple(weights[0, "k"])
+    assert plans[2].k_codec.config.head_weights == ()
+    with pytest.raises(ConfigError, match="kakeya calibrate"):
+        member_weights(recipe, [(0, 1)], {}, N_KV, None)
+    with pytest.raises(ConfigError, match=r"did not measure K of layer\(s\) \[1\]"):
+        member_weights(recipe, [(0, 1)], {}, N_KV, CostCalibration({(0, "k"): flat, (0, "v"): flat}))
+    with pytest.raises(ConfigError, match="needs layer_group > 1"):
+        Recipe("w", v2, v2, layout="joint", member_weights="sensitivity")
+    with pytest.raises(ConfigError, match="member_weights must be one of"):
+        Recipe("w", v2, v2, layout="joint", layer_group=2, member_weights="yes")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -357,6 +358,38 @@ def sensitivity_budgets(recipe: Recipe, layers: Sequence[int | LayerGroup],
     return {(layer, stream): options[int(i)] for (unit, stream), i in zip(items, choice) for layer in unit}
 
 
+def member_weights(recipe: Recipe, units: Sequence[LayerGroup], budgets: Mapping[tuple[int, str], float],
+                   n_kv_heads: int, calibration: CalibrationLike | None) -> dict[tuple[int, str], list[float]]:
+    """The ``member_weights="sensitivity"`` head weights of the cross-layer groups among ``units``:
+    ``{(layer, "k"|"v"): [weight per head of the group's row]}`` (every member of a group holds the same list).
+
+    Member ``j`` of a group coded at ``b`` bits gets ``sqrt(KL_j(b) / g)`` on each of its ``n_kv_heads``
+    heads, where ``KL_j(b)`` is the KL the sensitivity probe measured coding layer ``j`` alone at ``b``
+    (interpolated between probed budgets) and ``g`` the geometric mean of the group's ``KL_j(b)``: with
+    the logit error of a member about proportional to its squared error times its sensitivity, the
+    group's weighted squared error is what its KL adds up from. ``b`` is the group's budget from
+    ``budgets`` (sensitivity budgets), else the recipe's bits. Weights are rounded to 3 significant
+    digits (they key the fits).
+    """
+    if calibration is None:
+        raise ConfigError(f"recipe {recipe.name!r} has member_weights='sensitivity'; {CALIBRATE_HINT}")
+    measured = calibration.sensitivity(recipe.sensitivity_setup())
+    out: dict[tuple[int, str], list[float]] = {}
+    for unit in (u for u in units if len(u) > 1):
+        for stream, sr in (("k", recipe.k), ("v", recipe.v)):
+            b = float(budgets.get((unit[0], stream), sr.config["bits"]))
+            missing = [layer for layer in unit if layer not in measured[stream]]
+            if missing:
+                raise ConfigError(f"recipe {recipe.name!r}: the sensitivity probe did not measure {stream.upper()} of "
+                                  f"layer(s) {missing}")
+            kl = [interpolate_costs(measured[stream][layer], (b,))[b] for layer in unit]
+            mean = math.exp(sum(math.log(x) for x in kl) / len(kl))
+            per_member = [float(f"{math.sqrt(x / mean):.3g}") for x in kl]
+            row = [w for w in per_member for _ in range(n_kv_heads)]
+            out.update({(layer, stream): row for layer in unit})
+    return out
+
+
 def plan_bits(plans: list[LayerPlan]) -> list[list[float | None]]:
     """``[[k_bits, v_bits], ...]`` per layer: the ``bits`` of each stream's codec config (None for a
     codec without one, such as exact storage), so a record shows where the bits went."""
@@ -468,16 +501,23 @@ def layer_streams(recipe: Recipe, n_layers: int, n_kv_heads: int, head_dim: int,
     units = groups.form(shared, types, recipe.layer_group)
     group_of = {layer: unit for unit in units for layer in unit}
     budgets = sensitivity_budgets(recipe, units, calibration) if recipe.layer_bits == "sensitivity" else {}
+    weights = member_weights(recipe, units, budgets, n_kv_heads, calibration) \
+        if recipe.member_weights == "sensitivity" else {}
     out = []
     for layer, (k_sr, v_sr) in enumerate(streams):
-        if (layer, "k") in budgets:
-            k_sr = dataclasses.replace(k_sr, config={**k_sr.config, "bits": budgets[layer, "k"]})
-            v_sr = dataclasses.replace(v_sr, config={**v_sr.config, "bits": budgets[layer, "v"]})
+        k_sr, v_sr = (_resolved(sr, budgets.get((layer, stream)), weights.get((layer, stream)))
+                      for sr, stream in ((k_sr, "k"), (v_sr, "v")))
         whitening, skipped = (None, None) if k_sr.whiten == "none" else _whitening(
             layer, n_kv_heads, head_dim, calibration, recipe, k_sr.whiten)
         space = k_sr.whiten if whitening is not None else "none" if recipe.pre_rope_keys else "post_rope"
         out.append(LayerStreams(layer, k_sr, v_sr, whitening, skipped, space, group_of.get(layer, (layer,))))
     return out
+
+
+def _resolved(sr: StreamRecipe, bits: float | None, head_weights: list[float] | None) -> StreamRecipe:
+    """``sr`` with its budget and head weights filled in (None: left as the recipe gives them)."""
+    fields = {name: v for name, v in (("bits", bits), ("head_weights", head_weights)) if v is not None}
+    return dataclasses.replace(sr, config={**sr.config, **fields}) if fields else sr
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,10 @@ members side by side, member-major (:func:`join`: ``[B, G * n_kv, T, D]``, membe
 the joint layout uses the one between heads (benchmarks/cross-layer: quads of layers code SmolLM2 at
 0.42-0.60x the KL of one-layer bases at equal bits). A group is named by its layers, in order; a tuple
 of one layer is that layer alone.
+
+A group gives its members one budget per stream, while their sensitivities differ several-fold; with
+``Recipe.member_weights="sensitivity"`` each member's heads are weighted by its measured sensitivity
+(:func:`kakeyaturbo.engine.member_weights`), so the group's basis and bits go where the KL is.
 """
 
 from __future__ import annotations

@@ -172,7 +172,8 @@ def test_codec_refuses_transforms_that_do_not_match_its_config(codec):
     ("scale_bits", 9, "scale_bits"), ("rotate_groups", 1, "rotate_groups"), ("seed", -1, "seed"),
     ("center", "yes", "center"), ("allocation", "greedy", "allocation"), ("head_gain_bits", 9, "head_gain_bits"),
     ("reflector_bits", 1, "reflector_bits"), ("reflector_bits", 9, "reflector_bits"),
-    ("transforms_hash", "XYZ", "transforms_hash"),
+    ("transforms_hash", "XYZ", "transforms_hash"), ("head_weights", (1.0, 0.0), "head_weights"),
+    ("head_weights", (float("nan"),), "head_weights"), ("head_weights", ("1",), "head_weights"),
 ])
 def test_config_validation_names_the_field(field, value, match):
     with pytest.raises(kt.ConfigError, match=match):
@@ -502,11 +503,42 @@ def test_head_gain_codes_are_part_of_the_payload():
         c.decode(enc)
 
 
-@pytest.mark.parametrize("field", ["head_gain_bits", "reflector_bits"])
-def test_added_fields_are_left_out_of_headers_that_do_not_use_them(field):
-    plain, used = KakeyaV2Config(bits=3.0), KakeyaV2Config(bits=3.0, **{field: 4})
-    assert field not in plain.to_dict() and used.to_dict()[field] == 4
+@pytest.mark.parametrize("field,value", [("head_gain_bits", 4), ("reflector_bits", 4), ("head_weights", (2.0, 0.5))])
+def test_added_fields_are_left_out_of_headers_that_do_not_use_them(field, value):
+    plain, used = KakeyaV2Config(bits=3.0), KakeyaV2Config(bits=3.0, **{field: value})
+    written = list(value) if isinstance(value, tuple) else value
+    assert field not in plain.to_dict() and used.to_dict()[field] == written
     assert KakeyaV2Config.from_dict(plain.to_dict()) == plain and KakeyaV2Config.from_dict(used.to_dict()) == used
+
+
+# ---- head weights ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reflector_bits", [0, 3])
+def test_head_weights_move_error_to_the_lightly_weighted_heads(reflector_bits):
+    fit, x = heads_apart(2048, 11), heads_apart(512, 12)
+    fields = {"bits": 1.5, "stream": "v", "head_gain_bits": 4, "heads": 4, "reflector_bits": reflector_bits}
+    plain = KakeyaV2Codec.calibrate(fit, **fields)
+    weighted = KakeyaV2Codec.calibrate(fit, head_weights=(4.0, 1.0, 1.0, 1.0), **fields)
+    assert weighted.config.fit_fields(0)["head_weights"] == (4.0, 1.0, 1.0, 1.0)
+    assert "head_weights" not in plain.config.fit_fields(0)  # unweighted fits keep their memo keys
+    err_plain = head_errors(plain.roundtrip(x), x).pow(2).mean(dim=tuple(range(x.dim() - 1)))
+    err_weighted = head_errors(weighted.roundtrip(x), x).pow(2).mean(dim=tuple(range(x.dim() - 1)))
+    assert float(err_weighted[0]) < 0.5 * float(err_plain[0])
+    assert bool((err_weighted[1:] > err_plain[1:]).all())
+    assert 8 * weighted.encode(x).payload_nbytes == 8 * plain.encode(x).payload_nbytes  # same bytes
+
+
+def test_equal_head_weights_change_nothing_and_weights_must_fit_the_row():
+    fit, x = heads_apart(1024, 11), heads_apart(64, 12)
+    fields = {"bits": 2.0, "stream": "v", "head_gain_bits": 4, "heads": 4}
+    plain = KakeyaV2Codec.calibrate(fit, **fields)
+    for w in ((1.0,) * 4, (3.0,) * 4):
+        same = KakeyaV2Codec.calibrate(fit, head_weights=w, **fields)
+        assert torch.allclose(same.roundtrip(x), plain.roundtrip(x), atol=1e-4)
+    with pytest.raises(kt.ConfigError, match="head_weights holds 3 weights"):
+        KakeyaV2Codec.calibrate(fit, head_weights=(1.0, 2.0, 3.0), **fields)
+    assert KakeyaV2Config(head_weights=[1.0, 2.0]).head_weights == (1.0, 2.0)  # as JSON gives it
 
 
 # ---- Householder reflectors ------------------------------------------------------------------

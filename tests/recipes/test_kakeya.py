@@ -93,6 +93,8 @@ def test_defaults_are_the_shipped_design():
          "kakeya-2.5b-sink1-probe-head-sink2"),
         (KakeyaConfig(bits=2.1234567), "kakeya-2.1234567b"),
         (KakeyaConfig(bits=2, layer_group=4, reflector_bits=3, probe=HEAD_PROBE), "kakeya-2b-group4-refl3-probe-head"),
+        (KakeyaConfig(bits=1.875, layer_group=4, member_weights="sensitivity", reflector_bits=3, probe=HEAD_PROBE),
+         "kakeya-1.875b-group4-weighted-refl3-probe-head"),
     ],
 )
 def test_names(config, name):
@@ -140,6 +142,8 @@ def test_equal_budgets_and_gains_collapse():
         ({"layer_group": 0}, r"layer_group must be an integer in 1\.\."),
         ({"layer_group": 2, "layout": "head"}, "layer_group=2 needs layout 'joint'"),
         ({"layer_group": 2, "key_space": "lag", "reflector_bits": 0}, "and key_space 'pre_rope' or 'post_rope'"),
+        ({"member_weights": "sensitivity"}, r"needs layer_group > 1 \(token 'group<n>'\)"),
+        ({"member_weights": "yes", "layer_group": 2}, "member_weights must be one of"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, match):
@@ -216,7 +220,7 @@ def configs(draw: st.DrawFn) -> KakeyaConfig:
         "center": draw(st.booleans()), "value_center": draw(st.booleans()), "scale_bits": draw(st.integers(0, 8)),
         "rotate_groups": draw(st.booleans()), "allocation": draw(st.sampled_from(["waterfill", "uniform"])),
         "fitted_tables": draw(st.sampled_from([None, True, False])), "probe": draw(_probes),
-        "layer_group": draw(st.integers(1, 6)),
+        "layer_group": draw(st.integers(1, 6)), "member_weights": draw(st.sampled_from(["uniform", "sensitivity"])),
     }
     try:
         return KakeyaConfig(**kw)

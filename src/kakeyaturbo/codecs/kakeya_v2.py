@@ -83,6 +83,7 @@ from kakeyaturbo.codecs.base import (
     check_input,
     check_int,
     expect_field,
+    finite_number,
     side_fingerprint,
 )
 from kakeyaturbo.codecs.v2_basis import (
@@ -162,6 +163,11 @@ class KakeyaV2Config(CodecConfig):
             with a non-zero width are coded, fitted tables are not used) or ``"auto"`` (entropy
             from :data:`AUTO_ENTROPY_BITS` up when there is a gain code and no fitted tables are
             asked for, else fixed).
+        head_weights: static weights of the heads a row holds (empty: all 1), one per head, ``> 0``:
+            the fit and the codec scale each head by its weight after the head gains, so the PCA and the
+            bit allocation minimise the weighted squared error (a cross-layer group's members weighted by
+            their measured sensitivity, :func:`kakeyaturbo.engine.member_weights`); folded into the
+            transforms' matrices, free at run time.
         seed: seed of the rotations.
         transforms_hash: :meth:`V2Transforms.fingerprint` of the calibrated transforms.
     """
@@ -176,9 +182,10 @@ class KakeyaV2Config(CodecConfig):
     allocation: str = "waterfill"
     fitted_tables: bool = False
     coding: str = "fixed"
+    head_weights: tuple[float, ...] = ()
     seed: int = 0
     transforms_hash: str = ""
-    added_fields: ClassVar[tuple[str, ...]] = ("head_gain_bits", "reflector_bits")
+    added_fields: ClassVar[tuple[str, ...]] = ("head_gain_bits", "reflector_bits", "head_weights")
 
     def validate(self) -> None:
         check_float("bits", self.bits, 0.0, float(MAX_BITS), lo_open=True)
@@ -197,6 +204,12 @@ class KakeyaV2Config(CodecConfig):
         for name in ("rotate_groups", "fitted_tables"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        w = self.head_weights
+        if isinstance(w, list):  # as JSON and recipe fields give it
+            w = tuple(w)
+            object.__setattr__(self, "head_weights", w)
+        if not isinstance(w, tuple) or not all(finite_number(x) and x > 0 for x in w):
+            raise ConfigError(f"head_weights must be a list of finite numbers > 0 (one per head of a row), got {w!r}")
         check_int("seed", self.seed, 0, 2**63 - 1)
         h = self.transforms_hash
         if not isinstance(h, str) or (h and (len(h) != 16 or any(ch not in "0123456789abcdef" for ch in h))):
@@ -220,11 +233,13 @@ class KakeyaV2Config(CodecConfig):
 
     def fit_fields(self, seed: int) -> dict[str, Any]:
         """The fields a calibrated fit of this config reads (the K/V ``stream`` aside), with ``seed`` for its
-        rotations and ``center`` resolved: what a calibration memoises the fit under."""
+        rotations and ``center`` resolved: what a calibration memoises the fit under (``head_weights`` only
+        when set, so the keys of unweighted fits stay those memoised before the field existed)."""
         return {"bits": float(self.bits), "center": self.centred, "scale_bits": self.scale_bits,
                 "head_gain_bits": self.head_gain_bits, "reflector_bits": self.reflector_bits,
                 "rotate_groups": self.rotate_groups, "allocation": self.allocation,
-                "fitted_tables": self.fitted_tables, "seed": seed}
+                "fitted_tables": self.fitted_tables, "seed": seed,
+                **({"head_weights": tuple(float(x) for x in self.head_weights)} if self.head_weights else {})}
 
     @classmethod
     def for_calibration(cls, config: Mapping[str, Any], stream: str) -> KakeyaV2Config:
@@ -404,6 +419,20 @@ class V2Transforms:
             raise ConfigError(f"transforms spend {sorted(set(spent.tolist()))} code bits per vector; "
                               f"config bits={cfg.bits}, scale_bits={cfg.scale_bits} need {budget}")
         return budget
+
+
+def element_weights(head_weights: Sequence[float], d: int) -> torch.Tensor | None:
+    """float32 ``[D]``: each of ``head_weights`` repeated over its head's ``D / G`` elements (None: no weights).
+
+    Raises:
+        ConfigError: ``G`` does not divide ``D``.
+    """
+    if not head_weights:
+        return None
+    if d % len(head_weights):
+        raise ConfigError(f"head_weights holds {len(head_weights)} weights, which do not divide a row of D={d} "
+                          "into heads: give one weight per head of the rows coded")
+    return torch.tensor(head_weights, dtype=torch.float32).repeat_interleave(d // len(head_weights))
 
 
 def _per_element(head_gains: torch.Tensor, d: int) -> torch.Tensor:
@@ -617,9 +646,9 @@ def _principal_components(x32: torch.Tensor, cfg: KakeyaV2Config, whiten: torch.
     Returns:
         ``(mean16, head_log_gain, xc, lw, pca, var)``: the float16 mean ``[R, D]`` (None when not
         centred), the head gain grids ``[R, G, 2]`` (None without head gains), the centred rows in float64
-        ``[R, N, D]`` (heads divided by their coded gains), the metric ``L`` float64 ``[R, D, D]``, the
-        principal components in the metric (columns, by descending variance) float64 ``[R, D, D]`` and their
-        variances after the per-vector gain ``[R, D]``.
+        ``[R, N, D]`` (heads divided by their coded gains, then times their ``head_weights``), the metric
+        ``L`` float64 ``[R, D, D]``, the principal components in the metric (columns, by descending variance)
+        float64 ``[R, D, D]`` and their variances after the per-vector gain ``[R, D]``.
     """
     r, n, d = x32.shape
     hb = cfg.head_gain_bits
@@ -631,6 +660,9 @@ def _principal_components(x32: torch.Tensor, cfg: KakeyaV2Config, whiten: torch.
         g = rms(xc, heads)
         head_log_gain = log_grid(g)
         xc = xc / _per_element(gain_values(gain_codes(g.float(), head_log_gain, hb), head_log_gain, hb), d).double()
+    weights = element_weights(cfg.head_weights, d)
+    if weights is not None:
+        xc = xc * weights.to(xc.device).double()
     lw = torch.eye(d, dtype=torch.float64, device=x32.device).expand(r, d, d) if whiten is None else whiten.double()
     w = xc @ lw  # the metric space
     _, vecs = torch.linalg.eigh(w.transpose(1, 2) @ w / n)
@@ -661,6 +693,9 @@ class KakeyaV2Codec(Codec):
         budget = transforms.check_serves(cfg)
         self.transforms = transforms
         dec = transforms.basis.matrix()
+        weights = element_weights(cfg.head_weights, transforms.dim)
+        if weights is not None:  # input rows scaled by W before the basis: x = c·Pᵀ·W⁻¹, so dec = W⁻¹·P
+            dec = dec / weights.to(dec.device, dec.dtype).unsqueeze(-1)
         self._dec = dec.float()
         self._enc = torch.linalg.inv(dec).transpose(1, 2).float()
         self._unprojections: dict[torch.device, torch.Tensor] = {}

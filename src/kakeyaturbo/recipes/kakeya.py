@@ -17,6 +17,7 @@ Tokens, in their order (each only when its field departs from the default):
 ``{b}b`` / ``k{b}-v{vb}b``    ``bits`` (and ``v_bits``)
 ``head``                      ``layout="head"``
 ``group{n}``                  ``layer_group`` (cross-layer transforms over ``n`` layers)
+``weighted``                  ``member_weights="sensitivity"`` (a group's members weighted by sensitivity)
 ``gain{n}`` / ``vgain{n}``    ``head_gain_bits`` / ``v_head_gain_bits``
 ``refl{n}``                   ``reflector_bits``
 ``fixed`` / ``entropy``       ``coding``
@@ -51,7 +52,13 @@ import numpy as np
 
 from kakeyaturbo.codecs.kakeya_v2 import ALLOCATIONS, CODINGS, LAYOUTS, KakeyaV2Config
 from kakeyaturbo.errors import ConfigError
-from kakeyaturbo.recipes.recipe import LAYER_BITS_CHOICES, Recipe, SensitivityProbe, StreamRecipe
+from kakeyaturbo.recipes.recipe import (
+    LAYER_BITS_CHOICES,
+    MEMBER_WEIGHTS_CHOICES,
+    Recipe,
+    SensitivityProbe,
+    StreamRecipe,
+)
 
 CODEC = "kakeya-v2"
 PREFIX = "kakeya-"
@@ -63,7 +70,7 @@ KEY_SPACES: dict[str, tuple[bool, str]] = {
 """``key_space`` -> (``Recipe.pre_rope_keys``, ``StreamRecipe.whiten`` of K)."""
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "layout": LAYOUTS, "coding": CODINGS, "layer_bits": LAYER_BITS_CHOICES, "key_space": tuple(KEY_SPACES),
-    "allocation": ALLOCATIONS,
+    "allocation": ALLOCATIONS, "member_weights": MEMBER_WEIGHTS_CHOICES,
 }
 _RANGES: dict[str, tuple[int, int | None]] = {
     "head_gain_bits": (0, 8), "v_head_gain_bits": (0, 8), "reflector_bits": (0, 8), "scale_bits": (0, 8),
@@ -89,6 +96,8 @@ class KakeyaConfig:
             per layer) or ``"head"`` (one transform per KV head).
         layer_group: layers one joint transform spans (:mod:`kakeyaturbo.groups`; > 1 needs the joint
             layout and keys not whitened).
+        member_weights: ``"sensitivity"`` weights each member of a group by its measured sensitivity in
+            the group's fit and codec (``Recipe.member_weights``; needs ``layer_group > 1``), or ``"uniform"``.
         head_gain_bits: bits of each KV head's log-gain code before a joint transform, 0..8 (0: none).
         v_head_gain_bits: V's ``head_gain_bits`` when it differs (None: the same; equal: None).
         reflector_bits: 0 stores the basis int8; 2..8 stores it as Householder reflectors of at
@@ -115,6 +124,7 @@ class KakeyaConfig:
     v_bits: float | None = None
     layout: Literal["head", "joint"] = "joint"
     layer_group: int = 1
+    member_weights: Literal["uniform", "sensitivity"] = "uniform"
     head_gain_bits: int = 4
     v_head_gain_bits: int | None = None
     reflector_bits: int = 4
@@ -168,6 +178,9 @@ class KakeyaConfig:
         if self.layer_group > 1 and (self.layout != "joint" or KEY_SPACES[self.key_space][1] != "none"):
             raise ConfigError(f"layer_group={self.layer_group} needs layout 'joint' and key_space 'pre_rope' or "
                               f"'post_rope', got {self.layout!r}, {self.key_space!r}")
+        if self.member_weights != "uniform" and self.layer_group == 1:
+            raise ConfigError("member_weights='sensitivity' (token 'weighted') weights the members of cross-layer "
+                              "groups: it needs layer_group > 1 (token 'group<n>')")
         for stream in ("k", "v"):
             KakeyaV2Config(stream=stream, **self.codec_config(stream))
 
@@ -214,6 +227,7 @@ class KakeyaConfig:
             layer_bits=self.layer_bits,
             probe=self.probe,
             layer_group=self.layer_group,
+            member_weights=self.member_weights,
         )
 
     def _tokens(self) -> list[tuple[str, str]]:
@@ -224,6 +238,8 @@ class KakeyaConfig:
             out.append(("head", "one transform per KV head"))
         if self.layer_group != d.layer_group:
             out.append((f"group{self.layer_group}", f"one transform per {self.layer_group} layers"))
+        if self.member_weights != d.member_weights:
+            out.append(("weighted", "a group's members weighted by their measured sensitivity"))
         if self.head_gain_bits != d.head_gain_bits:
             out.append((f"gain{self.head_gain_bits}", _gains(self.head_gain_bits)))
         if self.v_head_gain_bits is not None:
@@ -312,6 +328,8 @@ class KakeyaConfig:
                 kw[field] = int(g[key])
         if g["layout"]:
             kw["layout"] = "head"
+        if g["weighted"]:
+            kw["member_weights"] = "sensitivity"
         if g["coding"]:
             kw["coding"] = g["coding"]
         if g["layer_bits"]:
@@ -349,14 +367,14 @@ _N = r"[0-9]+(?:\.[0-9]+)?"
 _I = r"[0-9]+"
 _NAME = re.compile(
     rf"kakeya-(?:(?P<bits>{_N})b|k(?P<kbits>{_N})-v(?P<vbits>{_N})b)"
-    rf"(?:-(?P<layout>head))?(?:-group(?P<group>{_I}))?(?:-gain(?P<gain>{_I}))?(?:-vgain(?P<vgain>{_I}))?(?:-refl(?P<refl>{_I}))?"
+    rf"(?:-(?P<layout>head))?(?:-group(?P<group>{_I}))?(?:-(?P<weighted>weighted))?(?:-gain(?P<gain>{_I}))?(?:-vgain(?P<vgain>{_I}))?(?:-refl(?P<refl>{_I}))?"
     rf"(?:-(?P<coding>fixed|entropy))?(?:-(?P<layer_bits>uniform))?(?:-sink(?P<sink>{_I}))?"
     rf"(?:-chunk(?P<chunk>{_I}))?(?:-(?P<key_space>post-rope|sigma-q|lag))?(?:-(?P<no_kmean>no-kmean))?"
     rf"(?:-(?P<vmean>vmean))?(?:-scale(?P<scale>{_I}))?(?:-(?P<no_rotation>no-rotation))?"
     rf"(?:-(?P<alloc>alloc-uniform))?(?:-tables-(?P<tables>fitted|gaussian))?"
     rf"(?:-(?P<probe>probe-head)(?:-sink(?P<probe_sink>{_I}))?)?"
 )
-_TOKEN_HELP = ("head, group<n>, gain<n>, vgain<n>, refl<n>, fixed|entropy, uniform, sink<n>, chunk<n>, "
+_TOKEN_HELP = ("head, group<n>, weighted, gain<n>, vgain<n>, refl<n>, fixed|entropy, uniform, sink<n>, chunk<n>, "
                "post-rope|sigma-q|lag, no-kmean, vmean, scale<n>, no-rotation, alloc-uniform, tables-fitted|gaussian, "
                "probe-head[-sink<n>]")
 

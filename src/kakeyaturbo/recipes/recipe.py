@@ -26,6 +26,8 @@ CALIBRATED_CODECS: tuple[str, ...] = ("kakeya-v2",)
 """Codecs whose per-model transforms come from the calibration bundle."""
 LayerBits = Literal["uniform", "sensitivity"]
 LAYER_BITS_CHOICES: tuple[str, ...] = ("uniform", "sensitivity")
+MemberWeights = Literal["uniform", "sensitivity"]
+MEMBER_WEIGHTS_CHOICES: tuple[str, ...] = ("uniform", "sensitivity")
 SENSITIVITY_GRID: tuple[float, ...] = (1.0, 1.25, 1.5, 1.625, 1.75, 1.875, 2.0, 2.125, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0,
                                         5.0, 6.0)
 """Budgets ``layer_bits="sensitivity"`` chooses among by default (any budget can be fitted)."""
@@ -228,6 +230,11 @@ class Recipe:
         layer_group: layers coded together by one cross-layer transform (:mod:`kakeyaturbo.groups`): 1
             codes each layer alone; ``G > 1`` (``kakeya-v2`` K and V in the joint layout, keys not whitened)
             cuts the layers the shared streams serve into groups of ``G`` per layer type.
+        member_weights: ``"uniform"``: a group's fit and codec treat its members alike;
+            ``"sensitivity"`` (``layer_group > 1``): each member's heads are weighted by the square root of
+            the KL the sensitivity probe measured for it at the group's budget, relative to the group's
+            geometric mean, so the group's basis and bits favour its sensitive members
+            (:func:`kakeyaturbo.engine.member_weights`).
         description: free text.
     """
 
@@ -246,6 +253,7 @@ class Recipe:
     layer_bits: LayerBits = "uniform"
     probe: SensitivityProbe = dataclasses.field(default_factory=lambda: SensitivityProbe())
     layer_group: int = 1
+    member_weights: MemberWeights = "uniform"
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -289,7 +297,13 @@ class Recipe:
         g = self.layer_group
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
             raise ConfigError(f"layer_group must be an integer >= 1, got {g!r}")
+        if self.member_weights not in MEMBER_WEIGHTS_CHOICES:
+            raise ConfigError(f"member_weights must be one of {list(MEMBER_WEIGHTS_CHOICES)}, got "
+                              f"{self.member_weights!r}")
         if g == 1:
+            if self.member_weights != "uniform":
+                raise ConfigError("member_weights='sensitivity' weights the members of cross-layer groups: it needs "
+                                  "layer_group > 1")
             return
         if self.layout != "joint":
             raise ConfigError(f"layer_group={g} codes the joint rows of several layers: it needs layout 'joint', "
@@ -323,7 +337,8 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         """True when some stream needs a calibration bundle (or boundary layers come from its ranking)."""
-        return self.boundary_top > 0 or self.layer_bits != "uniform" or any(sr.needs_calibration for sr in self.streams)
+        return (self.boundary_top > 0 or self.layer_bits != "uniform" or self.member_weights != "uniform"
+                or any(sr.needs_calibration for sr in self.streams))
 
     @property
     def streams(self) -> list[StreamRecipe]:
@@ -349,7 +364,8 @@ class Recipe:
                 "budgets": list(p.budgets), "windows": p.windows, "ctx": p.ctx, "n_eval": p.n_eval}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-compatible dict (layer override keys become strings in JSON)."""
+        """JSON-compatible dict (layer override keys become strings in JSON; ``member_weights`` only when
+        set, so the dicts of recipes written before it existed stay the same)."""
         return {
             "name": self.name,
             "description": self.description,
@@ -368,6 +384,7 @@ class Recipe:
             "layer_bits": self.layer_bits,
             "probe": self.probe.to_dict(),
             "layer_group": self.layer_group,
+            **({"member_weights": self.member_weights} if self.member_weights != "uniform" else {}),
         }
 
     @classmethod
