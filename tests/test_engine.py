@@ -406,7 +406,7 @@ def test_member_weights_follow_each_members_measured_kl_at_the_groups_budget():
     assert plans[2].k_codec.config.head_weights == ()
     with pytest.raises(ConfigError, match="kakeya calibrate"):
         member_weights(recipe, [(0, 1)], {}, N_KV, None)
-    with pytest.raises(ConfigError, match=r"did not measure K of layer\(s\) \[1\]"):
+    with pytest.raises(ConfigError, match="did not measure layer/stream 1k, 1v"):
         member_weights(recipe, [(0, 1)], {}, N_KV, CostCalibration({(0, "k"): flat, (0, "v"): flat}))
     with pytest.raises(ConfigError, match="needs layer_group > 1"):
         Recipe("w", v2, v2, layout="joint", member_weights="sensitivity")

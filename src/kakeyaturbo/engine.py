@@ -338,13 +338,7 @@ def sensitivity_budgets(recipe: Recipe, layers: Sequence[int | LayerGroup],
     items = [(unit, stream) for unit in units for stream in ("k", "v")]
     if not items:
         return {}
-    measured = calibration.sensitivity(recipe.sensitivity_setup())
-    missing = [f"{layer}{stream}" for unit, stream in items for layer in unit if layer not in measured[stream]]
-    if missing:
-        raise ConfigError(f"recipe {recipe.name!r}: the sensitivity probe did not measure layer/stream "
-                          f"{', '.join(missing)} (a probe memoised by an older version, which skipped "
-                          f"sliding-window layers: delete the bundle's fits/sensitivity-*.safetensors, or "
-                          f"run `kakeya calibrate --force` with the same --model and --text)")
+    measured = _measured(recipe, units, calibration)
     options = list(recipe.probe.grid)
     tables = [[interpolate_costs(measured[stream][layer], recipe.probe.grid) for layer in unit]
               for unit, stream in items]
@@ -356,6 +350,21 @@ def sensitivity_budgets(recipe: Recipe, layers: Sequence[int | LayerGroup],
     except ConfigError as exc:
         raise ConfigError(f"recipe {recipe.name!r}: {exc} (budgets: {options})") from None
     return {(layer, stream): options[int(i)] for (unit, stream), i in zip(items, choice) for layer in unit}
+
+
+def _measured(recipe: Recipe, units: Sequence[LayerGroup], calibration: CalibrationLike
+              ) -> dict[str, dict[int, dict[float, float]]]:
+    """The sensitivity probe's costs of ``recipe`` (:meth:`CalibrationLike.sensitivity`), checked to hold
+    every layer of ``units`` in both streams."""
+    measured = calibration.sensitivity(recipe.sensitivity_setup())
+    missing = [f"{layer}{stream}" for unit in units for stream in ("k", "v") for layer in unit
+               if layer not in measured[stream]]
+    if missing:
+        raise ConfigError(f"recipe {recipe.name!r}: the sensitivity probe did not measure layer/stream "
+                          f"{', '.join(missing)} (a probe memoised by an older version, which skipped "
+                          f"sliding-window layers: delete the bundle's fits/sensitivity-*.safetensors, or "
+                          f"run `kakeya calibrate --force` with the same --model and --text)")
+    return measured
 
 
 def member_weights(recipe: Recipe, units: Sequence[LayerGroup], budgets: Mapping[tuple[int, str], float],
@@ -373,15 +382,12 @@ def member_weights(recipe: Recipe, units: Sequence[LayerGroup], budgets: Mapping
     """
     if calibration is None:
         raise ConfigError(f"recipe {recipe.name!r} has member_weights='sensitivity'; {CALIBRATE_HINT}")
-    measured = calibration.sensitivity(recipe.sensitivity_setup())
+    grouped = [u for u in units if len(u) > 1]
+    measured = _measured(recipe, grouped, calibration)
     out: dict[tuple[int, str], list[float]] = {}
-    for unit in (u for u in units if len(u) > 1):
+    for unit in grouped:
         for stream, sr in (("k", recipe.k), ("v", recipe.v)):
             b = float(budgets.get((unit[0], stream), sr.config["bits"]))
-            missing = [layer for layer in unit if layer not in measured[stream]]
-            if missing:
-                raise ConfigError(f"recipe {recipe.name!r}: the sensitivity probe did not measure {stream.upper()} of "
-                                  f"layer(s) {missing}")
             kl = [interpolate_costs(measured[stream][layer], (b,))[b] for layer in unit]
             mean = math.exp(sum(math.log(x) for x in kl) / len(kl))
             per_member = [float(f"{math.sqrt(x / mean):.3g}") for x in kl]

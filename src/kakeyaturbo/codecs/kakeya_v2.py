@@ -432,11 +432,11 @@ def element_weights(head_weights: Sequence[float], d: int) -> torch.Tensor | Non
     if d % len(head_weights):
         raise ConfigError(f"head_weights holds {len(head_weights)} weights, which do not divide a row of D={d} "
                           "into heads: give one weight per head of the rows coded")
-    return torch.tensor(head_weights, dtype=torch.float32).repeat_interleave(d // len(head_weights))
+    return _per_element(torch.tensor(head_weights, dtype=torch.float32), d)
 
 
 def _per_element(head_gains: torch.Tensor, d: int) -> torch.Tensor:
-    """``[S, n, G] -> [S, n, D]``: each head's gain repeated over its ``D / G`` elements."""
+    """``[..., G] -> [..., D]``: each head's value (gain or weight) repeated over its ``D / G`` elements."""
     return head_gains.repeat_interleave(d // head_gains.shape[-1], dim=-1)
 
 
